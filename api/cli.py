@@ -1,0 +1,242 @@
+"""The ``andon`` command: the embedded stack, and jobs from the terminal.
+
+Every job command calls the same service functions as the HTTP API. A user's mistake (unknown job,
+bad reason, job already finished, stack not running) prints one line on stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from api import service, views
+from tasks.errors import AndonError
+from tasks.settings import DEFAULT_API_PORT, DEFAULT_FLOWER_PORT, DEFAULT_REDIS_PORT, get_settings
+from tasks.vocabulary import CancellationReason, CancellationSource, JobStatus
+
+cli = typer.Typer(
+    name="andon", help="Structured cancellation for Celery AI pipelines.", no_args_is_help=True,
+    pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None,
+)
+console = Console()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _choice(value: str | None, enum: type, what: str):
+    if value is None:
+        return None
+    try:
+        return enum(value)
+    except ValueError:
+        raise click.UsageError(f"unknown {what} {value!r} (choose from {', '.join(e.value for e in enum)})")
+
+
+@cli.command()
+def up(
+    api_port: Annotated[int, typer.Option(help="API port.")] = DEFAULT_API_PORT,
+    flower_port: Annotated[int, typer.Option(help="Flower port.")] = DEFAULT_FLOWER_PORT,
+    redis_port: Annotated[int, typer.Option(help="Embedded Redis port.")] = DEFAULT_REDIS_PORT,
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+) -> None:
+    """Run the embedded stack in the foreground (Redis, worker, API, Flower); Ctrl-C stops it all."""
+    from api.stack import Stack
+
+    stack = Stack(api_port=api_port, flower_port=flower_port, redis_port=redis_port, concurrency=concurrency)
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with console.status("Starting Redis, migrations, worker, API and Flower..."):
+        stack.start()
+    user, _, password = stack.flower_auth.partition(":")
+    console.print(f"andon is up (home {stack.home})")
+    console.print(f"  API     {stack.api_url}   (docs {stack.api_url}/docs)")
+    console.print(f"  Flower  {stack.flower_url}   (user {user}, password {password})")
+    console.print(f"  Redis   {stack.redis_url}")
+    console.print(f"  logs    {stack.logs}")
+    console.print("Press Ctrl-C to stop.", highlight=False)
+    sys.stdout.flush()
+    try:
+        while not stopping.is_set():
+            for name, proc in list(stack.procs.items()):
+                if proc.poll() is not None:
+                    console.print(f"[red]{name} exited with code {proc.returncode}; stopping[/]")
+                    stopping.set()
+            stopping.wait(0.5)
+    finally:
+        console.print("Stopping (warm shutdown: running jobs stop at their next checkpoint)...")
+        stack.stop()
+        console.print("Stopped.")
+
+
+@cli.command()
+def demo(
+    documents: Annotated[int, typer.Option(min=3, max=1000)] = 30,
+    stage_delay: Annotated[float, typer.Option(min=0.0, help="Simulated seconds per stage.")] = 0.1,
+    json_out: JsonOpt = False,
+) -> None:
+    """Submit a job, cancel it a third of the way in, and print what it kept."""
+    from api.demo import run_demo
+
+    outcome = run_demo(Console(stderr=True) if json_out else console, documents, stage_delay)
+    if json_out:
+        views.print_json(outcome)
+
+
+@cli.command()
+def submit(
+    documents: Annotated[Optional[list[str]], typer.Argument(help="Documents (text).")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="One document per line ('-': stdin).")] = None,
+    stage_delay: Annotated[float, typer.Option(min=0.0, help="Simulated seconds per stage.")] = 0.0,
+    deadline: Annotated[Optional[float], typer.Option(min=0.001, help="Cancel with 'timeout' after this many seconds.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Submit a pipeline job over DOCUMENTS (or a file)."""
+    docs = list(documents or [])
+    if file is not None:
+        text = sys.stdin.read() if str(file) == "-" else _read(file)
+        docs += [line for line in text.splitlines() if line.strip()]
+    if not docs:
+        raise click.UsageError("no documents: pass them as arguments or with --file")
+    answer = service.submit_job(docs, {"stage_delay_s": stage_delay}, deadline, actor="cli")
+    if json_out:
+        views.print_json(answer)
+    else:
+        print(answer.job_id)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise click.UsageError(f"cannot read {path}: {exc.strerror}")
+
+
+@cli.command("ls")
+def list_jobs(
+    status: Annotated[Optional[str], typer.Option(help="Only jobs in this status.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
+    json_out: JsonOpt = False,
+) -> None:
+    """List jobs, newest first."""
+    jobs = service.list_jobs(_choice(status, JobStatus, "status"), limit)
+    views.print_json(jobs) if json_out else views.print_jobs(console, jobs)
+
+
+@cli.command()
+def show(job_id: str, json_out: JsonOpt = False) -> None:
+    """Show one job: status, reason, counts, times."""
+    job = service.get_job(job_id)
+    views.print_json(job) if json_out else views.print_job(console, job)
+
+
+@cli.command()
+def cancel(
+    job_ids: Annotated[Optional[list[str]], typer.Argument(help="Jobs to cancel.")] = None,
+    reason: Annotated[str, typer.Option(help="user_requested, timeout, system_shutdown, resource_limit, dependency_failed")] = "user_requested",
+    message: Annotated[Optional[str], typer.Option(help="Why, in words; stored with the job.")] = None,
+    status: Annotated[Optional[str], typer.Option(help="With --all: cancel every job in this status.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Cancel every job matching --status.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cancel jobs by id, or every job in a status with --status S --all."""
+    why = _choice(reason, CancellationReason, "reason")
+    ids = list(job_ids or [])
+    if all_ or status:
+        if not (all_ and status) or ids:
+            raise click.UsageError("use either job ids, or --status STATUS --all")
+        ids = [job.job_id for job in service.list_jobs(_choice(status, JobStatus, "status"), limit=100_000)]
+    if not ids:
+        raise click.UsageError("no job to cancel: pass job ids, or --status STATUS --all")
+    answers, failures = [], []
+    for job_id in ids:
+        try:
+            answers.append(service.cancel_job(job_id, why, message, CancellationSource.CLI, actor="cli"))
+        except AndonError as exc:
+            failures.append(str(exc))
+    if json_out:
+        views.print_json(answers)
+    else:
+        for answer in answers:
+            console.print(f"{answer.job_id}: {answer.status.value} ({answer.message})")
+    for failure in failures:
+        print(f"andon: {failure}", file=sys.stderr)
+    if failures:
+        raise typer.Exit(1)
+
+
+@cli.command()
+def results(job_id: str, json_out: JsonOpt = False) -> None:
+    """Show a job's partial results: every finished item, in order, and the failed ones."""
+    partial = service.partial_results(job_id)
+    views.print_json(partial) if json_out else views.print_partial_results(console, partial)
+
+
+def _exec(argv: list[str]) -> None:
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+@cli.command()
+def worker(concurrency: Annotated[int, typer.Option(min=1)] = 2, loglevel: str = "INFO") -> None:
+    """Run a prefork Celery worker (with task events for Flower)."""
+    _exec([sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "prefork", "-c", str(concurrency),
+           "-E", "-l", loglevel])
+
+
+@cli.command()
+def api(host: str = "127.0.0.1", port: int = DEFAULT_API_PORT) -> None:
+    """Run the HTTP API (uvicorn)."""
+    _exec([sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port)])
+
+
+@cli.command()
+def flower(port: int = DEFAULT_FLOWER_PORT, address: str = "127.0.0.1") -> None:
+    """Run Flower, always behind basic auth (ANDON_FLOWER_BASIC_AUTH, or the stack's)."""
+    settings = get_settings()
+    auth = settings.flower_basic_auth or settings._stack().get("flower_basic_auth")
+    if not auth or ":" not in auth:
+        raise click.UsageError("set ANDON_FLOWER_BASIC_AUTH=user:password (Flower is never run without auth)")
+    _exec([sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={port}", f"--address={address}",
+           f"--basic-auth={auth}"])
+
+
+def main() -> None:
+    """Entry point: turn every user-facing error into one line on stderr and a non-zero exit."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        code = cli(standalone_mode=False)
+    except click.ClickException as exc:
+        print(f"andon: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        print("andon: aborted", file=sys.stderr)
+        sys.exit(130)
+    except AndonError as exc:
+        print(f"andon: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except RedisConnectionError as exc:
+        print(f"andon: cannot reach Redis ({exc}); is `andon up` running?", file=sys.stderr)
+        sys.exit(1)
+    except OperationalError as exc:
+        print(f"andon: database error: {str(exc.orig).splitlines()[0]}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""/api/jobs — submit, list, show, cancel, partial results."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from api import service
+from api.deps import WriterDep
+from api.schemas import (
+    CancelRequestBody,
+    CancelResponse,
+    ErrorResponse,
+    JobView,
+    PartialResultView,
+    SubmitRequest,
+    SubmitResponse,
+)
+from tasks.vocabulary import CancellationSource, JobStatus
+
+router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job"}}
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SubmitResponse)
+def submit(body: SubmitRequest, actor: WriterDep) -> SubmitResponse:
+    return service.submit_job(body.documents, body.options.model_dump(), body.deadline_s, actor=f"api:{actor}")
+
+
+@router.get("", response_model=list[JobView])
+def list_jobs(
+    job_status: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> list[JobView]:
+    return service.list_jobs(job_status, limit)
+
+
+@router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
+def get_job(job_id: str) -> JobView:
+    return service.get_job(job_id)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=CancelResponse,
+    responses={**NOT_FOUND, 400: {"model": ErrorResponse, "description": "job already terminal"}},
+)
+def cancel(job_id: str, actor: WriterDep, body: CancelRequestBody | None = None) -> CancelResponse:
+    body = body or CancelRequestBody()
+    return service.cancel_job(job_id, body.reason, body.message, CancellationSource.API, actor=f"api:{actor}")
+
+
+@router.get("/{job_id}/partial-results", response_model=PartialResultView, responses=NOT_FOUND)
+def partial_results(job_id: str) -> PartialResultView:
+    return service.partial_results(job_id)

@@ -1,0 +1,86 @@
+"""Request and response shapes, as DESIGN.md states them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.vocabulary import CancellationReason, JobStatus
+
+
+class JobOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    stage_delay_s: float = Field(default=0.0, ge=0, le=3600)
+    analyzer: Literal["local", "llm"] = "local"
+
+
+class SubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    documents: list[str] = Field(min_length=1, max_length=100_000)
+    options: JobOptions = Field(default_factory=JobOptions)
+    deadline_s: float | None = Field(default=None, gt=0)
+
+
+class SubmitResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+
+
+class CancelRequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: CancellationReason = CancellationReason.USER_REQUESTED
+    message: str | None = Field(default=None, max_length=2000)
+
+
+class CancelResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    message: str
+
+
+class JobView(BaseModel):
+    job_id: str
+    status: JobStatus
+    cancelled: bool
+    cancellation_reason: CancellationReason | None
+    cancellation_message: str | None
+    cancellation_source: str | None
+    total_items: int
+    completed_items: int
+    failed_items: int
+    resumable: bool
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    cancel_requested_at: datetime | None
+    cancel_observed_at: datetime | None
+    finished_at: datetime | None
+    resumed_from: str | None
+    parent_job_id: str | None
+
+
+class FailedItem(BaseModel):
+    index: int
+    stage: str
+    error: str | None
+
+
+class PartialResultView(BaseModel):
+    job_id: str
+    status: Literal["complete", "partial", "empty"]
+    job_status: JobStatus
+    completion_percent: float
+    total_items: int
+    completed_items: int
+    results: list[dict[str, Any]]
+    failed_items: list[FailedItem]
+    cancelled_at_item: int | None
+
+
+class ErrorResponse(BaseModel):
+    detail: str

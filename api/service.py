@@ -1,0 +1,132 @@
+"""The service layer both front doors call: submit, list, show, cancel, partial results.
+
+Routes and CLI commands are a few lines each over these functions; nothing here knows about HTTP.
+Errors are :mod:`tasks.errors` exceptions that each front door turns into a 4xx or a one-line message.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+
+from api.schemas import (
+    CancelResponse,
+    FailedItem,
+    JobView,
+    PartialResultView,
+    SubmitResponse,
+)
+from db import jobs as job_rows
+from db.models import Job, JobItem
+from db.session import session_scope
+from tasks.control import request_cancel
+from tasks.errors import AndonError, JobNotFound
+from tasks.store import get_store
+from tasks.vocabulary import CancellationReason, CancellationSource, ItemStatus, JobStatus
+
+
+class BrokerUnavailable(AndonError):
+    """The job row was made but the broker refused the message; the job is marked failed."""
+
+
+def _view(job: Job) -> JobView:
+    return JobView(
+        job_id=job.id,
+        status=JobStatus(job.status),
+        cancelled=job.status == JobStatus.CANCELLED,
+        cancellation_reason=job.cancellation_reason,
+        cancellation_message=job.cancellation_message,
+        cancellation_source=job.cancellation_source,
+        total_items=job.total_items,
+        completed_items=job.completed_items,
+        failed_items=job.failed_items,
+        resumable=job.resumable,
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        cancel_requested_at=job.cancel_requested_at,
+        cancel_observed_at=job.cancel_observed_at,
+        finished_at=job.finished_at,
+        resumed_from=job.resumed_from,
+        parent_job_id=job.parent_job_id,
+    )
+
+
+def submit_job(
+    documents: list[str],
+    options: dict[str, Any] | None = None,
+    deadline_s: float | None = None,
+    actor: str | None = None,
+) -> SubmitResponse:
+    """Make the job row and token, commit, *then* enqueue (the worker must find the row)."""
+    from tasks.app import app
+    from tasks.jobs import TASK_NAME
+
+    job_id = str(uuid.uuid4())
+    with session_scope() as session:
+        job_rows.create_job(session, job_id, documents, options or {}, deadline_s=deadline_s, actor=actor)
+    get_store().create(job_id)
+    try:
+        app.send_task(TASK_NAME, args=[job_id], task_id=job_id)
+    except Exception as exc:
+        with session_scope() as session:
+            job_rows.transition(session, job_id, JobStatus.FAILED, error=f"could not enqueue: {exc}")
+        raise BrokerUnavailable(f"could not enqueue job {job_id}: {exc}") from exc
+    return SubmitResponse(job_id=job_id, status=JobStatus.PENDING)
+
+
+def list_jobs(status: JobStatus | None = None, limit: int = 50) -> list[JobView]:
+    with session_scope() as session:
+        query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
+        if status is not None:
+            query = query.where(Job.status == status.value)
+        return [_view(job) for job in session.scalars(query)]
+
+
+def get_job(job_id: str) -> JobView:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return _view(job)
+
+
+def cancel_job(
+    job_id: str,
+    reason: CancellationReason = CancellationReason.USER_REQUESTED,
+    message: str | None = None,
+    source: CancellationSource = CancellationSource.API,
+    actor: str | None = None,
+) -> CancelResponse:
+    outcome = request_cancel(job_id, reason, message, source, actor)
+    note = "Cancellation requested" if outcome.won else f"Cancellation already requested ({outcome.request.reason})"
+    return CancelResponse(job_id=job_id, status=outcome.status, message=note)
+
+
+def partial_results(job_id: str) -> PartialResultView:
+    """Everything a job finished, in item order, whatever way it stopped."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        items = session.scalars(select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.index)).all()
+    done = [item for item in items if item.status == ItemStatus.DONE]
+    failed = [item for item in items if item.status == ItemStatus.FAILED]
+    if job.status == JobStatus.COMPLETED:
+        status = "complete"
+    else:
+        status = "partial" if done else "empty"
+    total = job.total_items
+    return PartialResultView(
+        job_id=job_id,
+        status=status,
+        job_status=JobStatus(job.status),
+        completion_percent=round(100.0 * len(done) / total, 1) if total else 0.0,
+        total_items=total,
+        completed_items=len(done),
+        results=[{"index": item.index, **(item.result or {})} for item in done],
+        failed_items=[FailedItem(index=item.index, stage=item.stage, error=item.error) for item in failed],
+        cancelled_at_item=job.cancelled_at_item,
+    )

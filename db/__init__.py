@@ -1,0 +1,1 @@
+"""Rows and how to change them: SQLAlchemy models, sessions, migrations, and job-state changes."""

@@ -1,0 +1,167 @@
+"""How a job's rows change. The one place that decides status transitions.
+
+Every status change is a conditional ``UPDATE ... WHERE status IN (allowed)``: two writers racing
+(a cancel and the last item completing, the API and a worker) both try, exactly one row changes, and
+the loser sees ``False`` and changes nothing else. A terminal status is never left.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Job, JobEvent, JobItem, utcnow
+from tasks.token import CancelRequest
+from tasks.vocabulary import EventKind, ItemStatus, JobStatus
+
+P, R, C = JobStatus.PENDING, JobStatus.RUNNING, JobStatus.CANCELLING
+
+#: For each target status, the statuses it may be reached from.
+ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.RUNNING: frozenset({P}),
+    JobStatus.CANCELLING: frozenset({R}),
+    JobStatus.CANCELLED: frozenset({P, R, C}),
+    # a cancel requested during the last stage of the last item loses to completion: all work is done
+    JobStatus.COMPLETED: frozenset({R, C}),
+    JobStatus.FAILED: frozenset({P, R, C}),
+}
+
+_TERMINAL_EVENT = {
+    JobStatus.CANCELLED: EventKind.CANCELLED,
+    JobStatus.COMPLETED: EventKind.COMPLETED,
+    JobStatus.FAILED: EventKind.FAILED,
+}
+
+
+def transition(session: Session, job_id: str, to: JobStatus, **values: Any) -> bool:
+    """Move a job to ``to`` if its current status allows it; True if this call won.
+
+    ``values`` are written in the same UPDATE. Reaching a terminal status stamps ``finished_at`` and
+    records the matching event, in the caller's transaction.
+    """
+    if to.is_terminal:
+        values.setdefault("finished_at", utcnow())
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([s.value for s in ALLOWED_FROM[to]]))
+        .values(status=to.value, **values)
+        .execution_options(synchronize_session=False)
+    )
+    won = result.rowcount == 1
+    if won and to in _TERMINAL_EVENT:
+        add_event(
+            session,
+            job_id,
+            _TERMINAL_EVENT[to],
+            reason=values.get("cancellation_reason"),
+            source=values.get("cancellation_source"),
+            detail={"error": values["error"]} if values.get("error") else None,
+        )
+    return won
+
+
+def cancel_values(request: CancelRequest) -> dict[str, Any]:
+    """The job columns a cancel request fills in (requested reason, message, source)."""
+    return {
+        "cancellation_reason": request.reason.value,
+        "cancellation_message": request.message,
+        "cancellation_source": request.source.value if request.source else None,
+    }
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    kind: EventKind,
+    *,
+    reason: str | None = None,
+    source: str | None = None,
+    actor: str | None = None,
+    detail: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> None:
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            kind=kind.value,
+            reason=reason,
+            source=source,
+            actor=actor,
+            detail=detail,
+            at=at or utcnow(),
+        )
+    )
+
+
+def record_item(
+    session: Session,
+    job_id: str,
+    index: int,
+    stage: str,
+    status: ItemStatus,
+    *,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+    started_at: datetime | None = None,
+) -> None:
+    """Store one finished item and bump the job's counter in the same transaction."""
+    session.add(
+        JobItem(
+            job_id=job_id,
+            index=index,
+            stage=stage,
+            status=status.value,
+            result=result,
+            error=error,
+            started_at=started_at,
+        )
+    )
+    counter = Job.completed_items if status is ItemStatus.DONE else Job.failed_items
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values({counter: counter + 1})
+        .execution_options(synchronize_session=False)
+    )
+
+
+def finished_indexes(session: Session, job_id: str) -> set[int]:
+    return set(session.scalars(select(JobItem.index).where(JobItem.job_id == job_id)))
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: n for status, n in rows}
+
+
+def create_job(
+    session: Session,
+    job_id: str,
+    documents: list[str],
+    options: dict[str, Any],
+    *,
+    deadline_s: float | None = None,
+    parent_job_id: str | None = None,
+    resumed_from: str | None = None,
+    actor: str | None = None,
+) -> Job:
+    job = Job(
+        id=job_id,
+        status=JobStatus.PENDING.value,
+        documents=documents,
+        options=options,
+        total_items=len(documents),
+        completed_items=0,
+        failed_items=0,
+        deadline_s=deadline_s,
+        parent_job_id=parent_job_id,
+        resumed_from=resumed_from,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job_id, EventKind.SUBMITTED, actor=actor, detail={"items": len(documents)})
+    return job

@@ -1,0 +1,105 @@
+"""The three tables: a job, one row per finished item (the partial results), one row per event.
+
+Portable SQLAlchemy types only: the same models run on SQLite (embedded) and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC everywhere; SQLite forgets the zone, so put it back on the way out."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    documents: Mapped[list[Any]]
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    total_items: Mapped[int] = mapped_column(Integer)
+    completed_items: Mapped[int] = mapped_column(Integer, default=0)
+    failed_items: Mapped[int] = mapped_column(Integer, default=0)
+
+    cancellation_reason: Mapped[str | None] = mapped_column(String(32))
+    cancellation_message: Mapped[str | None] = mapped_column(Text)
+    cancellation_source: Mapped[str | None] = mapped_column(String(32))
+    cancelled_at_item: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    resumable: Mapped[bool] = mapped_column(default=False)
+
+    deadline_s: Mapped[float | None] = mapped_column(Float)
+    parent_job_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"), index=True)
+    resumed_from: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"))
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None]
+    cancel_requested_at: Mapped[datetime | None]
+    cancel_observed_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+
+    items: Mapped[list[JobItem]] = relationship(back_populates="job", order_by="JobItem.index")
+    events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
+
+
+class JobItem(Base):
+    """One finished item: written (and committed) the moment the item is done or has failed."""
+
+    __tablename__ = "job_items"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_job_items_job_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(16))  # last stage reached
+    status: Mapped[str] = mapped_column(String(16))  # done / failed
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="items")
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(String(32))
+    source: Mapped[str | None] = mapped_column(String(32))
+    actor: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any] | None]
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="events")

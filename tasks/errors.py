@@ -1,0 +1,55 @@
+"""Every exception andon raises on purpose, in one place."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from tasks.vocabulary import CancellationReason, CancellationSource
+
+
+class AndonError(Exception):
+    """Base class: a problem andon can explain in one line to a user."""
+
+
+class CancellationError(AndonError):
+    """Raised at a checkpoint once a job's token is cancelled.
+
+    It carries the winning cancel (first one wins), so whoever catches it can record why the job
+    stopped without asking Redis again.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        reason: CancellationReason,
+        message: str | None = None,
+        source: CancellationSource | None = None,
+        cancelled_at: datetime | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.reason = CancellationReason(reason)
+        self.message = message
+        self.source = CancellationSource(source) if source else None
+        self.cancelled_at = cancelled_at
+        text = f"job {job_id} cancelled: {self.reason.value}"
+        super().__init__(f"{text} - {message}" if message else text)
+
+    def __reduce__(self):  # survive pickling between pool processes
+        return (type(self), (self.job_id, self.reason, self.message, self.source, self.cancelled_at))
+
+
+class JobNotFound(AndonError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} not found")
+
+
+class JobAlreadyTerminal(AndonError):
+    def __init__(self, job_id: str, status: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"job {job_id} is already {status}")
+
+
+class NotResumable(AndonError):
+    """The job can't be resumed (still running, completed, or stopped for a reason we don't resume)."""

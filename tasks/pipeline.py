@@ -1,0 +1,177 @@
+"""Running one job: every item through parse → embed → analyze, a checkpoint before each stage.
+
+This is the worker's service layer; the Celery task only hands it a job id. Each finished item is
+committed as its own row at once, so a later cancel, crash or kill loses nothing already done.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from db import jobs as job_rows
+from db.models import Job
+from db.session import session_scope
+from tasks import stages
+from tasks.cleanup import CleanupManager
+from tasks.control import request_cancel
+from tasks.errors import AndonError, CancellationError, JobNotFound
+from tasks.settings import get_settings
+from tasks.store import get_store, get_watcher
+from tasks.token import CancellationToken
+from tasks.vocabulary import CancellationReason, CancellationSource, EventKind, ItemStatus, JobStatus, Stage
+
+log = logging.getLogger(__name__)
+
+#: Cancelled for these reasons, a job is worth resuming: nothing was wrong with the job itself.
+RESUMABLE_REASONS = frozenset({CancellationReason.TIMEOUT, CancellationReason.SYSTEM_SHUTDOWN})
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: str
+    status: JobStatus
+    ran: bool  # False when the job was already terminal (e.g. cancelled while queued)
+    reason: CancellationReason | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "status": self.status.value, "ran": self.ran,
+                "reason": self.reason.value if self.reason else None}
+
+
+StageFn = Callable[[Any], Any]
+
+
+def stage_functions(options: dict[str, Any], token: CancellationToken) -> list[tuple[Stage, StageFn]]:
+    analyzer = options.get("analyzer", "local")
+    if analyzer != "local":
+        raise AndonError(f"unknown analyzer {analyzer!r}")
+    return [(Stage.PARSE, stages.parse), (Stage.EMBED, stages.embed), (Stage.ANALYZE, stages.analyze_local)]
+
+
+def _finish_cancelled(job_id: str, error: CancellationError, at_item: int | None, stage: Stage | None) -> bool:
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        job_rows.add_event(
+            session, job_id, EventKind.CANCEL_OBSERVED,
+            reason=error.reason.value, source=error.source.value if error.source else None,
+            detail={"item": at_item, "stage": stage.value if stage else None}, at=now,
+        )
+        return job_rows.transition(
+            session, job_id, JobStatus.CANCELLED,
+            cancellation_reason=error.reason.value,
+            cancellation_message=error.message,
+            cancellation_source=error.source.value if error.source else None,
+            cancel_observed_at=now,
+            cancelled_at_item=at_item,
+            resumable=error.reason in RESUMABLE_REASONS,
+        )
+
+
+def _start(job_id: str) -> Job | None:
+    """Load the job and move it to running; None if it must not run (terminal, or unknown)."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        status = JobStatus(job.status)
+        if status.is_terminal:
+            return None
+        redelivered = status is not JobStatus.PENDING  # acks_late: the last worker died mid-job
+        if not redelivered and not job_rows.transition(
+            session, job_id, JobStatus.RUNNING, started_at=datetime.now(UTC)
+        ):
+            return None
+        job_rows.add_event(session, job_id, EventKind.STARTED, detail={"redelivered": redelivered})
+        session.expunge(job)
+        return job
+
+
+def _start_deadline(job: Job) -> threading.Timer | None:
+    if not job.deadline_s:
+        return None
+    remaining = job.deadline_s - (datetime.now(UTC) - job.created_at).total_seconds()
+
+    def expire() -> None:
+        try:
+            request_cancel(job.id, CancellationReason.TIMEOUT, f"deadline of {job.deadline_s:g}s passed",
+                           CancellationSource.DEADLINE, actor="worker")
+        except AndonError:
+            pass  # the job ended in the meantime
+
+    timer = threading.Timer(max(remaining, 0.0), expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def run_job(job_id: str) -> JobOutcome:
+    """Run a job to exactly one terminal state, keeping every finished item, cleaning up always."""
+    watcher = get_watcher()
+    token = watcher.watch(job_id)
+    job = _start(job_id)
+    if job is None:
+        watcher.unwatch(job_id)
+        with session_scope() as session:
+            status = JobStatus(session.get(Job, job_id).status)
+        return JobOutcome(job_id, status, ran=False)
+
+    settings = get_settings()
+    cleanup = CleanupManager()
+    cleanup.register(lambda: watcher.unwatch(job_id), "unwatch token")
+    deadline = _start_deadline(job)
+    if deadline is not None:
+        cleanup.register(deadline.cancel, "cancel deadline timer")
+    workdir = cleanup.temp_dir(settings.jobs_tmp_dir / job_id)
+    delay = float(job.options.get("stage_delay_s") or 0)
+    index: int | None = None
+    stage: Stage | None = None
+    try:
+        with session_scope() as session:
+            finished = job_rows.finished_indexes(session, job_id)
+        pipeline = stage_functions(job.options, token)
+        for index, document in enumerate(job.documents):
+            if index in finished:
+                continue
+            started_at = datetime.now(UTC)
+            value: Any = document
+            try:
+                for stage, run_stage in pipeline:
+                    token.check()  # the checkpoint: before every stage of every item
+                    if delay and token.wait(delay):
+                        token.check()
+                    value = run_stage(value)
+                    if stage is Stage.PARSE:
+                        (workdir / f"{index}.txt").write_text(value["text"])
+            except CancellationError:
+                raise
+            except Exception as exc:
+                with session_scope() as session:
+                    job_rows.record_item(session, job_id, index, stage.value, ItemStatus.FAILED,
+                                         error=f"{type(exc).__name__}: {exc}", started_at=started_at)
+                continue
+            with session_scope() as session:
+                job_rows.record_item(session, job_id, index, stage.value, ItemStatus.DONE,
+                                     result=value, started_at=started_at)
+        with session_scope() as session:
+            job_rows.transition(session, job_id, JobStatus.COMPLETED)
+        return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
+    except CancellationError as error:
+        _finish_cancelled(job_id, error, index, stage)
+        return JobOutcome(job_id, JobStatus.CANCELLED, ran=True, reason=error.reason)
+    except BaseException as exc:
+        with session_scope() as session:
+            job_rows.transition(session, job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        errors = cleanup.run()
+        if token.callback_errors:
+            errors += [f"token callback: {e!r}" for e in token.callback_errors]
+        if errors:
+            log.warning("cleanup of job %s: %s", job_id, errors)
+            with session_scope() as session:
+                job_rows.add_event(session, job_id, EventKind.CLEANUP_FAILED, detail={"errors": errors})

@@ -1,0 +1,94 @@
+"""All of andon's configuration, read once from ``ANDON_*`` environment variables.
+
+Unset URLs fall back to the embedded stack: ``andon up`` writes the ports it chose to
+``$ANDON_HOME/stack.json`` so that every other command (CLI, worker, API) finds the same Redis.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_PORT = 6390
+DEFAULT_API_PORT = 8000
+DEFAULT_FLOWER_PORT = 5555
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ANDON_", extra="ignore")
+
+    home: Path = Path(".andon")
+    broker_url: str | None = None
+    redis_url: str | None = None
+    database_url: str | None = None
+    api_url: str | None = None
+    api_token: str | None = None
+    flower_basic_auth: str | None = None
+
+    #: Seconds a cancellation state lives in Redis; long enough to outlive any job.
+    token_ttl_s: int = 7 * 24 * 3600
+    #: How often a worker re-reads its active tokens from Redis, in case a pub/sub message was lost.
+    token_reconcile_s: float = 1.0
+    #: Celery hard time limit per job (None: no limit); the soft limit is this minus the grace.
+    job_time_limit_s: float | None = None
+    job_soft_time_limit_s: float | None = None
+    #: How long a forced stop (Flower Terminate) waits for the job to stop cooperatively.
+    terminate_grace_s: float = 5.0
+    #: Per-job RSS ceiling in MiB, enforced by a watchdog in the worker child (None: off).
+    max_job_rss_mb: float | None = None
+    heartbeat_s: float = 2.0
+
+    llm_base_url: str = "http://127.0.0.1:11434/v1"
+    llm_model: str = "llama3.2"
+    llm_api_key: str = "not-needed"
+
+    worker_concurrency: int = Field(default=2, ge=1)
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def stack_file(self) -> Path:
+        return self.home_dir / "stack.json"
+
+    def _stack(self) -> dict:
+        try:
+            return json.loads(self.stack_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def redis_port(self) -> int:
+        return int(self._stack().get("redis_port", DEFAULT_REDIS_PORT))
+
+    @property
+    def resolved_redis_url(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or self.resolved_redis_url
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'andon.db'}"
+
+    @property
+    def resolved_api_url(self) -> str:
+        port = self._stack().get("api_port", DEFAULT_API_PORT)
+        return (self.api_url or f"http://127.0.0.1:{port}").rstrip("/")
+
+    @property
+    def jobs_tmp_dir(self) -> Path:
+        """Where each job's temp dir lives; it must be empty of a job's dir once the job ends."""
+        return self.home_dir / "tmp" / "jobs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,246 @@
+"""The durable side of cancellation: cancel states in Redis, and the watcher that delivers them.
+
+Keys (all with a TTL so an abandoned job never leaks):
+
+* ``andon:token:<job>``            — the job's token exists (set at submit).
+* ``andon:cancel:<job>``           — the *winning* cancel request, JSON. Written with ``SET NX``
+  inside one Lua script, so the first cancel wins atomically across processes.
+* ``andon:cancel:<job>:requests``  — every request, winners and losers, for the record.
+
+Every winning cancel is also published on ``andon:cancellations``. A :class:`TokenWatcher` in each
+worker process listens there and sets the local :class:`~tasks.token.CancellationToken` at once; it
+also re-reads the keys of its active jobs every ``token_reconcile_s`` and on every reconnect, so a
+lost pub/sub message (or a Redis restart) delays a cancel by at most that long — it never loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+
+from tasks.settings import get_settings
+from tasks.token import CancellationToken, CancelRequest
+from tasks.vocabulary import CancellationReason, CancellationSource
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "andon:cancellations"
+
+_CANCEL_SCRIPT = """
+local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+local winner = redis.call('GET', KEYS[1])
+if won then redis.call('PUBLISH', ARGV[3], winner) end
+return {won and 1 or 0, winner}
+"""
+
+
+def _token_key(job_id: str) -> str:
+    return f"andon:token:{job_id}"
+
+
+def _cancel_key(job_id: str) -> str:
+    return f"andon:cancel:{job_id}"
+
+
+class CancellationStore:
+    """Create, read, cancel and clean up job tokens in Redis."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._cancel = client.register_script(_CANCEL_SCRIPT)
+
+    def create(self, job_id: str) -> None:
+        self.redis.set(_token_key(job_id), "1", ex=self.ttl_s)
+
+    def create_many(self, job_ids: list[str]) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.set(_token_key(job_id), "1", ex=self.ttl_s)
+            pipe.execute()
+
+    def get(self, job_id: str) -> CancellationToken | None:
+        """A snapshot token with the job's current cancel state, or None if Redis knows no such job."""
+        exists, raw = self.redis.pipeline().exists(_token_key(job_id)).get(_cancel_key(job_id)).execute()
+        if not exists and raw is None:
+            return None
+        token = CancellationToken(job_id)
+        if raw is not None:
+            token.apply(CancelRequest.from_json(json.loads(raw)))
+        return token
+
+    def cancel(
+        self,
+        job_id: str,
+        reason: CancellationReason | str = CancellationReason.USER_REQUESTED,
+        message: str | None = None,
+        source: CancellationSource | str | None = None,
+    ) -> tuple[bool, CancelRequest]:
+        """Request cancellation. Returns (won, winning request): later requests don't change the reason."""
+        request = CancelRequest(
+            reason=CancellationReason(reason),
+            message=message,
+            source=CancellationSource(source) if source else None,
+        )
+        won, winner = self._cancel(
+            keys=[_cancel_key(job_id), f"{_cancel_key(job_id)}:requests"],
+            args=[json.dumps(request.to_json(job_id)), self.ttl_s, CHANNEL],
+        )
+        return bool(won), CancelRequest.from_json(json.loads(winner))
+
+    def cancel_many(
+        self, job_ids: list[str], reason: CancellationReason, message: str | None, source: CancellationSource
+    ) -> None:
+        """Cancel many jobs in one pipelined round trip (bulk cancel of queued jobs)."""
+        request = CancelRequest(reason=reason, message=message, source=source)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                self._cancel(
+                    keys=[_cancel_key(job_id), f"{_cancel_key(job_id)}:requests"],
+                    args=[json.dumps(request.to_json(job_id)), self.ttl_s, CHANNEL],
+                    client=pipe,
+                )
+            pipe.execute()
+
+    def read(self, job_ids: list[str]) -> dict[str, CancelRequest]:
+        """The winning cancel request of each cancelled job among ``job_ids``."""
+        if not job_ids:
+            return {}
+        raws = self.redis.mget([_cancel_key(j) for j in job_ids])
+        return {j: CancelRequest.from_json(json.loads(r)) for j, r in zip(job_ids, raws) if r is not None}
+
+    def cleanup(self, job_id: str) -> None:
+        self.redis.delete(_token_key(job_id), _cancel_key(job_id), f"{_cancel_key(job_id)}:requests")
+
+
+class TokenWatcher:
+    """Keeps this process's live tokens in step with Redis (push first, reconcile as a safety net).
+
+    One per process, started lazily on first use so it is born *after* a prefork child forks.
+    """
+
+    def __init__(self, store: CancellationStore, reconcile_s: float = 1.0) -> None:
+        self.store = store
+        self.reconcile_s = reconcile_s
+        self._tokens: dict[str, CancellationToken] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+
+    def watch(self, job_id: str) -> CancellationToken:
+        """The live token for a job running here. Already cancelled if Redis says so."""
+        with self._lock:
+            token = self._tokens.get(job_id)
+            if token is None:
+                token = self._tokens[job_id] = CancellationToken(job_id)
+        self._ensure_running()
+        self._apply(self.store.read([job_id]))
+        return token
+
+    def unwatch(self, job_id: str) -> None:
+        with self._lock:
+            self._tokens.pop(job_id, None)
+
+    def active_tokens(self) -> list[CancellationToken]:
+        with self._lock:
+            return list(self._tokens.values())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _ensure_running(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="andon-token-watcher", daemon=True)
+            self._thread.start()
+
+    def _apply(self, states: dict[str, CancelRequest]) -> None:
+        with self._lock:
+            targets = [(self._tokens[j], req) for j, req in states.items() if j in self._tokens]
+        for token, request in targets:
+            if not token.is_cancelled:
+                token.apply(request)
+
+    def reconcile(self) -> None:
+        with self._lock:
+            job_ids = list(self._tokens)
+        self._apply(self.store.read(job_ids))
+
+    def _on_message(self, data: Any) -> None:
+        payload = json.loads(data)
+        self._apply({payload["job_id"]: CancelRequest.from_json(payload)})
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(CHANNEL)
+                self.connected.set()
+                self.reconcile()  # whatever was published while we were away
+                backoff = 0.05
+                last = time.monotonic()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=self.reconcile_s)
+                    if message is not None:
+                        self._on_message(message["data"])
+                    if time.monotonic() - last >= self.reconcile_s:
+                        self.reconcile()
+                        last = time.monotonic()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                self.connected.clear()
+                log.warning("token watcher lost Redis (%s); reconnecting", exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+            except Exception:  # never let the watcher die silently
+                log.exception("token watcher error")
+                self._stop.wait(backoff)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:
+                    pass
+
+
+_process: dict[str, Any] = {}
+
+
+def _per_process(name: str, factory):
+    """One instance per process: a prefork child must not reuse its parent's sockets or threads."""
+    key = f"{name}:{os.getpid()}"
+    if key not in _process:
+        _process[key] = factory()
+    return _process[key]
+
+
+def get_redis() -> redis.Redis:
+    settings = get_settings()
+    return _per_process(
+        "redis",
+        lambda: redis.Redis.from_url(settings.resolved_redis_url, socket_connect_timeout=2, health_check_interval=10),
+    )
+
+
+def get_store() -> CancellationStore:
+    return _per_process("store", lambda: CancellationStore(get_redis(), get_settings().token_ttl_s))
+
+
+def get_watcher() -> TokenWatcher:
+    return _per_process("watcher", lambda: TokenWatcher(get_store(), get_settings().token_reconcile_s))
+
+
+def reset_process_state() -> None:
+    """Forget clients built from old settings (tests and the embedded stack change URLs)."""
+    for key in list(_process):
+        obj = _process.pop(key)
+        if isinstance(obj, TokenWatcher):
+            obj.stop()

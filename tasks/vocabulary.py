@@ -1,0 +1,75 @@
+"""The words andon uses everywhere: why a job stopped, who asked, what state it is in.
+
+Values are the strings stored in the database and returned by the API (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class CancellationReason(StrEnum):
+    """Why a job was stopped. Exactly five; every Celery stop path maps to one."""
+
+    USER_REQUESTED = "user_requested"
+    TIMEOUT = "timeout"
+    SYSTEM_SHUTDOWN = "system_shutdown"
+    RESOURCE_LIMIT = "resource_limit"
+    DEPENDENCY_FAILED = "dependency_failed"
+
+
+class CancellationSource(StrEnum):
+    """Who or what asked for the stop."""
+
+    API = "api"
+    CLI = "cli"
+    REVOKE = "revoke"
+    TIME_LIMIT = "time_limit"
+    DEADLINE = "deadline"
+    WORKER_SHUTDOWN = "worker_shutdown"
+    WORKER_LOST = "worker_lost"
+    MEMORY_WATCHDOG = "memory_watchdog"
+    PARENT = "parent"
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.CANCELLED, JobStatus.COMPLETED, JobStatus.FAILED})
+
+
+class Stage(StrEnum):
+    """Pipeline stages, in order. A checkpoint runs before each one, for every item."""
+
+    PARSE = "parse"
+    EMBED = "embed"
+    ANALYZE = "analyze"
+
+
+class EventKind(StrEnum):
+    """What a ``job_events`` row records. A cancel is *requested*, then *observed* at a checkpoint,
+    then the job is *cancelled* (its terminal row committed) — three moments, three events."""
+
+    SUBMITTED = "submitted"
+    STARTED = "started"
+    CANCEL_REQUESTED = "cancel_requested"
+    CANCEL_OBSERVED = "cancel_observed"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CLEANUP_FAILED = "cleanup_failed"
+
+
+class ItemStatus(StrEnum):
+    DONE = "done"
+    FAILED = "failed"
