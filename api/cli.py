@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -28,6 +27,14 @@ cli = typer.Typer(
 )
 console = Console()
 
+
+
+class UsageMistake(AndonError):
+    """The command line itself is wrong (exit 2, like any usage error)."""
+
+    exit_code = 2
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
@@ -37,7 +44,7 @@ def _choice(value: str | None, enum: type, what: str):
     try:
         return enum(value)
     except ValueError:
-        raise click.UsageError(f"unknown {what} {value!r} (choose from {', '.join(e.value for e in enum)})")
+        raise UsageMistake(f"unknown {what} {value!r} (choose from {', '.join(e.value for e in enum)})")
 
 
 @cli.command()
@@ -109,7 +116,7 @@ def submit(
         text = sys.stdin.read() if str(file) == "-" else _read(file)
         docs += [line for line in text.splitlines() if line.strip()]
     if not docs:
-        raise click.UsageError("no documents: pass them as arguments or with --file")
+        raise UsageMistake("no documents: pass them as arguments or with --file")
     answer = service.submit_job(docs, {"stage_delay_s": stage_delay}, deadline, actor="cli")
     if json_out:
         views.print_json(answer)
@@ -121,7 +128,7 @@ def _read(path: Path) -> str:
     try:
         return path.read_text()
     except OSError as exc:
-        raise click.UsageError(f"cannot read {path}: {exc.strerror}")
+        raise UsageMistake(f"cannot read {path}: {exc.strerror}")
 
 
 @cli.command("ls")
@@ -156,10 +163,13 @@ def cancel(
     ids = list(job_ids or [])
     if all_ or status:
         if not (all_ and status) or ids:
-            raise click.UsageError("use either job ids, or --status STATUS --all")
+            raise UsageMistake("use either job ids, or --status STATUS --all")
         ids = [job.job_id for job in service.list_jobs(_choice(status, JobStatus, "status"), limit=100_000)]
+        if not ids:
+            print(f"no {status} jobs to cancel", file=sys.stderr)
+            return
     if not ids:
-        raise click.UsageError("no job to cancel: pass job ids, or --status STATUS --all")
+        raise UsageMistake("no job to cancel: pass job ids, or --status STATUS --all")
     answers, failures = [], []
     for job_id in ids:
         try:
@@ -208,7 +218,7 @@ def flower(port: int = DEFAULT_FLOWER_PORT, address: str = "127.0.0.1") -> None:
     settings = get_settings()
     auth = settings.flower_basic_auth or settings._stack().get("flower_basic_auth")
     if not auth or ":" not in auth:
-        raise click.UsageError("set ANDON_FLOWER_BASIC_AUTH=user:password (Flower is never run without auth)")
+        raise UsageMistake("set ANDON_FLOWER_BASIC_AUTH=user:password (Flower is never run without auth)")
     _exec([sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={port}", f"--address={address}",
            f"--basic-auth={auth}"])
 
@@ -220,15 +230,15 @@ def main() -> None:
 
     try:
         code = cli(standalone_mode=False)
-    except click.ClickException as exc:
-        print(f"andon: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except click.Abort:
+    except typer.Abort:
         print("andon: aborted", file=sys.stderr)
         sys.exit(130)
+    except typer.TyperException as exc:  # Typer's own usage errors (bad option, unknown command)
+        print(f"andon: {exc.format_message()}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
     except AndonError as exc:
         print(f"andon: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))
     except RedisConnectionError as exc:
         print(f"andon: cannot reach Redis ({exc}); is `andon up` running?", file=sys.stderr)
         sys.exit(1)

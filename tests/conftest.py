@@ -1,0 +1,115 @@
+"""The test session's real parts: a Redis server, a SQLite database (and PostgreSQL where asked),
+and a prefork Celery worker subprocess. Nothing is mocked, nothing runs eagerly.
+
+Environment is set at import time, before any andon module reads its settings, so the in-process
+API (TestClient), the CLI subprocesses and the worker all share the same Redis and database.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from api.stack import free_port
+
+HOME = Path(tempfile.mkdtemp(prefix="andon-test-"))
+REDIS_PORT = free_port()
+os.environ.update(
+    ANDON_HOME=str(HOME),
+    ANDON_REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/0",
+    ANDON_BROKER_URL=f"redis://127.0.0.1:{REDIS_PORT}/0",
+    ANDON_DATABASE_URL=f"sqlite:///{HOME / 'andon.db'}",
+)
+for var in ("ANDON_API_TOKEN", "ANDON_API_URL"):
+    os.environ.pop(var, None)
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+from api.stack import start_redis, stop_process  # noqa: E402
+from tests.procs import WorkerProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    proc = start_redis(REDIS_PORT, HOME / "redis", HOME / "redis.log")
+    yield proc
+    stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def database(redis_server):
+    from db.migrate import upgrade
+
+    upgrade()
+    return os.environ["ANDON_DATABASE_URL"]
+
+
+@pytest.fixture(scope="session")
+def worker(database):
+    """The shared prefork worker (2 processes). Tests that kill or stop a worker start their own."""
+    proc = WorkerProcess("shared", HOME / "logs", concurrency=2).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    from tasks.store import get_redis
+
+    return get_redis()
+
+
+@pytest.fixture
+def store(redis_server):
+    from tasks.store import get_store
+
+    return get_store()
+
+
+@pytest.fixture
+def api_client(worker):
+    from fastapi.testclient import TestClient
+
+    from api.app import app
+
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def home() -> Path:
+    return HOME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    from tests.pgserver import PostgresServer, postgres_available
+
+    reason = postgres_available()
+    if reason:
+        pytest.skip(f"PostgreSQL tests need a local server: {reason}")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """A fresh, migrated database of each kind, for tests of the rows themselves."""
+    from db.migrate import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'rows.db'}"
+    else:
+        server = request.getfixturevalue("postgres_server")
+        url = server.create_database(f"andon_{os.urandom(4).hex()}")
+    upgrade(url)
+    return url

@@ -1,0 +1,62 @@
+"""Small helpers to submit jobs and read their rows in tests."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from api import service
+from db.models import Job, JobEvent, JobItem
+from db.session import session_scope
+from tasks.vocabulary import JobStatus
+from tests.procs import wait_for
+
+TERMINAL = {"cancelled", "completed", "failed"}
+
+
+def docs(n: int, prefix: str = "Doc") -> list[str]:
+    return [f"{prefix} {i}. The quick brown fox jumps over the lazy dog. Foxes are quick." for i in range(n)]
+
+
+def submit(n: int = 5, stage_delay_s: float = 0.0, documents: list[str] | None = None, **kwargs) -> str:
+    return service.submit_job(documents or docs(n), {"stage_delay_s": stage_delay_s}, **kwargs).job_id
+
+
+def job_row(job_id: str) -> Job:
+    with session_scope() as session:
+        return session.get(Job, job_id)
+
+
+def items(job_id: str) -> list[JobItem]:
+    with session_scope() as session:
+        return list(session.scalars(select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.index)))
+
+
+def events(job_id: str) -> list[JobEvent]:
+    with session_scope() as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def wait_status(job_id: str, statuses, timeout: float = 30) -> Job:
+    statuses = {statuses} if isinstance(statuses, str) else set(statuses)
+    return wait_for(lambda: (j := job_row(job_id)) and j.status in statuses and j, timeout,
+                    what=f"job {job_id} to reach {statuses}")
+
+
+def wait_terminal(job_id: str, timeout: float = 30) -> Job:
+    return wait_status(job_id, TERMINAL, timeout)
+
+
+def wait_items(job_id: str, count: int, timeout: float = 30) -> Job:
+    return wait_for(lambda: (j := job_row(job_id)).completed_items + j.failed_items >= count and j, timeout,
+                    what=f"job {job_id} to finish {count} items")
+
+
+def terminal_events(job_id: str) -> list[str]:
+    return [e.kind for e in events(job_id) if e.kind in TERMINAL]
+
+
+def assert_one_terminal(job_id: str) -> Job:
+    job = job_row(job_id)
+    assert JobStatus(job.status).is_terminal, job.status
+    assert terminal_events(job_id) == [job.status], terminal_events(job_id)
+    return job
