@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.vocabulary import CancellationReason, JobStatus
 
@@ -14,7 +14,20 @@ class JobOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     stage_delay_s: float = Field(default=0.0, ge=0, le=3600)
+    #: Simulated work per stage that ignores the token (like a C call): only a signal stops it.
+    stage_block_s: float = Field(default=0.0, ge=0, le=3600)
     analyzer: Literal["local", "llm"] = "local"
+    #: Celery time limits for this job (soft → a `timeout` cancel at a checkpoint; hard → child killed).
+    soft_time_limit_s: float | None = Field(default=None, gt=0)
+    time_limit_s: float | None = Field(default=None, gt=0)
+    #: RSS ceiling for this job's worker process, in MiB (overrides ANDON_MAX_JOB_RSS_MB).
+    max_rss_mb: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def soft_before_hard(self) -> JobOptions:
+        if self.soft_time_limit_s and self.time_limit_s and self.soft_time_limit_s >= self.time_limit_s:
+            raise ValueError("soft_time_limit_s must be below time_limit_s")
+        return self
 
 
 class SubmitRequest(BaseModel):

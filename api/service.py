@@ -59,6 +59,7 @@ def submit_job(
     options: dict[str, Any] | None = None,
     deadline_s: float | None = None,
     actor: str | None = None,
+    queue: str | None = None,
 ) -> SubmitResponse:
     """Make the job row and token, commit, *then* enqueue (the worker must find the row)."""
     from tasks.app import app
@@ -68,8 +69,10 @@ def submit_job(
     with session_scope() as session:
         job_rows.create_job(session, job_id, documents, options or {}, deadline_s=deadline_s, actor=actor)
     get_store().create(job_id)
+    options = options or {}
     try:
-        app.send_task(TASK_NAME, args=[job_id], task_id=job_id)
+        app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=queue, time_limit=options.get("time_limit_s"),
+                      soft_time_limit=options.get("soft_time_limit_s"))
     except Exception as exc:
         with session_scope() as session:
             job_rows.transition(session, job_id, JobStatus.FAILED, error=f"could not enqueue: {exc}")

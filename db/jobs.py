@@ -21,6 +21,8 @@ P, R, C = JobStatus.PENDING, JobStatus.RUNNING, JobStatus.CANCELLING
 
 #: For each target status, the statuses it may be reached from.
 ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
+    # back to the queue: its worker was lost and Celery redelivers the message (acks_late)
+    JobStatus.PENDING: frozenset({R}),
     JobStatus.RUNNING: frozenset({P}),
     JobStatus.CANCELLING: frozenset({R}),
     JobStatus.CANCELLED: frozenset({P, R, C}),

@@ -42,6 +42,9 @@ def make_app() -> Celery:
         result_extended=True,
         result_expires=7 * 24 * 3600,
         task_default_queue="andon",
+        # cold shutdown (SIGQUIT): Celery waits this long before SIGTERMing the children; our SIGQUIT
+        # hook has cancelled their tokens, so they use it to stop at a checkpoint (tasks/signals.py)
+        worker_soft_shutdown_timeout=settings.cold_shutdown_grace_s,
         imports=["tasks.jobs", "tasks.signals"],
     )
     return celery

@@ -5,15 +5,18 @@ Like rq's ``send_stop_job_command``: one function to request a cancel, whoever a
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
 from tasks.errors import JobAlreadyTerminal, JobNotFound
+from tasks.settings import get_settings
 from tasks.store import get_store
 from tasks.token import CancelRequest
-from tasks.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
+from tasks.vocabulary import RESUMABLE_REASONS, CancellationReason, CancellationSource, EventKind, JobStatus
 
 
 @dataclass(frozen=True)
@@ -69,3 +72,42 @@ def _mark_requested(session, job_id: str, request: CancelRequest) -> JobStatus:
         if status is JobStatus.RUNNING and job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
             return JobStatus.CANCELLING
     raise JobAlreadyTerminal(job_id, "changing too fast to cancel")
+
+
+def finalize_stopped(
+    job_id: str,
+    reason: CancellationReason,
+    source: CancellationSource,
+    message: str | None = None,
+    *,
+    fail_with: str | None = None,
+    actor: str | None = None,
+) -> bool:
+    """End a job whose process is gone (killed, timed out, lost), from outside that process.
+
+    The job's own checkpoint can't record its end any more, so this does: ``cancelled`` with the
+    reason of the first cancel request if there was one (first cancel wins), else the given reason;
+    or ``failed`` when ``fail_with`` is given. Its temp dir is removed. Returns True if this call
+    ended the job (a concurrent finalizer may have been first).
+    """
+    now = datetime.now(UTC)
+    first = get_store().read([job_id]).get(job_id)
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or JobStatus(job.status).is_terminal:
+            return False
+        finished = job_rows.finished_indexes(session, job_id)
+        at_item = next((i for i in range(job.total_items) if i not in finished), None)
+        if fail_with is not None and first is None:
+            won = job_rows.transition(session, job_id, JobStatus.FAILED, error=fail_with)
+        else:
+            request = first or CancelRequest(reason, message, source)
+            job_rows.add_event(session, job_id, EventKind.CANCEL_OBSERVED, reason=request.reason.value,
+                               source=source.value, actor=actor, detail={"item": at_item, "by": "finalizer"}, at=now)
+            won = job_rows.transition(
+                session, job_id, JobStatus.CANCELLED, **job_rows.cancel_values(request),
+                cancel_requested_at=job.cancel_requested_at or request.at, cancel_observed_at=now,
+                cancelled_at_item=at_item, resumable=request.reason in RESUMABLE_REASONS,
+            )
+    shutil.rmtree(get_settings().jobs_tmp_dir / job_id, ignore_errors=True)
+    return won

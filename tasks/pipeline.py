@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,15 +21,21 @@ from tasks import stages
 from tasks.cleanup import CleanupManager
 from tasks.control import request_cancel
 from tasks.errors import AndonError, CancellationError, JobNotFound
+from tasks.monitor import JobMonitor
 from tasks.settings import get_settings
 from tasks.store import get_store, get_watcher
 from tasks.token import CancellationToken
-from tasks.vocabulary import CancellationReason, CancellationSource, EventKind, ItemStatus, JobStatus, Stage
+from tasks.vocabulary import (
+    RESUMABLE_REASONS,
+    CancellationReason,
+    CancellationSource,
+    EventKind,
+    ItemStatus,
+    JobStatus,
+    Stage,
+)
 
 log = logging.getLogger(__name__)
-
-#: Cancelled for these reasons, a job is worth resuming: nothing was wrong with the job itself.
-RESUMABLE_REASONS = frozenset({CancellationReason.TIMEOUT, CancellationReason.SYSTEM_SHUTDOWN})
 
 
 @dataclass(frozen=True)
@@ -37,10 +44,11 @@ class JobOutcome:
     status: JobStatus
     ran: bool  # False when the job was already terminal (e.g. cancelled while queued)
     reason: CancellationReason | None = None
+    error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "status": self.status.value, "ran": self.ran,
-                "reason": self.reason.value if self.reason else None}
+                "reason": self.reason.value if self.reason else None, "error": self.error}
 
 
 StageFn = Callable[[Any], Any]
@@ -110,24 +118,35 @@ def _start_deadline(job: Job) -> threading.Timer | None:
 
 
 def run_job(job_id: str) -> JobOutcome:
-    """Run a job to exactly one terminal state, keeping every finished item, cleaning up always."""
+    """Run a job to exactly one terminal state, keeping every finished item, cleaning up always.
+
+    If the process is being torn down under the job (``SystemExit`` from a SIGTERM sent by Celery's
+    terminate, hard time limit or cold shutdown) and no cancel was requested, the row is left for the
+    worker's main process to finalize: only it knows which of those it was.
+    """
     watcher = get_watcher()
     token = watcher.watch(job_id)
     job = _start(job_id)
     if job is None:
         watcher.unwatch(job_id)
         with session_scope() as session:
-            status = JobStatus(session.get(Job, job_id).status)
-        return JobOutcome(job_id, status, ran=False)
+            row = session.get(Job, job_id)
+        return JobOutcome(job_id, JobStatus(row.status), ran=False,
+                          reason=CancellationReason(row.cancellation_reason) if row.cancellation_reason else None)
 
     settings = get_settings()
     cleanup = CleanupManager()
     cleanup.register(lambda: watcher.unwatch(job_id), "unwatch token")
+    monitor = JobMonitor(job_id, token, settings.heartbeat_s,
+                         job.options.get("max_rss_mb") or settings.max_job_rss_mb, settings.terminate_grace_s)
+    monitor.start()
+    cleanup.register(monitor.stop, "stop job monitor")
     deadline = _start_deadline(job)
     if deadline is not None:
         cleanup.register(deadline.cancel, "cancel deadline timer")
     workdir = cleanup.temp_dir(settings.jobs_tmp_dir / job_id)
     delay = float(job.options.get("stage_delay_s") or 0)
+    block = float(job.options.get("stage_block_s") or 0)
     index: int | None = None
     stage: Stage | None = None
     try:
@@ -144,6 +163,8 @@ def run_job(job_id: str) -> JobOutcome:
                     token.check()  # the checkpoint: before every stage of every item
                     if delay and token.wait(delay):
                         token.check()
+                    if block:
+                        time.sleep(block)  # deaf to the token, on purpose
                     value = run_stage(value)
                     if stage is Stage.PARSE:
                         (workdir / f"{index}.txt").write_text(value["text"])
@@ -157,15 +178,16 @@ def run_job(job_id: str) -> JobOutcome:
             with session_scope() as session:
                 job_rows.record_item(session, job_id, index, stage.value, ItemStatus.DONE,
                                      result=value, started_at=started_at)
-        with session_scope() as session:
-            job_rows.transition(session, job_id, JobStatus.COMPLETED)
-        return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
+        return _finish_ran_through(job_id)
     except CancellationError as error:
         _finish_cancelled(job_id, error, index, stage)
         return JobOutcome(job_id, JobStatus.CANCELLED, ran=True, reason=error.reason)
     except BaseException as exc:
-        with session_scope() as session:
-            job_rows.transition(session, job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        if token.is_cancelled:  # torn down after a cancel was requested: that cancel is why
+            _finish_cancelled(job_id, token.error(), index, stage)
+        elif not isinstance(exc, SystemExit):
+            with session_scope() as session:
+                job_rows.transition(session, job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         errors = cleanup.run()
@@ -175,3 +197,15 @@ def run_job(job_id: str) -> JobOutcome:
             log.warning("cleanup of job %s: %s", job_id, errors)
             with session_scope() as session:
                 job_rows.add_event(session, job_id, EventKind.CLEANUP_FAILED, detail={"errors": errors})
+
+
+def _finish_ran_through(job_id: str) -> JobOutcome:
+    """Every item was tried: completed, unless not a single one succeeded."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job.total_items and job.completed_items == 0:
+            error = f"all {job.total_items} items failed"
+            job_rows.transition(session, job_id, JobStatus.FAILED, error=error)
+            return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
+        job_rows.transition(session, job_id, JobStatus.COMPLETED)
+        return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)

@@ -1,13 +1,129 @@
-"""Worker signal wiring: what a worker process does at the moments Celery tells it about."""
+"""Worker signal wiring: what a worker does at the moments Celery tells it about.
+
+Named after the moment they run. Everything here runs in the worker's main process except
+``after_child_fork``.
+"""
 
 from __future__ import annotations
 
-from celery.signals import worker_process_init
+import logging
+import signal
+import threading
+import time
 
+from celery import signals
+from celery.worker import state as worker_state
+
+from tasks import revoke  # noqa: F401  (registers the wrapped remote-control commands)
+from tasks.control import finalize_stopped, request_cancel
+from tasks.errors import AndonError
+from tasks.reaper import reap_lost_jobs
+from tasks.settings import get_settings
 from tasks.store import reset_process_state
+from tasks.vocabulary import CancellationReason, CancellationSource
+
+log = logging.getLogger(__name__)
+
+#: Jobs that were running here when a shutdown began; finalized if they haven't ended by themselves.
+_shutdown_jobs: set[str] = set()
 
 
-@worker_process_init.connect
+@signals.worker_process_init.connect
 def after_child_fork(**_: object) -> None:
     """A prefork child must not share its parent's Redis sockets or watcher thread."""
     reset_process_state()
+
+
+def _active_job_ids() -> list[str]:
+    return [request.id for request in list(worker_state.active_requests)]
+
+
+def cancel_active_jobs_for_shutdown(how: str, hostname: str | None) -> list[str]:
+    """Every job running here gets ``system_shutdown``; each stops at its next checkpoint."""
+    job_ids = _active_job_ids()
+    _shutdown_jobs.update(job_ids)
+    for job_id in job_ids:
+        try:
+            request_cancel(job_id, CancellationReason.SYSTEM_SHUTDOWN, f"worker {how.lower()} shutdown",
+                           CancellationSource.WORKER_SHUTDOWN, actor=hostname)
+        except AndonError:
+            pass
+        except Exception:
+            log.exception("andon: could not cancel %s for shutdown", job_id)
+    return job_ids
+
+
+@signals.worker_shutting_down.connect
+def on_worker_shutting_down(sig: str, how: str, exitcode: int, sender: str | None = None, **_: object) -> None:
+    """Warm: cancel every running job now; Celery then waits for them, and they end at once.
+
+    Remote control is dead during Celery's warm drain, so the token is the only way to reach them.
+    Cold: Celery has already SIGTERMed the children (our SIGQUIT hook cancelled their tokens first);
+    any row still open is finalized here, so nothing is left ``running``.
+    """
+    if how == "Warm":
+        cancel_active_jobs_for_shutdown(how, sender)
+    else:
+        _finalize_shutdown_jobs(sender)
+
+
+def _finalize_shutdown_jobs(hostname: str | None) -> None:
+    for job_id in list(_shutdown_jobs) + _active_job_ids():
+        try:
+            finalize_stopped(job_id, CancellationReason.SYSTEM_SHUTDOWN, CancellationSource.WORKER_SHUTDOWN,
+                             "worker cold shutdown", actor=hostname)
+        except Exception:
+            log.exception("andon: could not finalize %s at shutdown", job_id)
+
+
+@signals.worker_ready.connect
+def after_worker_ready(sender=None, **_: object) -> None:
+    _cancel_before_cold_shutdown(sender)
+    _start_reaper(getattr(sender, "hostname", None))
+
+
+def _cancel_before_cold_shutdown(consumer) -> None:
+    """Wrap Celery's SIGQUIT (cold shutdown) handler: cancel the tokens first, give the jobs
+    ``worker_soft_shutdown_timeout`` to stop at a checkpoint (Celery's own wait), then let Celery
+    SIGTERM whatever is left."""
+    hostname = getattr(consumer, "hostname", None)
+    celery_handler = signal.getsignal(signal.SIGQUIT)
+    if not callable(celery_handler):
+        return
+
+    def on_sigquit(signum, frame):
+        try:
+            cancel_active_jobs_for_shutdown("Cold", hostname)
+        finally:
+            celery_handler(signum, frame)
+
+    signal.signal(signal.SIGQUIT, on_sigquit)
+
+
+def _start_reaper(hostname: str | None) -> None:
+    interval = max(get_settings().heartbeat_s * 2, 1.0)
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                for job_id in reap_lost_jobs(actor=f"reaper:{hostname}"):
+                    log.warning("andon: reaped lost job %s", job_id)
+            except Exception:
+                log.exception("andon: reaper pass failed")
+
+    threading.Thread(target=loop, name="andon-reaper", daemon=True).start()
+
+
+@signals.task_revoked.connect
+def on_task_revoked(request=None, terminated: bool = False, signum=None, expired: bool = False, **_: object) -> None:
+    """Celery discarded or terminated a job (main process). If its child was killed, the job could
+    not record its own end; do it here with the reason of the cancel that preceded the signal."""
+    if request is None:
+        return
+    try:
+        finalize_stopped(request.id, CancellationReason.USER_REQUESTED, CancellationSource.REVOKE,
+                         f"terminated by signal {signum}" if terminated else "revoked before it started",
+                         actor=getattr(request, "hostname", None))
+    except Exception:
+        log.exception("andon: could not finalize revoked job %s", request.id)

@@ -68,8 +68,15 @@ class EventKind(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CLEANUP_FAILED = "cleanup_failed"
+    WORKER_LOST = "worker_lost"
+    REQUEUED = "requeued"
+    ESCALATED = "escalated"
 
 
 class ItemStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
+
+
+#: Cancelled for these reasons, a job is worth resuming: nothing was wrong with the job itself.
+RESUMABLE_REASONS = frozenset({CancellationReason.TIMEOUT, CancellationReason.SYSTEM_SHUTDOWN})

@@ -10,6 +10,7 @@ from api import service
 from tasks.app import app
 from tasks.settings import get_settings
 from tasks.vocabulary import JobStatus
+from tests.procs import wait_for
 from tests.jobs_helpers import (
     assert_one_terminal,
     docs,
@@ -56,6 +57,7 @@ def test_running_job_cancelled_keeps_finished_items_and_stops_at_a_checkpoint(wo
     assert kinds[-3:] == ["cancel_requested", "cancel_observed", "cancelled"]
     assert_one_terminal(job_id)
     assert not (get_settings().jobs_tmp_dir / job_id).exists()
+    assert AsyncResult(job_id, app=app).state == "REVOKED"
 
 
 def test_a_queued_job_cancelled_behind_a_busy_worker_never_starts(worker):
@@ -70,9 +72,9 @@ def test_a_queued_job_cancelled_behind_a_busy_worker_never_starts(worker):
         service.cancel_job(blocker)
     for blocker in blockers:
         wait_terminal(blocker)
-    # the worker now receives the queued job: it must skip it without running a stage
-    result = AsyncResult(queued, app=app).get(timeout=20)
-    assert result["ran"] is False
+    # the worker now receives the queued job: it must skip it without running a stage, and Celery
+    # must record it as REVOKED, not SUCCESS
+    wait_for(lambda: AsyncResult(queued, app=app).state == "REVOKED", 20, what="REVOKED in the backend")
     job = assert_one_terminal(queued)
     assert job.status == "cancelled" and job.started_at is None and job.completed_items == 0
     assert items(queued) == []
