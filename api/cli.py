@@ -194,6 +194,18 @@ def results(job_id: str, json_out: JsonOpt = False) -> None:
     views.print_json(partial) if json_out else views.print_partial_results(console, partial)
 
 
+@cli.command()
+def reap(json_out: JsonOpt = False) -> None:
+    """Finalize running jobs whose worker is gone (heartbeat expired); workers also do this on a timer."""
+    from tasks.reaper import reap_lost_jobs
+
+    reaped = reap_lost_jobs(actor="cli")
+    if json_out:
+        views.print_json(reaped)
+    else:
+        console.print(f"reaped {len(reaped)} lost job(s)" + "".join(f"\n  {j}" for j in reaped))
+
+
 def _exec(argv: list[str]) -> None:
     sys.stdout.flush()
     os.execvp(argv[0], argv)

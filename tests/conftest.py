@@ -56,6 +56,51 @@ def worker(database):
 
 
 @pytest.fixture
+def start_worker(database):
+    """Start a dedicated prefork worker on its own queue (for tests that signal, kill or stop it)."""
+    import uuid
+
+    started: list[WorkerProcess] = []
+
+    def start(concurrency: int = 1, **env: str) -> WorkerProcess:
+        queue = f"q-{uuid.uuid4().hex[:8]}"
+        worker = WorkerProcess(queue, HOME / "logs", concurrency, env=env, extra_args=["-Q", queue])
+        worker.queue = queue
+        started.append(worker.start())
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def flower(worker):
+    """A real Flower process with basic auth, watching the session's workers."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from api.stack import wait_until
+
+    port, auth = free_port(), ("ops", "flower-pass")
+    log = HOME / "logs" / "flower.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={port}", "--address=127.0.0.1",
+         f"--basic-auth={auth[0]}:{auth[1]}"],
+        stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/healthcheck", auth=auth, timeout=1).status_code == 200, 60, "flower",
+               proc, log)
+    client = httpx.Client(base_url=url, auth=auth, timeout=20)
+    yield client
+    client.close()
+    stop_process(proc)
+
+
+@pytest.fixture
 def redis_client(redis_server):
     from tasks.store import get_redis
 

@@ -17,8 +17,10 @@ def docs(n: int, prefix: str = "Doc") -> list[str]:
     return [f"{prefix} {i}. The quick brown fox jumps over the lazy dog. Foxes are quick." for i in range(n)]
 
 
-def submit(n: int = 5, stage_delay_s: float = 0.0, documents: list[str] | None = None, **kwargs) -> str:
-    return service.submit_job(documents or docs(n), {"stage_delay_s": stage_delay_s}, **kwargs).job_id
+def submit(n: int = 5, stage_delay_s: float = 0.0, documents: list[str] | None = None, options=None,
+           **kwargs) -> str:
+    options = {"stage_delay_s": stage_delay_s, **(options or {})}
+    return service.submit_job(documents or docs(n), options, **kwargs).job_id
 
 
 def job_row(job_id: str) -> Job:
