@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.routes import jobs
-from api.service import BrokerUnavailable
+from api.service import BrokerUnavailable, InvalidParent
 from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound, NotResumable
 from tasks.settings import get_settings
 
@@ -40,6 +40,7 @@ _ERROR_STATUS: dict[type[AndonError], int] = {
     JobAlreadyTerminal: 400,
     NotResumable: 400,
     BrokerUnavailable: 503,
+    InvalidParent: 422,
 }
 
 

@@ -108,6 +108,7 @@ def submit(
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="One document per line ('-': stdin).")] = None,
     stage_delay: Annotated[float, typer.Option(min=0.0, help="Simulated seconds per stage.")] = 0.0,
     deadline: Annotated[Optional[float], typer.Option(min=0.001, help="Cancel with 'timeout' after this many seconds.")] = None,
+    parent: Annotated[Optional[str], typer.Option(help="Run after this job completes.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Submit a pipeline job over DOCUMENTS (or a file)."""
@@ -117,7 +118,7 @@ def submit(
         docs += [line for line in text.splitlines() if line.strip()]
     if not docs:
         raise UsageMistake("no documents: pass them as arguments or with --file")
-    answer = service.submit_job(docs, {"stage_delay_s": stage_delay}, deadline, actor="cli")
+    answer = service.submit_job(docs, {"stage_delay_s": stage_delay}, deadline, actor="cli", parent_job_id=parent)
     if json_out:
         views.print_json(answer)
     else:
@@ -156,6 +157,7 @@ def cancel(
     message: Annotated[Optional[str], typer.Option(help="Why, in words; stored with the job.")] = None,
     status: Annotated[Optional[str], typer.Option(help="With --all: cancel every job in this status.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Cancel every job matching --status.")] = False,
+    cascade: Annotated[bool, typer.Option("--cascade/--no-cascade", help="Also cancel unfinished child jobs.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Cancel jobs by id, or every job in a status with --status S --all."""
@@ -173,7 +175,8 @@ def cancel(
     answers, failures = [], []
     for job_id in ids:
         try:
-            answers.append(service.cancel_job(job_id, why, message, CancellationSource.CLI, actor="cli"))
+            answers.append(service.cancel_job(job_id, why, message, CancellationSource.CLI, actor="cli",
+                                              cascade=cascade))
         except AndonError as exc:
             failures.append(str(exc))
     if json_out:

@@ -36,6 +36,8 @@ class SubmitRequest(BaseModel):
     documents: list[str] = Field(min_length=1, max_length=100_000)
     options: JobOptions = Field(default_factory=JobOptions)
     deadline_s: float | None = Field(default=None, gt=0)
+    #: Run after this job completes; cancelled (dependency_failed) if it fails or is cancelled.
+    parent_job_id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class SubmitResponse(BaseModel):
@@ -48,6 +50,8 @@ class CancelRequestBody(BaseModel):
 
     reason: CancellationReason = CancellationReason.USER_REQUESTED
     message: str | None = Field(default=None, max_length=2000)
+    #: Also cancel the job's unfinished child jobs (dependency_failed).
+    cascade: bool = True
 
 
 class CancelResponse(BaseModel):

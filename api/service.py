@@ -21,7 +21,7 @@ from api.schemas import (
 from db import jobs as job_rows
 from db.models import Job, JobItem
 from db.session import session_scope
-from tasks.control import request_cancel
+from tasks.control import cancel_children, enqueue, request_cancel, settle_children
 from tasks.errors import AndonError, JobNotFound
 from tasks.store import get_store
 from tasks.vocabulary import CancellationReason, CancellationSource, ItemStatus, JobStatus
@@ -29,6 +29,10 @@ from tasks.vocabulary import CancellationReason, CancellationSource, ItemStatus,
 
 class BrokerUnavailable(AndonError):
     """The job row was made but the broker refused the message; the job is marked failed."""
+
+
+class InvalidParent(AndonError):
+    """``parent_job_id`` names no job."""
 
 
 def _view(job: Job) -> JobView:
@@ -60,24 +64,65 @@ def submit_job(
     deadline_s: float | None = None,
     actor: str | None = None,
     queue: str | None = None,
+    parent_job_id: str | None = None,
 ) -> SubmitResponse:
-    """Make the job row and token, commit, *then* enqueue (the worker must find the row)."""
-    from tasks.app import app
-    from tasks.jobs import TASK_NAME
+    """Make the job row and token, commit, *then* enqueue (the worker must find the row).
 
+    With a parent, the job waits for it: enqueued when the parent completes, cancelled with
+    ``dependency_failed`` (never run) if the parent fails or is cancelled.
+    """
     job_id = str(uuid.uuid4())
-    with session_scope() as session:
-        job_rows.create_job(session, job_id, documents, options or {}, deadline_s=deadline_s, actor=actor)
-    get_store().create(job_id)
     options = options or {}
+    with session_scope() as session:
+        parent_status = None
+        if parent_job_id is not None:
+            parent = session.get(Job, parent_job_id)
+            if parent is None:
+                raise InvalidParent(f"parent job {parent_job_id} not found")
+            parent_status = JobStatus(parent.status)
+        deferred = parent_status is not None and not parent_status.is_terminal
+        job_rows.create_job(session, job_id, documents, options, deadline_s=deadline_s,
+                            parent_job_id=parent_job_id, deferred=deferred, actor=actor)
+    get_store().create(job_id)
+    if parent_status is not None and parent_status is not JobStatus.COMPLETED:
+        if parent_status.is_terminal:  # the parent already failed or was cancelled: never run
+            cancel_children(parent_job_id, f"parent job {parent_job_id} {parent_status.value}", actor)
+            return SubmitResponse(job_id=job_id, status=JobStatus.CANCELLED)
+        settle_children(parent_job_id)  # the parent may have ended while we were writing the row
+        return SubmitResponse(job_id=job_id, status=JobStatus.PENDING)
     try:
-        app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=queue, time_limit=options.get("time_limit_s"),
-                      soft_time_limit=options.get("soft_time_limit_s"))
+        enqueue(job_id, options, queue)
     except Exception as exc:
         with session_scope() as session:
             job_rows.transition(session, job_id, JobStatus.FAILED, error=f"could not enqueue: {exc}")
         raise BrokerUnavailable(f"could not enqueue job {job_id}: {exc}") from exc
     return SubmitResponse(job_id=job_id, status=JobStatus.PENDING)
+
+
+def submit_chain(document_sets: list[list[str]], options: dict[str, Any] | None = None,
+                 queue: str | None = None, actor: str | None = None) -> list[str]:
+    """Run jobs one after another as a Celery chain: each step's row names the previous as parent.
+
+    Celery sends a step only after the previous one succeeded; when a step fails or is cancelled,
+    andon ends the later rows ``cancelled`` / ``dependency_failed`` and they show REVOKED or FAILURE
+    in the result backend, never PENDING forever.
+    """
+    from celery import chain
+
+    from tasks.jobs import analyze_documents
+
+    options = options or {}
+    job_ids = [str(uuid.uuid4()) for _ in document_sets]
+    with session_scope() as session:
+        for i, (job_id, documents) in enumerate(zip(job_ids, document_sets)):
+            job_rows.create_job(session, job_id, documents, options, actor=actor,
+                                parent_job_id=job_ids[i - 1] if i else None)
+    get_store().create_many(job_ids)
+    routing = {"queue": queue, "time_limit": options.get("time_limit_s"),
+               "soft_time_limit": options.get("soft_time_limit_s")}
+    routing = {key: value for key, value in routing.items() if value is not None}
+    chain(analyze_documents.si(job_id).set(task_id=job_id, **routing) for job_id in job_ids).apply_async()
+    return job_ids
 
 
 def list_jobs(status: JobStatus | None = None, limit: int = 50) -> list[JobView]:
@@ -102,8 +147,9 @@ def cancel_job(
     message: str | None = None,
     source: CancellationSource = CancellationSource.API,
     actor: str | None = None,
+    cascade: bool = True,
 ) -> CancelResponse:
-    outcome = request_cancel(job_id, reason, message, source, actor)
+    outcome = request_cancel(job_id, reason, message, source, actor, cascade=cascade)
     note = "Cancellation requested" if outcome.won else f"Cancellation already requested ({outcome.request.reason})"
     return CancelResponse(job_id=job_id, status=outcome.status, message=note)
 

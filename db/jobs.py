@@ -148,6 +148,7 @@ def create_job(
     deadline_s: float | None = None,
     parent_job_id: str | None = None,
     resumed_from: str | None = None,
+    deferred: bool = False,
     actor: str | None = None,
 ) -> Job:
     job = Job(
@@ -161,6 +162,7 @@ def create_job(
         deadline_s=deadline_s,
         parent_job_id=parent_job_id,
         resumed_from=resumed_from,
+        deferred=deferred,
         created_at=utcnow(),
     )
     session.add(job)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -55,6 +55,8 @@ class Job(Base):
     cancelled_at_item: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     resumable: Mapped[bool] = mapped_column(default=False)
+    #: Waiting for its parent to complete; enqueued then (or cancelled if the parent isn't completed).
+    deferred: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     deadline_s: Mapped[float | None] = mapped_column(Float)
     parent_job_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"), index=True)

@@ -9,14 +9,23 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from sqlalchemy import select, update
+
 from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
-from tasks.errors import JobAlreadyTerminal, JobNotFound
+from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound
 from tasks.settings import get_settings
 from tasks.store import get_store
 from tasks.token import CancelRequest
-from tasks.vocabulary import RESUMABLE_REASONS, CancellationReason, CancellationSource, EventKind, JobStatus
+from tasks.vocabulary import (
+    RESUMABLE_REASONS,
+    TERMINAL_STATUSES,
+    CancellationReason,
+    CancellationSource,
+    EventKind,
+    JobStatus,
+)
 
 
 @dataclass(frozen=True)
@@ -33,11 +42,14 @@ def request_cancel(
     message: str | None = None,
     source: CancellationSource | str = CancellationSource.API,
     actor: str | None = None,
+    cascade: bool = True,
 ) -> CancelOutcome:
     """Ask a job to stop. Sets its token in Redis (first cancel wins) and records the request.
 
     A queued job is marked ``cancelled`` at once (the worker will skip it); a running one becomes
-    ``cancelling`` and stops at its next checkpoint. Raises JobNotFound / JobAlreadyTerminal.
+    ``cancelling`` and stops at its next checkpoint. With ``cascade`` its unfinished child jobs are
+    cancelled too (``dependency_failed``); without, they wait: they run if the job completes anyway,
+    and are cancelled when it ends any other way. Raises JobNotFound / JobAlreadyTerminal.
     """
     reason, source = CancellationReason(reason), CancellationSource(source)
     requested = CancelRequest(reason, message, source)
@@ -50,6 +62,10 @@ def request_cancel(
             actor=actor, detail={"message": message, "status": status.value}, at=requested.at,
         )
     won, winner = get_store().cancel(job_id, reason, message, source)
+    if cascade:
+        cancel_children(job_id, f"parent job {job_id} was cancelled", actor)
+    elif status is JobStatus.CANCELLED:
+        settle_children(job_id)
     return CancelOutcome(job_id, status, won, winner)
 
 
@@ -110,4 +126,55 @@ def finalize_stopped(
                 cancelled_at_item=at_item, resumable=request.reason in RESUMABLE_REASONS,
             )
     shutil.rmtree(get_settings().jobs_tmp_dir / job_id, ignore_errors=True)
+    if won:
+        settle_children(job_id)
     return won
+
+
+def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) -> None:
+    """Send the pipeline task for a job whose row is committed (the worker must find it)."""
+    from tasks.app import app
+    from tasks.jobs import TASK_NAME
+
+    options = options or {}
+    app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=queue,
+                  time_limit=options.get("time_limit_s"), soft_time_limit=options.get("soft_time_limit_s"))
+
+
+def _unfinished_children(job_id: str) -> list[Job]:
+    with session_scope() as session:
+        return list(session.scalars(select(Job).where(
+            Job.parent_job_id == job_id, Job.status.not_in([s.value for s in TERMINAL_STATUSES]))))
+
+
+def cancel_children(job_id: str, message: str, actor: str | None = None) -> None:
+    """Cancel every unfinished child of a job with ``dependency_failed`` (and theirs, recursively)."""
+    for child in _unfinished_children(job_id):
+        try:
+            request_cancel(child.id, CancellationReason.DEPENDENCY_FAILED, message, CancellationSource.PARENT,
+                           actor=actor or f"parent:{job_id}")
+        except AndonError:
+            pass  # it ended meanwhile
+
+
+def settle_children(job_id: str) -> None:
+    """Once a job is terminal: enqueue its waiting children if it completed, else cancel them.
+
+    Children in a Celery chain are not ``deferred`` — Celery sends the next step itself, and only
+    after a success — but their rows still need ending when a step doesn't complete.
+    """
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        status = JobStatus(job.status) if job else None
+    if status is None or not status.is_terminal:
+        return
+    if status is not JobStatus.COMPLETED:
+        cancel_children(job_id, f"parent job {job_id} {status.value}")
+        return
+    for child in _unfinished_children(job_id):
+        with session_scope() as session:
+            claimed = session.execute(
+                update(Job).where(Job.id == child.id, Job.deferred.is_(True)).values(deferred=False)
+            ).rowcount == 1
+        if claimed:  # exactly one caller enqueues each waiting child
+            enqueue(child.id, child.options)

@@ -27,7 +27,7 @@ from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
 from tasks.app import app
-from tasks.control import request_cancel
+from tasks.control import request_cancel, settle_children
 from tasks.errors import AndonError
 from tasks.pipeline import JobOutcome, run_job
 from tasks.vocabulary import CancellationReason, CancellationSource, JobStatus
@@ -81,7 +81,10 @@ def analyze_documents(
             if session.get(Job, job_id) is None:
                 job_rows.create_job(session, job_id, documents, options or {}, actor="send_task")
     with soft_time_limit_as_cancel(job_id):
-        outcome = run_job(job_id)
+        try:
+            outcome = run_job(job_id)
+        finally:
+            settle_children(job_id)  # enqueue waiting children, or cancel them if this didn't complete
     if outcome.status is JobStatus.CANCELLED:
         _end_as_revoked(self, outcome)
     if outcome.status is JobStatus.FAILED:

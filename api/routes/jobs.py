@@ -23,9 +23,11 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job"}}
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SubmitResponse)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SubmitResponse,
+             responses={422: {"description": "malformed body, or parent_job_id names no job"}})
 def submit(body: SubmitRequest, actor: WriterDep) -> SubmitResponse:
-    return service.submit_job(body.documents, body.options.model_dump(), body.deadline_s, actor=f"api:{actor}")
+    return service.submit_job(body.documents, body.options.model_dump(exclude_none=True), body.deadline_s,
+                              actor=f"api:{actor}", parent_job_id=body.parent_job_id)
 
 
 @router.get("", response_model=list[JobView])
@@ -49,7 +51,8 @@ def get_job(job_id: str) -> JobView:
 )
 def cancel(job_id: str, actor: WriterDep, body: CancelRequestBody | None = None) -> CancelResponse:
     body = body or CancelRequestBody()
-    return service.cancel_job(job_id, body.reason, body.message, CancellationSource.API, actor=f"api:{actor}")
+    return service.cancel_job(job_id, body.reason, body.message, CancellationSource.API, actor=f"api:{actor}",
+                              cascade=body.cascade)
 
 
 @router.get("/{job_id}/partial-results", response_model=PartialResultView, responses=NOT_FOUND)

@@ -1,0 +1,85 @@
+"""Parents and children: API parent_job_id, cascading cancels, and Celery chains."""
+
+from __future__ import annotations
+
+from celery.result import AsyncResult
+
+from api import service
+from tasks.app import app
+from tests.jobs_helpers import assert_one_terminal, docs, events, items, job_row, submit, wait_items, wait_terminal
+from tests.procs import wait_for
+
+
+def assert_dependency_failed(job_id: str):
+    job = wait_terminal(job_id)
+    assert (job.status, job.cancellation_reason, job.cancellation_source) == (
+        "cancelled", "dependency_failed", "parent")
+    assert job.started_at is None and items(job_id) == []
+    assert "started" not in [e.kind for e in events(job_id)]
+    assert_one_terminal(job_id)
+    return job
+
+
+def test_a_child_waits_for_its_parent_then_runs(worker):
+    parent = submit(10, stage_delay_s=0.02)
+    child = submit(2, parent_job_id=parent)
+    assert job_row(child).status == "pending" and job_row(child).deferred is True
+    parent_job = wait_terminal(parent)
+    child_job = wait_terminal(child)
+    assert parent_job.status == "completed" and child_job.status == "completed"
+    assert child_job.started_at >= parent_job.finished_at
+
+
+def test_cancelling_a_parent_cascades_to_its_unfinished_children(worker):
+    parent = submit(40, stage_delay_s=0.03)
+    child = submit(2, parent_job_id=parent)
+    grandchild = submit(2, parent_job_id=child)
+    wait_items(parent, 2)
+    service.cancel_job(parent)
+    assert wait_terminal(parent).status == "cancelled"
+    assert_dependency_failed(child)
+    assert_dependency_failed(grandchild)
+
+
+def test_no_cascade_leaves_children_to_the_parents_outcome(worker):
+    parent = submit(40, stage_delay_s=0.03)
+    child = submit(2, parent_job_id=parent)
+    wait_items(parent, 2)
+    service.cancel_job(parent, cascade=False)
+    # the child was not cancelled by the request itself: it is only ended because the parent ended
+    requested = [e for e in events(child) if e.kind == "cancel_requested"]
+    wait_terminal(parent)
+    job = assert_dependency_failed(child)
+    assert requested == [] and "cancelled" in job.cancellation_message
+
+
+def test_a_child_of_a_failed_parent_never_runs(worker):
+    parent = submit(documents=["   ", ""])  # every item fails: the job fails
+    assert wait_terminal(parent).status == "failed"
+    answer = service.submit_job(docs(2), parent_job_id=parent)
+    assert answer.status.value == "cancelled"
+    assert_dependency_failed(answer.job_id)
+
+
+def test_an_unknown_parent_is_a_422(api_client):
+    answer = api_client.post("/api/jobs", json={"documents": ["a"], "parent_job_id": "nope"})
+    assert answer.status_code == 422 and "parent job nope not found" in answer.json()["detail"]
+
+
+def test_a_chain_whose_middle_step_fails_ends_every_step(worker):
+    first, middle, last = service.submit_chain([docs(2), ["  ", ""], docs(2)])
+    assert wait_terminal(first).status == "completed"
+    assert wait_terminal(middle).status == "failed" and "all 2 items failed" in job_row(middle).error
+    assert_dependency_failed(last)
+    wait_for(lambda: AsyncResult(middle, app=app).state == "FAILURE", 20)
+    wait_for(lambda: AsyncResult(last, app=app).state == "FAILURE", 20)  # never PENDING forever
+
+
+def test_a_chain_whose_middle_step_is_revoked_ends_every_step(worker):
+    first, middle, last = service.submit_chain([docs(2), docs(60), docs(2)], options={"stage_delay_s": 0.02})
+    wait_items(middle, 2)
+    app.control.revoke(middle)
+    assert wait_terminal(first).status == "completed"
+    assert wait_terminal(middle).cancellation_source == "revoke"
+    assert_dependency_failed(last)
+    wait_for(lambda: AsyncResult(last, app=app).state == "REVOKED", 20)
