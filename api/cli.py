@@ -191,6 +191,17 @@ def cancel(
 
 
 @cli.command()
+def resume(
+    job_id: str,
+    force: Annotated[bool, typer.Option("--force", help="Resume even if it was cancelled by a user.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Start a new job that reuses JOB_ID's finished items and runs only the rest."""
+    answer = service.resume_job(job_id, force=force, actor="cli")
+    views.print_json(answer) if json_out else print(answer.job_id)
+
+
+@cli.command()
 def results(job_id: str, json_out: JsonOpt = False) -> None:
     """Show a job's partial results: every finished item, in order, and the failed ones."""
     partial = service.partial_results(job_id)

@@ -54,6 +54,12 @@ class CancelRequestBody(BaseModel):
     cascade: bool = True
 
 
+class ResumeResponse(BaseModel):
+    job_id: str
+    resumed_from: str
+    status: JobStatus
+
+
 class CancelResponse(BaseModel):
     job_id: str
     status: JobStatus

@@ -16,11 +16,13 @@ from api.schemas import (
     FailedItem,
     JobView,
     PartialResultView,
+    ResumeResponse,
     SubmitResponse,
 )
 from db import jobs as job_rows
 from db.models import Job, JobItem
 from db.session import session_scope
+from tasks import control
 from tasks.control import cancel_children, enqueue, request_cancel, settle_children
 from tasks.errors import AndonError, JobNotFound
 from tasks.store import get_store
@@ -152,6 +154,11 @@ def cancel_job(
     outcome = request_cancel(job_id, reason, message, source, actor, cascade=cascade)
     note = "Cancellation requested" if outcome.won else f"Cancellation already requested ({outcome.request.reason})"
     return CancelResponse(job_id=job_id, status=outcome.status, message=note)
+
+
+def resume_job(job_id: str, force: bool = False, actor: str | None = None) -> ResumeResponse:
+    new_id = control.resume_job(job_id, force=force, actor=actor)
+    return ResumeResponse(job_id=new_id, resumed_from=job_id, status=JobStatus.PENDING)
 
 
 def partial_results(job_id: str) -> PartialResultView:

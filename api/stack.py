@@ -141,6 +141,7 @@ class Stack:
             ANDON_BROKER_URL=self.redis_url,
             ANDON_DATABASE_URL=settings.resolved_database_url,
             ANDON_FLOWER_BASIC_AUTH=self.flower_auth,
+            ANDON_AUTO_RESUME=os.environ.get("ANDON_AUTO_RESUME", "1"),
             PYTHONUNBUFFERED="1",
         )
         return env

@@ -130,6 +130,19 @@ def record_item(
     )
 
 
+def copy_done_items(session: Session, from_job: str, to_job: str) -> int:
+    """Give ``to_job`` every finished item of ``from_job`` (a resumed job keeps what was paid for)."""
+    done = list(session.scalars(
+        select(JobItem).where(JobItem.job_id == from_job, JobItem.status == ItemStatus.DONE.value)
+    ))
+    for item in done:
+        session.add(JobItem(job_id=to_job, index=item.index, stage=item.stage, status=item.status,
+                            result=item.result, started_at=item.started_at, finished_at=item.finished_at))
+    session.execute(update(Job).where(Job.id == to_job).values(completed_items=len(done))
+                    .execution_options(synchronize_session=False))
+    return len(done)
+
+
 def finished_indexes(session: Session, job_id: str) -> set[int]:
     return set(session.scalars(select(JobItem.index).where(JobItem.job_id == job_id)))
 

@@ -60,7 +60,8 @@ class Job(Base):
 
     deadline_s: Mapped[float | None] = mapped_column(Float)
     parent_job_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"), index=True)
-    resumed_from: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"))
+    #: The cancelled job this one resumes (each job is resumed at most once).
+    resumed_from: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"), unique=True)
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]

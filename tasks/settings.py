@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     #: Per-job RSS ceiling in MiB, enforced by a watchdog in the worker child (None: off).
     max_job_rss_mb: float | None = None
     heartbeat_s: float = 2.0
+    #: When a worker starts, resume the jobs a worker shutdown stopped (each once). On in `andon up`.
+    auto_resume: bool = False
     #: On a cold shutdown, how long running jobs get to reach a checkpoint before Celery's SIGTERM.
     cold_shutdown_grace_s: float = 3.0
 

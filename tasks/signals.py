@@ -15,7 +15,7 @@ from celery import signals
 from celery.worker import state as worker_state
 
 from tasks import revoke  # noqa: F401  (registers the wrapped remote-control commands)
-from tasks.control import finalize_stopped, request_cancel
+from tasks.control import auto_resume_after_shutdown, finalize_stopped, request_cancel
 from tasks.errors import AndonError
 from tasks.reaper import reap_lost_jobs
 from tasks.settings import get_settings
@@ -78,8 +78,19 @@ def _finalize_shutdown_jobs(hostname: str | None) -> None:
 
 @signals.worker_ready.connect
 def after_worker_ready(sender=None, **_: object) -> None:
+    hostname = getattr(sender, "hostname", None)
     _cancel_before_cold_shutdown(sender)
-    _start_reaper(getattr(sender, "hostname", None))
+    _start_reaper(hostname)
+    if get_settings().auto_resume:
+        threading.Thread(target=_auto_resume, args=(hostname,), name="andon-auto-resume", daemon=True).start()
+
+
+def _auto_resume(hostname: str | None) -> None:
+    try:
+        for job_id in auto_resume_after_shutdown(hostname):
+            log.info("andon: resumed a job stopped by a shutdown as %s", job_id)
+    except Exception:
+        log.exception("andon: auto-resume failed")
 
 
 def _cancel_before_cold_shutdown(consumer) -> None:

@@ -71,6 +71,7 @@ class EventKind(StrEnum):
     WORKER_LOST = "worker_lost"
     REQUEUED = "requeued"
     ESCALATED = "escalated"
+    RESUMED = "resumed"
 
 
 class ItemStatus(StrEnum):

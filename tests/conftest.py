@@ -62,8 +62,8 @@ def start_worker(database):
 
     started: list[WorkerProcess] = []
 
-    def start(concurrency: int = 1, **env: str) -> WorkerProcess:
-        queue = f"q-{uuid.uuid4().hex[:8]}"
+    def start(concurrency: int = 1, queue: str | None = None, **env: str) -> WorkerProcess:
+        queue = queue or f"q-{uuid.uuid4().hex[:8]}"  # same queue → same node name (a restart)
         worker = WorkerProcess(queue, HOME / "logs", concurrency, env=env, extra_args=["-Q", queue])
         worker.queue = queue
         started.append(worker.start())

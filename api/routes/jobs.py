@@ -14,6 +14,7 @@ from api.schemas import (
     ErrorResponse,
     JobView,
     PartialResultView,
+    ResumeResponse,
     SubmitRequest,
     SubmitResponse,
 )
@@ -53,6 +54,18 @@ def cancel(job_id: str, actor: WriterDep, body: CancelRequestBody | None = None)
     body = body or CancelRequestBody()
     return service.cancel_job(job_id, body.reason, body.message, CancellationSource.API, actor=f"api:{actor}",
                               cascade=body.cascade)
+
+
+@router.post(
+    "/{job_id}/resume",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ResumeResponse,
+    responses={**NOT_FOUND, 400: {"model": ErrorResponse, "description": "job not resumable"}},
+)
+def resume(job_id: str, actor: WriterDep, force: bool = False) -> ResumeResponse:
+    """Start a new job reusing every finished item; only the rest runs. `force` resumes a job
+    cancelled for a reason that isn't resumed by default (user_requested, ...)."""
+    return service.resume_job(job_id, force=force, actor=f"api:{actor}")
 
 
 @router.get("/{job_id}/partial-results", response_model=PartialResultView, responses=NOT_FOUND)
