@@ -209,6 +209,21 @@ def results(job_id: str, json_out: JsonOpt = False) -> None:
 
 
 @cli.command()
+def watch(
+    job_id: str,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON line per event instead of a bar.")] = False,
+) -> None:
+    """Follow a job live until it ends (Ctrl-C stops watching, never the job)."""
+    from api.watch import watch_job
+
+    try:
+        watch_job(job_id, console, json_lines=json_out)
+    except KeyboardInterrupt:
+        print(f"andon: stopped watching; job {job_id} goes on", file=sys.stderr)
+        raise typer.Exit(130)
+
+
+@cli.command()
 def reap(json_out: JsonOpt = False) -> None:
     """Finalize running jobs whose worker is gone (heartbeat expired); workers also do this on a timer."""
     from tasks.reaper import reap_lost_jobs

@@ -8,6 +8,7 @@ that never releases it; then the heartbeat stops too, and the job is treated as 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -46,6 +47,8 @@ class JobMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"andon-monitor-{job_id[:8]}", daemon=True)
         self._over_since: float | None = None
+        #: (item index, stage) the job is at; written by the job thread, published with each beat.
+        self.position: tuple[int, str] | None = None
 
     def start(self) -> JobMonitor:
         self.beat()
@@ -58,7 +61,9 @@ class JobMonitor:
         get_redis().delete(heartbeat_key(self.job_id))
 
     def beat(self) -> None:
-        get_redis().set(heartbeat_key(self.job_id), os.getpid(), px=int(self.interval_s * 3000))
+        item, stage = self.position or (None, None)
+        value = json.dumps({"pid": os.getpid(), "item": item, "stage": stage})
+        get_redis().set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

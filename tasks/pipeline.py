@@ -161,6 +161,7 @@ def run_job(job_id: str) -> JobOutcome:
             try:
                 for stage, run_stage in pipeline:
                     token.check()  # the checkpoint: before every stage of every item
+                    monitor.position = (index, stage.value)
                     if delay and token.wait(delay):
                         token.check()
                     if block:

@@ -100,6 +100,28 @@ def flower(worker):
     stop_process(proc)
 
 
+@pytest.fixture(scope="session")
+def api_server(worker):
+    """The API as a real uvicorn process (for streaming and CLI clients); yields its base URL."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from api.stack import wait_until
+
+    port = free_port()
+    log = HOME / "logs" / "api.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 30, "api", proc, log)
+    yield url
+    stop_process(proc)
+
+
 @pytest.fixture
 def redis_client(redis_server):
     from tasks.store import get_redis

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
+from fastapi.responses import StreamingResponse
 
-from api import service
+from api import progress, service
 from api.deps import WriterDep
 from api.schemas import (
     CancelRequestBody,
@@ -66,6 +68,19 @@ def resume(job_id: str, actor: WriterDep, force: bool = False) -> ResumeResponse
     """Start a new job reusing every finished item; only the rest runs. `force` resumes a job
     cancelled for a reason that isn't resumed by default (user_requested, ...)."""
     return service.resume_job(job_id, force=force, actor=f"api:{actor}")
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+)
+def events(job_id: str) -> StreamingResponse:
+    """Progress and state changes as Server-Sent Events, in order; the stream ends with `end` once
+    the job is terminal. Closing it only stops watching, never the job."""
+    stream = progress.job_progress(job_id)
+    first = next(stream)  # raises JobNotFound (→ 404) before any byte is sent
+    return StreamingResponse(progress.as_sse(itertools.chain([first], stream)), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/{job_id}/partial-results", response_model=PartialResultView, responses=NOT_FOUND)

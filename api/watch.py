@@ -1,0 +1,89 @@
+"""``andon watch ID``: a live progress bar fed by the job's Server-Sent Events.
+
+Ctrl-C stops watching, never the job. The final lines (status, reason, partial results) are plain
+text so scripts and narrow terminals read them the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tasks.errors import AndonError, JobNotFound
+from tasks.settings import get_settings
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    event, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+def follow(job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    settings = get_settings()
+    url = f"{settings.resolved_api_url}/api/jobs/{job_id}/events"
+    headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+    try:
+        with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(10, read=None)) as response:
+            if response.status_code == 404:
+                raise JobNotFound(job_id)
+            if response.status_code != 200:
+                raise AndonError(f"the API answered {response.status_code} for {url}")
+            yield from parse_sse(response.iter_lines())
+    except httpx.TransportError as exc:
+        raise AndonError(f"cannot reach the API at {settings.resolved_api_url} ({exc}); is `andon up` running?")
+
+
+def summary_lines(end: dict[str, Any]) -> list[str]:
+    lines = [f"status: {end['status']}"]
+    if end.get("reason"):
+        why = f"reason: {end['reason']} ({end.get('source') or '-'})"
+        lines.append(why + (f": {end['message']}" if end.get("message") else ""))
+    if end.get("error"):
+        lines.append(f"error: {end['error']}")
+    total = end["total_items"] or 0
+    percent = round(100 * end["completed_items"] / total, 1) if total else 0.0
+    lines.append(f"partial results: {end['completed_items']} of {total} items done, "
+                 f"{end['failed_items']} failed ({percent}%)")
+    return lines
+
+
+def watch_job(job_id: str, console: Console, json_lines: bool = False) -> dict[str, Any] | None:
+    """Follow until the job is terminal; return its ``end`` event (None if interrupted)."""
+    if json_lines:
+        for event, data in follow(job_id):
+            print(json.dumps({"event": event, **data}), flush=True)
+            if event == "end":
+                return data
+        return None
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    end = None
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"job {job_id[:8]}", total=None)
+        for event, data in follow(job_id):
+            if "total_items" in data:
+                bar.update(task, total=data["total_items"],
+                           completed=data["completed_items"] + data.get("failed_items", 0))
+            if event == "progress":
+                bar.update(task, description=f"job {job_id[:8]} item {data['item']} {data['stage']}")
+            elif event == "cancel_requested":
+                bar.update(task, description=f"job {job_id[:8]} cancelling ({data['reason']})")
+            elif event == "end":
+                end = data
+                break
+    if end is not None:
+        for line in summary_lines(end):
+            console.print(line, highlight=False, soft_wrap=True)
+    return end
