@@ -16,6 +16,11 @@ class JobOptions(BaseModel):
     stage_delay_s: float = Field(default=0.0, ge=0, le=3600)
     #: Simulated work per stage that ignores the token (like a C call): only a signal stops it.
     stage_block_s: float = Field(default=0.0, ge=0, le=3600)
+    #: Simulated work per stage spinning in a Python loop that never checks the token.
+    stage_spin_s: float = Field(default=0.0, ge=0, le=3600)
+    #: The escalation ladder for this job (see ANDON_ESCALATE_AFTER_S / ANDON_KILL_AFTER_S).
+    escalate_after_s: float | None = Field(default=None, gt=0)
+    kill_after_s: float | None = Field(default=None, gt=0)
     analyzer: Literal["local", "llm"] = "local"
     #: Celery time limits for this job (soft → a `timeout` cancel at a checkpoint; hard → child killed).
     soft_time_limit_s: float | None = Field(default=None, gt=0)

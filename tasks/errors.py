@@ -38,6 +38,20 @@ class CancellationError(AndonError):
         return (type(self), (self.job_id, self.reason, self.message, self.source, self.cancelled_at))
 
 
+class ForcedCancellation(CancellationError):
+    """Raised *into* a job's thread by the escalation ladder when it ignored its token.
+
+    Python instantiates it with no arguments; whoever catches it takes the reason from the token.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if args:
+            super().__init__(*args)
+        else:
+            Exception.__init__(self, "cancellation forced into a job that ignored its token")
+            self.job_id, self.reason, self.message, self.source, self.cancelled_at = "", None, None, None, None
+
+
 class JobNotFound(AndonError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id

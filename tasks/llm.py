@@ -103,6 +103,7 @@ def analyze_llm(
     token.register_callback(hangup.fire)  # the token can't unregister; after forget() it's a no-op
     if token.is_cancelled:
         raise token.error()
+    started = time.monotonic()
     client = openai.OpenAI(
         base_url=base_url,
         api_key=api_key,
@@ -112,7 +113,6 @@ def analyze_llm(
     )
     parts: list[str] = []
     finished = False
-    started = time.monotonic()
 
     def result() -> dict[str, Any]:
         elapsed = round(time.monotonic() - started, 3)

@@ -1,23 +1,27 @@
-"""A watchdog thread beside each running job: heartbeat, and memory ceiling.
+"""A watchdog thread beside each running job: heartbeat, memory ceiling, and the escalation ladder.
 
-It runs in the worker child next to the job's own thread, so it keeps beating while a stage waits
-on I/O. A job whose heartbeat key expires is presumed lost (child killed, host gone) and the reaper
-finalizes it. Like any Python thread it can't run while another thread holds the GIL in a C call
-that never releases it; then the heartbeat stops too, and the job is treated as lost.
+It runs in the worker child next to the job's own thread, so it keeps working while a stage waits
+on I/O or spins without looking at its token. What it can't do: run while another thread holds the
+GIL in a C call that never releases it — then the heartbeat stops too, and the job is treated as
+lost by the reaper.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import psutil
 
-from tasks.errors import AndonError
+from db import jobs as job_rows
+from db.session import session_scope
+from tasks.errors import AndonError, ForcedCancellation
 from tasks.store import get_redis
 from tasks.token import CancellationToken
 from tasks.vocabulary import CancellationReason, CancellationSource, EventKind
@@ -29,26 +33,43 @@ def heartbeat_key(job_id: str) -> str:
     return f"andon:heartbeat:{job_id}"
 
 
-class JobMonitor:
-    """Beats every ``interval_s`` (key TTL: 3 beats) and cancels the job above ``max_rss_mb``.
+@dataclass(frozen=True)
+class Ladder:
+    """How hard to push a job that ignores its cancel, counted from the cancel request.
 
-    Memory escalation: first a cooperative ``resource_limit`` cancel; if the job is still running
-    ``grace_s`` later and still over the ceiling, the child kills itself so memory is returned, and
-    the worker's main process finalizes the row from the token's reason.
+    1. ``raise_after_s``: raise :class:`ForcedCancellation` into the job's thread. Stops a Python
+       loop that never checks; can't interrupt a blocking system or C call (the exception only lands
+       when control returns to Python).
+    2. ``kill_after_s``: SIGKILL this child. The worker's main process finalizes the row with the
+       token's reason; the item in progress is lost, every finished item is kept.
     """
 
+    raise_after_s: float = 10.0
+    kill_after_s: float = 20.0
+
+
+class JobMonitor:
+    """Beats every ``interval_s`` (the key lives 3 beats), cancels the job above ``max_rss_mb``, and
+    escalates along the :class:`Ladder` once the job is cancelled but hasn't stopped."""
+
     def __init__(self, job_id: str, token: CancellationToken, interval_s: float,
-                 max_rss_mb: float | None, grace_s: float) -> None:
+                 max_rss_mb: float | None = None, ladder: Ladder = Ladder()) -> None:
         self.job_id = job_id
         self.token = token
         self.interval_s = interval_s
         self.max_rss_mb = max_rss_mb
-        self.grace_s = grace_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"andon-monitor-{job_id[:8]}", daemon=True)
-        self._over_since: float | None = None
+        self.ladder = ladder
         #: (item index, stage) the job is at; written by the job thread, published with each beat.
         self.position: tuple[int, str] | None = None
+        #: Set by the job thread once it has seen the cancel: no escalation after that.
+        self.observed = threading.Event()
+        self._job_thread = threading.get_ident()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"andon-monitor-{job_id[:8]}", daemon=True)
+        self._cancelled_at: float | None = None
+        self._step = 0
+        token.register_callback(self._on_cancel)
 
     def start(self) -> JobMonitor:
         self.beat()
@@ -57,6 +78,7 @@ class JobMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=self.interval_s + 1)
         get_redis().delete(heartbeat_key(self.job_id))
 
@@ -65,39 +87,65 @@ class JobMonitor:
         value = json.dumps({"pid": os.getpid(), "item": item, "stage": stage})
         get_redis().set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
 
+    def _on_cancel(self, _token: CancellationToken) -> None:
+        self._cancelled_at = time.monotonic()
+        self._wake.set()  # the ladder's clock starts now
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        next_beat = time.monotonic() + self.interval_s
+        while True:
+            self._wake.wait(self._sleep_s(next_beat))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
-                self.beat()
-                if self.max_rss_mb:
-                    self._check_memory()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.interval_s
+                    self.beat()
+                    if self.max_rss_mb:
+                        self._check_memory()
+                self._escalate()
             except Exception:
                 log.exception("job monitor for %s", self.job_id)
 
+    def _sleep_s(self, next_beat: float) -> float:
+        wait = next_beat - time.monotonic()
+        if self._cancelled_at is not None and self._step < 2:
+            steps = (self.ladder.raise_after_s, self.ladder.kill_after_s)
+            wait = min(wait, self._cancelled_at + steps[self._step] - time.monotonic())
+        return max(wait, 0.01)
+
     def _check_memory(self) -> None:
         rss_mb = psutil.Process().memory_info().rss / 2**20
-        if rss_mb <= self.max_rss_mb:
-            self._over_since = None
+        if rss_mb <= self.max_rss_mb or self.token.is_cancelled:
             return
-        now = time.monotonic()
-        if self._over_since is None:
-            self._over_since = now
-            from tasks.control import request_cancel
+        from tasks.control import request_cancel
 
-            try:
-                request_cancel(self.job_id, CancellationReason.RESOURCE_LIMIT,
-                               f"RSS {rss_mb:.0f} MiB above the {self.max_rss_mb:g} MiB ceiling",
-                               CancellationSource.MEMORY_WATCHDOG, actor=f"pid:{os.getpid()}")
-            except AndonError:
-                pass
-        elif now - self._over_since >= self.grace_s:
-            from db import jobs as job_rows
-            from db.session import session_scope
+        try:
+            request_cancel(self.job_id, CancellationReason.RESOURCE_LIMIT,
+                           f"RSS {rss_mb:.0f} MiB above the {self.max_rss_mb:g} MiB ceiling",
+                           CancellationSource.MEMORY_WATCHDOG, actor=f"pid:{os.getpid()}")
+        except AndonError:
+            pass
 
-            with session_scope() as session:
-                job_rows.add_event(session, self.job_id, EventKind.ESCALATED, reason="resource_limit",
-                                   source="memory_watchdog",
-                                   detail={"step": "kill child", "rss_mb": round(rss_mb), "after_s": self.grace_s})
-            log.error("job %s still at %.0f MiB %.1fs after cancel: killing this child", self.job_id, rss_mb,
-                      self.grace_s)
+    def _escalate(self) -> None:
+        if self._cancelled_at is None or self.observed.is_set():
+            return
+        waited = time.monotonic() - self._cancelled_at
+        if self._step == 0 and waited >= self.ladder.raise_after_s:
+            self._step = 1
+            self._record("raise CancellationError into the job thread", waited)
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._job_thread),
+                                                       ctypes.py_object(ForcedCancellation))
+        elif self._step == 1 and waited >= self.ladder.kill_after_s:
+            self._step = 2
+            self._record("kill the worker child", waited)
+            log.error("job %s ignored its cancel for %.1fs: killing this child", self.job_id, waited)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _record(self, step: str, waited: float) -> None:
+        with session_scope() as session:
+            job_rows.add_event(session, self.job_id, EventKind.ESCALATED,
+                               reason=self.token.reason.value if self.token.reason else None,
+                               source=self.token.source.value if self.token.source else None,
+                               detail={"step": step, "after_s": round(waited, 3)})

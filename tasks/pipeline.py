@@ -20,8 +20,8 @@ from db.session import session_scope
 from tasks import stages
 from tasks.cleanup import CleanupManager
 from tasks.control import request_cancel
-from tasks.errors import AndonError, CancellationError, JobNotFound
-from tasks.monitor import JobMonitor
+from tasks.errors import AndonError, CancellationError, ForcedCancellation, JobNotFound
+from tasks.monitor import JobMonitor, Ladder
 from tasks.settings import get_settings
 from tasks.store import get_store, get_watcher
 from tasks.token import CancellationToken
@@ -137,8 +137,10 @@ def run_job(job_id: str) -> JobOutcome:
     settings = get_settings()
     cleanup = CleanupManager()
     cleanup.register(lambda: watcher.unwatch(job_id), "unwatch token")
+    ladder = Ladder(float(job.options.get("escalate_after_s") or settings.escalate_after_s),
+                    float(job.options.get("kill_after_s") or settings.kill_after_s))
     monitor = JobMonitor(job_id, token, settings.heartbeat_s,
-                         job.options.get("max_rss_mb") or settings.max_job_rss_mb, settings.terminate_grace_s)
+                         job.options.get("max_rss_mb") or settings.max_job_rss_mb, ladder)
     monitor.start()
     cleanup.register(monitor.stop, "stop job monitor")
     deadline = _start_deadline(job)
@@ -147,6 +149,7 @@ def run_job(job_id: str) -> JobOutcome:
     workdir = cleanup.temp_dir(settings.jobs_tmp_dir / job_id)
     delay = float(job.options.get("stage_delay_s") or 0)
     block = float(job.options.get("stage_block_s") or 0)
+    spin = float(job.options.get("stage_spin_s") or 0)
     index: int | None = None
     stage: Stage | None = None
     try:
@@ -165,7 +168,9 @@ def run_job(job_id: str) -> JobOutcome:
                     if delay and token.wait(delay):
                         token.check()
                     if block:
-                        time.sleep(block)  # deaf to the token, on purpose
+                        time.sleep(block)  # deaf to the token, like a blocking C call
+                    if spin:
+                        _spin(spin)  # deaf to the token, like a stuck Python loop
                     value = run_stage(value)
                     if stage is Stage.PARSE:
                         (workdir / f"{index}.txt").write_text(value["text"])
@@ -181,9 +186,13 @@ def run_job(job_id: str) -> JobOutcome:
                                      result=value, started_at=started_at)
         return _finish_ran_through(job_id)
     except CancellationError as error:
+        monitor.observed.set()
+        if isinstance(error, ForcedCancellation):
+            error = token.error()
         _finish_cancelled(job_id, error, index, stage)
         return JobOutcome(job_id, JobStatus.CANCELLED, ran=True, reason=error.reason)
     except BaseException as exc:
+        monitor.observed.set()
         if token.is_cancelled:  # torn down after a cancel was requested: that cancel is why
             _finish_cancelled(job_id, token.error(), index, stage)
         elif not isinstance(exc, SystemExit):
@@ -198,6 +207,12 @@ def run_job(job_id: str) -> JobOutcome:
             log.warning("cleanup of job %s: %s", job_id, errors)
             with session_scope() as session:
                 job_rows.add_event(session, job_id, EventKind.CLEANUP_FAILED, detail={"errors": errors})
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
 
 
 def _finish_ran_through(job_id: str) -> JobOutcome:

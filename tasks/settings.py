@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     #: Per-job RSS ceiling in MiB, enforced by a watchdog in the worker child (None: off).
     max_job_rss_mb: float | None = None
     heartbeat_s: float = 2.0
+    #: The escalation ladder for a job that ignores its cancel (seconds after the request; per job
+    #: with options.escalate_after_s / options.kill_after_s): raise into its thread, then kill.
+    escalate_after_s: float = 10.0
+    kill_after_s: float = 20.0
     #: When a worker starts, resume the jobs a worker shutdown stopped (each once). On in `andon up`.
     auto_resume: bool = False
     #: On a cold shutdown, how long running jobs get to reach a checkpoint before Celery's SIGTERM.

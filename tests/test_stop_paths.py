@@ -249,8 +249,28 @@ def test_rss_watchdog_cancels_with_resource_limit(start_worker):
     assert "MiB" in job.cancellation_message
 
 
-def test_rss_watchdog_kills_a_job_that_ignores_the_cancel(start_worker):
-    w = start_worker(concurrency=1, ANDON_HEARTBEAT_S="0.3", ANDON_TERMINATE_GRACE_S="0.5")
-    job_id = submit(1, queue=w.queue, options={"max_rss_mb": 1, "stage_block_s": 30})
+def test_rss_watchdog_then_the_ladder_kill_a_job_blocked_in_a_system_call(start_worker):
+    w = start_worker(concurrency=1, ANDON_HEARTBEAT_S="0.3")
+    job_id = submit(1, queue=w.queue, options={"max_rss_mb": 1, "stage_block_s": 30, "escalate_after_s": 0.3,
+                                               "kill_after_s": 0.8})
     assert_stopped(job_id, "resource_limit", "memory_watchdog", celery_state=None, timeout=20)
-    assert "escalated" in [e.kind for e in events(job_id)]
+    steps = [e.detail["step"] for e in events(job_id) if e.kind == "escalated"]
+    assert steps == ["raise CancellationError into the job thread", "kill the worker child"]
+
+
+# --- the escalation ladder: for work that ignores its token ---------------------------------------
+
+
+def test_the_ladder_raises_into_a_stuck_loop_and_the_job_ends_cancelled(worker):
+    job_id = submit(3, stage_delay_s=0.01, options={"stage_spin_s": 30, "escalate_after_s": 0.5,
+                                                    "kill_after_s": 10})
+    wait_status(job_id, "running")
+    time.sleep(0.3)
+    requested = time.monotonic()
+    app.control.revoke(job_id, reason="user_requested")
+    job = assert_stopped(job_id, "user_requested", "revoke", timeout=15)
+    assert time.monotonic() - requested < 5
+    escalations = [e for e in events(job_id) if e.kind == "escalated"]
+    assert [e.detail["step"] for e in escalations] == ["raise CancellationError into the job thread"]
+    assert 0.5 <= escalations[0].detail["after_s"] < 2
+    assert job.cancel_observed_at is not None
