@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api import metrics
 from api.routes import jobs
 from api.service import BrokerUnavailable, InvalidParent
 from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound, NotResumable
@@ -33,6 +34,7 @@ app = FastAPI(
     lifespan=lifespan,
 )
 app.include_router(jobs.router)
+metrics.register()
 
 #: How each andon error reaches an HTTP client: a status and a one-line ``detail``.
 _ERROR_STATUS: dict[type[AndonError], int] = {

@@ -156,6 +156,7 @@ def cancel(
     reason: Annotated[str, typer.Option(help="user_requested, timeout, system_shutdown, resource_limit, dependency_failed")] = "user_requested",
     message: Annotated[Optional[str], typer.Option(help="Why, in words; stored with the job.")] = None,
     status: Annotated[Optional[str], typer.Option(help="With --all: cancel every job in this status.")] = None,
+    parent: Annotated[Optional[str], typer.Option(help="With --all: cancel every unfinished child of this job.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Cancel every job matching --status.")] = False,
     cascade: Annotated[bool, typer.Option("--cascade/--no-cascade", help="Also cancel unfinished child jobs.")] = True,
     json_out: JsonOpt = False,
@@ -163,13 +164,16 @@ def cancel(
     """Cancel jobs by id, or every job in a status with --status S --all."""
     why = _choice(reason, CancellationReason, "reason")
     ids = list(job_ids or [])
-    if all_ or status:
-        if not (all_ and status) or ids:
-            raise UsageMistake("use either job ids, or --status STATUS --all")
-        ids = [job.job_id for job in service.list_jobs(_choice(status, JobStatus, "status"), limit=100_000)]
-        if not ids:
-            print(f"no {status} jobs to cancel", file=sys.stderr)
-            return
+    if all_ or status or parent:
+        if not all_ or not (status or parent) or ids:
+            raise UsageMistake("use either job ids, or --status STATUS / --parent ID with --all")
+        bulk = service.cancel_matching(_choice(status, JobStatus, "status"), parent, why, message,
+                                       CancellationSource.CLI, actor="cli")
+        if json_out:
+            views.print_json(bulk)
+        else:
+            console.print(f"{bulk.matched} matched: {bulk.cancelled} cancelled, {bulk.cancelling} cancelling")
+        return
     if not ids:
         raise UsageMistake("no job to cancel: pass job ids, or --status STATUS --all")
     answers, failures = [], []

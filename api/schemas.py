@@ -65,10 +65,40 @@ class ResumeResponse(BaseModel):
     status: JobStatus
 
 
+class BulkCancelRequest(BaseModel):
+    """Which jobs to cancel: at least one filter, combined with AND."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["pending", "running", "cancelling"] | None = None
+    parent_job_id: str | None = None
+    reason: CancellationReason = CancellationReason.USER_REQUESTED
+    message: str | None = Field(default=None, max_length=2000)
+
+    @model_validator(mode="after")
+    def needs_a_filter(self) -> BulkCancelRequest:
+        if self.status is None and self.parent_job_id is None:
+            raise ValueError("give at least one filter: status or parent_job_id")
+        return self
+
+
+class BulkCancelResponse(BaseModel):
+    matched: int
+    cancelled: int
+    cancelling: int
+
+
 class CancelResponse(BaseModel):
     job_id: str
     status: JobStatus
     message: str
+
+
+class CancelLatency(BaseModel):
+    """Milliseconds between the three moments of a cancel."""
+
+    request_to_observe_ms: float | None
+    observe_to_stop_ms: float | None
 
 
 class JobView(BaseModel):
@@ -88,6 +118,7 @@ class JobView(BaseModel):
     cancel_requested_at: datetime | None
     cancel_observed_at: datetime | None
     finished_at: datetime | None
+    cancel_latency: CancelLatency | None
     resumed_from: str | None
     parent_job_id: str | None
 

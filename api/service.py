@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy import select
 
 from api.schemas import (
+    BulkCancelResponse,
+    CancelLatency,
     CancelResponse,
     FailedItem,
     JobView,
@@ -37,6 +39,17 @@ class InvalidParent(AndonError):
     """``parent_job_id`` names no job."""
 
 
+def _ms(start, end) -> float | None:
+    return round((end - start).total_seconds() * 1000, 3) if start and end else None
+
+
+def _latency(job: Job) -> CancelLatency | None:
+    if job.cancel_requested_at is None:
+        return None
+    return CancelLatency(request_to_observe_ms=_ms(job.cancel_requested_at, job.cancel_observed_at),
+                        observe_to_stop_ms=_ms(job.cancel_observed_at, job.finished_at))
+
+
 def _view(job: Job) -> JobView:
     return JobView(
         job_id=job.id,
@@ -55,6 +68,7 @@ def _view(job: Job) -> JobView:
         cancel_requested_at=job.cancel_requested_at,
         cancel_observed_at=job.cancel_observed_at,
         finished_at=job.finished_at,
+        cancel_latency=_latency(job),
         resumed_from=job.resumed_from,
         parent_job_id=job.parent_job_id,
     )
@@ -154,6 +168,18 @@ def cancel_job(
     outcome = request_cancel(job_id, reason, message, source, actor, cascade=cascade)
     note = "Cancellation requested" if outcome.won else f"Cancellation already requested ({outcome.request.reason})"
     return CancelResponse(job_id=job_id, status=outcome.status, message=note)
+
+
+def cancel_matching(
+    status: JobStatus | None = None,
+    parent_job_id: str | None = None,
+    reason: CancellationReason = CancellationReason.USER_REQUESTED,
+    message: str | None = None,
+    source: CancellationSource = CancellationSource.API,
+    actor: str | None = None,
+) -> BulkCancelResponse:
+    outcome = control.cancel_matching(status, parent_job_id, reason, message, source, actor)
+    return BulkCancelResponse(matched=outcome.matched, cancelled=outcome.cancelled, cancelling=outcome.cancelling)
 
 
 def resume_job(job_id: str, force: bool = False, actor: str | None = None) -> ResumeResponse:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobItem, utcnow
@@ -96,6 +96,12 @@ def add_event(
             at=at or utcnow(),
         )
     )
+
+
+def add_events(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Many events in one INSERT (bulk cancel)."""
+    if rows:
+        session.execute(insert(JobEvent), rows)
 
 
 def record_item(

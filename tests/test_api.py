@@ -90,7 +90,16 @@ def test_malformed_submit_is_422(api_client, body):
 
 def test_health_and_metrics(api_client):
     assert api_client.get("/healthz").json() == {"status": "ok"}
-    assert api_client.get("/metrics").status_code == 200
+    job_id = _submit(api_client, n=30, delay=0.03)
+    wait_items(job_id, 2)
+    api_client.post(f"/api/jobs/{job_id}/cancel")
+    wait_terminal(job_id)
+    text = api_client.get("/metrics").text
+    assert 'andon_jobs{reason="user_requested",status="cancelled"}' in text
+    assert "andon_cancel_request_to_observe_seconds_bucket" in text
+    assert "andon_cancel_observe_to_terminal_seconds_count" in text
+    latency = api_client.get(f"/api/jobs/{job_id}").json()["cancel_latency"]
+    assert 0 <= latency["request_to_observe_ms"] < 5000 and latency["observe_to_stop_ms"] >= 0
 
 
 def test_writes_need_the_bearer_token_when_one_is_set(api_client, monkeypatch):

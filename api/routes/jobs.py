@@ -11,6 +11,8 @@ from fastapi.responses import StreamingResponse
 from api import progress, service
 from api.deps import WriterDep
 from api.schemas import (
+    BulkCancelRequest,
+    BulkCancelResponse,
     CancelRequestBody,
     CancelResponse,
     ErrorResponse,
@@ -31,6 +33,13 @@ NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job"}}
 def submit(body: SubmitRequest, actor: WriterDep) -> SubmitResponse:
     return service.submit_job(body.documents, body.options.model_dump(exclude_none=True), body.deadline_s,
                               actor=f"api:{actor}", parent_job_id=body.parent_job_id)
+
+
+@router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse)
+def cancel_matching(body: BulkCancelRequest, actor: WriterDep) -> BulkCancelResponse:
+    """Cancel every unfinished job matching the filter in one pass (queued ones never start)."""
+    return service.cancel_matching(JobStatus(body.status) if body.status else None, body.parent_job_id,
+                                   body.reason, body.message, CancellationSource.API, actor=f"api:{actor}")
 
 
 @router.get("", response_model=list[JobView])

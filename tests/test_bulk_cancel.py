@@ -1,0 +1,59 @@
+"""Bulk cancel: thousands of queued jobs in one pass, none of which starts afterwards."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from api import service
+from db.models import Job, JobEvent
+from db.session import session_scope
+from tasks.vocabulary import JobStatus
+from tests.jobs_helpers import submit, wait_status, wait_terminal
+from tests.procs import wait_for
+
+
+def test_bulk_cancel_of_queued_jobs_leaves_none_to_start(start_worker):
+    w = start_worker(concurrency=1)
+    blocker = submit(500, stage_delay_s=0.05, queue=w.queue)
+    wait_status(blocker, "running")
+    queued = [submit(1, queue=w.queue) for _ in range(300)]
+    outcome = service.cancel_matching(JobStatus.PENDING)
+    assert outcome.cancelled >= 300 and outcome.cancelling == 0
+    service.cancel_job(blocker)
+    wait_terminal(blocker)
+    # the worker now drains the queue: every one of them must be skipped
+    wait_for(lambda: _count(JobEvent.kind == "started", queued) == 0 and _drained(w), 60, interval=0.2,
+             what="the worker to drain the cancelled jobs")
+    with session_scope() as session:
+        statuses = set(session.scalars(select(Job.status).where(Job.id.in_(queued))))
+        requested = session.scalar(select(func.count()).select_from(JobEvent).where(
+            JobEvent.job_id.in_(queued), JobEvent.kind == "cancel_requested"))
+    assert statuses == {"cancelled"} and requested == 300
+    assert _count(JobEvent.kind == "started", queued) == 0
+
+
+def _count(condition, job_ids) -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).select_from(JobEvent).where(condition, JobEvent.job_id.in_(job_ids)))
+
+
+def _drained(worker) -> bool:
+    from tasks.store import get_redis
+
+    return get_redis().llen(worker.queue) == 0
+
+
+def test_bulk_cancel_over_http_by_parent_and_status(api_client):
+    parent = submit(200, stage_delay_s=0.05)
+    children = [submit(1, parent_job_id=parent) for _ in range(5)]
+    answer = api_client.post("/api/jobs/cancel", json={"parent_job_id": parent, "reason": "timeout"})
+    assert answer.status_code == 202 and answer.json() == {"matched": 5, "cancelled": 5, "cancelling": 0}
+    for child in children:
+        job = wait_terminal(child)
+        assert job.cancellation_reason == "timeout" and job.started_at is None
+    assert api_client.post("/api/jobs/cancel", json={}).status_code == 422
+    assert api_client.post("/api/jobs/cancel", json={"status": "completed"}).status_code == 422
+    wait_status(parent, "running")
+    running = api_client.post("/api/jobs/cancel", json={"status": "running"}).json()
+    assert running["cancelling"] >= 1
+    wait_terminal(parent)
