@@ -5,12 +5,14 @@ Like rq's ``send_stop_job_command``: one function to request a cancel, whoever a
 
 from __future__ import annotations
 
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 
 from db import jobs as job_rows
@@ -28,6 +30,9 @@ from tasks.vocabulary import (
     EventKind,
     JobStatus,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,12 +68,32 @@ def request_cancel(
             session, job_id, EventKind.CANCEL_REQUESTED, reason=reason.value, source=source.value,
             actor=actor, detail={"message": message, "status": status.value}, at=requested.at,
         )
-    won, winner = get_store().cancel(job_id, reason, message, source)
+    try:
+        won, winner = get_store().cancel(job_id, reason, message, source)
+    except RedisError as exc:
+        # the row already says `cancelling` with this reason: workers' reconcile reads it from there
+        log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
+        won, winner = True, requested
     if cascade:
         cancel_children(job_id, f"parent job {job_id} was cancelled", actor)
     elif status is JobStatus.CANCELLED:
         settle_children(job_id)
     return CancelOutcome(job_id, status, won, winner)
+
+
+def requested_cancels(job_ids: list[str]) -> dict[str, CancelRequest]:
+    """The cancel requests the job rows hold (status ``cancelling``) — the durable copy of a token."""
+    with session_scope() as session:
+        rows = session.execute(
+            select(Job.id, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source,
+                   Job.cancel_requested_at)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.CANCELLING.value)
+        ).all()
+    return {
+        job_id: CancelRequest(CancellationReason(reason), message, CancellationSource(source) if source else None,
+                              at or datetime.now(UTC))
+        for job_id, reason, message, source, at in rows if reason
+    }
 
 
 def _mark_requested(session, job_id: str, request: CancelRequest) -> JobStatus:

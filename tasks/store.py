@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -125,11 +126,16 @@ class TokenWatcher:
     """Keeps this process's live tokens in step with Redis (push first, reconcile as a safety net).
 
     One per process, started lazily on first use so it is born *after* a prefork child forks.
+    ``durable`` reads cancels from the job rows: the reconcile asks it for jobs Redis knows nothing
+    about, so a cancel survives Redis losing its keys (a restart without persistence) or being
+    unreachable when the cancel was requested.
     """
 
-    def __init__(self, store: CancellationStore, reconcile_s: float = 1.0) -> None:
+    def __init__(self, store: CancellationStore, reconcile_s: float = 1.0,
+                 durable: Callable[[list[str]], dict[str, CancelRequest]] | None = None) -> None:
         self.store = store
         self.reconcile_s = reconcile_s
+        self.durable = durable
         self._tokens: dict[str, CancellationToken] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -172,8 +178,24 @@ class TokenWatcher:
 
     def reconcile(self) -> None:
         with self._lock:
-            job_ids = list(self._tokens)
-        self._apply(self.store.read(job_ids))
+            job_ids = [j for j, token in self._tokens.items() if not token.is_cancelled]
+        if not job_ids:
+            return
+        states = self.store.read(job_ids)
+        self._apply(states)
+        self.reconcile_durable([j for j in job_ids if j not in states])
+
+    def reconcile_durable(self, job_ids: list[str] | None = None) -> None:
+        if self.durable is None:
+            return
+        if job_ids is None:
+            with self._lock:
+                job_ids = [j for j, token in self._tokens.items() if not token.is_cancelled]
+        if job_ids:
+            try:
+                self._apply(self.durable(job_ids))
+            except Exception:
+                log.exception("token watcher: reading cancels from the job rows failed")
 
     def _on_message(self, data: Any) -> None:
         payload = json.loads(data)
@@ -199,6 +221,7 @@ class TokenWatcher:
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self.connected.clear()
                 log.warning("token watcher lost Redis (%s); reconnecting", exc)
+                self.reconcile_durable()  # Redis is away, the rows are not
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
             except Exception:  # never let the watcher die silently
@@ -235,7 +258,10 @@ def get_store() -> CancellationStore:
 
 
 def get_watcher() -> TokenWatcher:
-    return _per_process("watcher", lambda: TokenWatcher(get_store(), get_settings().token_reconcile_s))
+    from tasks.control import requested_cancels
+
+    return _per_process("watcher", lambda: TokenWatcher(get_store(), get_settings().token_reconcile_s,
+                                                        durable=requested_cancels))
 
 
 def reset_process_state() -> None:
