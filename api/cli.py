@@ -38,6 +38,17 @@ class UsageMistake(AndonError):
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
+def _tenant() -> str | None:
+    """With tenants configured, the CLI acts as the tenant its ANDON_API_TOKEN belongs to."""
+    settings = get_settings()
+    if not settings.api_tokens:
+        return None
+    tenant = settings.tenant_for(settings.api_token)
+    if tenant is None:
+        raise AndonError("ANDON_API_TOKEN belongs to no tenant in ANDON_API_TOKENS")
+    return tenant
+
+
 def _choice(value: str | None, enum: type, what: str):
     if value is None:
         return None
@@ -118,7 +129,8 @@ def submit(
         docs += [line for line in text.splitlines() if line.strip()]
     if not docs:
         raise UsageMistake("no documents: pass them as arguments or with --file")
-    answer = service.submit_job(docs, {"stage_delay_s": stage_delay}, deadline, actor="cli", parent_job_id=parent)
+    answer = service.submit_job(docs, {"stage_delay_s": stage_delay}, deadline, actor="cli", parent_job_id=parent,
+                                tenant=_tenant())
     if json_out:
         views.print_json(answer)
     else:
@@ -139,14 +151,14 @@ def list_jobs(
     json_out: JsonOpt = False,
 ) -> None:
     """List jobs, newest first."""
-    jobs = service.list_jobs(_choice(status, JobStatus, "status"), limit)
+    jobs = service.list_jobs(_choice(status, JobStatus, "status"), limit, tenant=_tenant())
     views.print_json(jobs) if json_out else views.print_jobs(console, jobs)
 
 
 @cli.command()
 def show(job_id: str, json_out: JsonOpt = False) -> None:
     """Show one job: status, reason, counts, times."""
-    job = service.get_job(job_id)
+    job = service.get_job(job_id, tenant=_tenant())
     views.print_json(job) if json_out else views.print_job(console, job)
 
 
@@ -168,7 +180,7 @@ def cancel(
         if not all_ or not (status or parent) or ids:
             raise UsageMistake("use either job ids, or --status STATUS / --parent ID with --all")
         bulk = service.cancel_matching(_choice(status, JobStatus, "status"), parent, why, message,
-                                       CancellationSource.CLI, actor="cli")
+                                       CancellationSource.CLI, actor="cli", tenant=_tenant())
         if json_out:
             views.print_json(bulk)
         else:
@@ -180,7 +192,7 @@ def cancel(
     for job_id in ids:
         try:
             answers.append(service.cancel_job(job_id, why, message, CancellationSource.CLI, actor="cli",
-                                              cascade=cascade))
+                                              cascade=cascade, tenant=_tenant()))
         except AndonError as exc:
             failures.append(str(exc))
     if json_out:
@@ -201,14 +213,14 @@ def resume(
     json_out: JsonOpt = False,
 ) -> None:
     """Start a new job that reuses JOB_ID's finished items and runs only the rest."""
-    answer = service.resume_job(job_id, force=force, actor="cli")
+    answer = service.resume_job(job_id, force=force, actor="cli", tenant=_tenant())
     views.print_json(answer) if json_out else print(answer.job_id)
 
 
 @cli.command()
 def results(job_id: str, json_out: JsonOpt = False) -> None:
     """Show a job's partial results: every finished item, in order, and the failed ones."""
-    partial = service.partial_results(job_id)
+    partial = service.partial_results(job_id, tenant=_tenant())
     views.print_json(partial) if json_out else views.print_partial_results(console, partial)
 
 

@@ -1,8 +1,9 @@
-"""Dependencies declared once and injected into routes."""
+"""Dependencies declared once and injected into routes: who is calling, and for which tenant."""
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, status
@@ -13,18 +14,46 @@ from tasks.settings import Settings, get_settings
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_writer(
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling. ``tenant`` scopes every job query; None means unscoped (no tenants set)."""
+
+    actor: str
+    tenant: str | None = None
+
+
+def _unauthorized() -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+def _caller(credentials: HTTPAuthorizationCredentials | None, settings: Settings, write: bool) -> Caller:
+    token = credentials.credentials if credentials else None
+    if settings.api_tokens:  # tenants: every /api route needs a token, and sees only its tenant's jobs
+        tenant = settings.tenant_for(token)
+        if tenant is None:
+            raise _unauthorized()
+        return Caller(actor=f"api:{tenant}", tenant=tenant)
+    if settings.api_token and write:  # one token: writes need it, reads stay open
+        if token is None or not secrets.compare_digest(token.encode(), settings.api_token.encode()):
+            raise _unauthorized()
+        return Caller(actor="api:token")
+    return Caller(actor="api:anonymous")
+
+
+def reader(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     settings: Annotated[Settings, Depends(get_settings)],
-) -> str:
-    """Writes need ``Authorization: Bearer $ANDON_API_TOKEN`` when a token is configured."""
-    if not settings.api_token:
-        return "anonymous"
-    if credentials is None or not secrets.compare_digest(credentials.credentials, settings.api_token):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
-        )
-    return "token"
+) -> Caller:
+    return _caller(credentials, settings, write=False)
 
 
-WriterDep = Annotated[str, Depends(require_writer)]
+def writer(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> Caller:
+    return _caller(credentials, settings, write=True)
+
+
+ReaderDep = Annotated[Caller, Depends(reader)]
+WriterDep = Annotated[Caller, Depends(writer)]

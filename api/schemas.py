@@ -127,6 +127,8 @@ class FailedItem(BaseModel):
     index: int
     stage: str
     error: str | None
+    #: What the item had produced when it stopped (an LLM answer cut short by a cancel), if anything.
+    partial: dict[str, Any] | None = None
 
 
 class PartialResultView(BaseModel):

@@ -74,6 +74,20 @@ def _view(job: Job) -> JobView:
     )
 
 
+def _visible(session, job_id: str, tenant: str | None) -> Job:
+    """The job, if it exists and ``tenant`` may see it; else JobNotFound (404, never 403: ids don't leak)."""
+    job = session.get(Job, job_id)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        raise JobNotFound(job_id)
+    return job
+
+
+def check_visible(job_id: str, tenant: str | None) -> None:
+    if tenant is not None:
+        with session_scope() as session:
+            _visible(session, job_id, tenant)
+
+
 def submit_job(
     documents: list[str],
     options: dict[str, Any] | None = None,
@@ -81,6 +95,7 @@ def submit_job(
     actor: str | None = None,
     queue: str | None = None,
     parent_job_id: str | None = None,
+    tenant: str | None = None,
 ) -> SubmitResponse:
     """Make the job row and token, commit, *then* enqueue (the worker must find the row).
 
@@ -92,13 +107,14 @@ def submit_job(
     with session_scope() as session:
         parent_status = None
         if parent_job_id is not None:
-            parent = session.get(Job, parent_job_id)
-            if parent is None:
-                raise InvalidParent(f"parent job {parent_job_id} not found")
+            try:
+                parent = _visible(session, parent_job_id, tenant)
+            except JobNotFound:
+                raise InvalidParent(f"parent job {parent_job_id} not found") from None
             parent_status = JobStatus(parent.status)
         deferred = parent_status is not None and not parent_status.is_terminal
         job_rows.create_job(session, job_id, documents, options, deadline_s=deadline_s,
-                            parent_job_id=parent_job_id, deferred=deferred, actor=actor)
+                            parent_job_id=parent_job_id, deferred=deferred, tenant=tenant, actor=actor)
     get_store().create(job_id)
     if parent_status is not None and parent_status is not JobStatus.COMPLETED:
         if parent_status.is_terminal:  # the parent already failed or was cancelled: never run
@@ -141,20 +157,19 @@ def submit_chain(document_sets: list[list[str]], options: dict[str, Any] | None 
     return job_ids
 
 
-def list_jobs(status: JobStatus | None = None, limit: int = 50) -> list[JobView]:
+def list_jobs(status: JobStatus | None = None, limit: int = 50, tenant: str | None = None) -> list[JobView]:
     with session_scope() as session:
         query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
         if status is not None:
             query = query.where(Job.status == status.value)
+        if tenant is not None:
+            query = query.where(Job.tenant == tenant)
         return [_view(job) for job in session.scalars(query)]
 
 
-def get_job(job_id: str) -> JobView:
+def get_job(job_id: str, tenant: str | None = None) -> JobView:
     with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        return _view(job)
+        return _view(_visible(session, job_id, tenant))
 
 
 def cancel_job(
@@ -164,7 +179,9 @@ def cancel_job(
     source: CancellationSource = CancellationSource.API,
     actor: str | None = None,
     cascade: bool = True,
+    tenant: str | None = None,
 ) -> CancelResponse:
+    check_visible(job_id, tenant)
     outcome = request_cancel(job_id, reason, message, source, actor, cascade=cascade)
     note = "Cancellation requested" if outcome.won else f"Cancellation already requested ({outcome.request.reason})"
     return CancelResponse(job_id=job_id, status=outcome.status, message=note)
@@ -177,22 +194,23 @@ def cancel_matching(
     message: str | None = None,
     source: CancellationSource = CancellationSource.API,
     actor: str | None = None,
+    tenant: str | None = None,
 ) -> BulkCancelResponse:
-    outcome = control.cancel_matching(status, parent_job_id, reason, message, source, actor)
+    outcome = control.cancel_matching(status, parent_job_id, reason, message, source, actor, tenant=tenant)
     return BulkCancelResponse(matched=outcome.matched, cancelled=outcome.cancelled, cancelling=outcome.cancelling)
 
 
-def resume_job(job_id: str, force: bool = False, actor: str | None = None) -> ResumeResponse:
+def resume_job(job_id: str, force: bool = False, actor: str | None = None,
+               tenant: str | None = None) -> ResumeResponse:
+    check_visible(job_id, tenant)
     new_id = control.resume_job(job_id, force=force, actor=actor)
     return ResumeResponse(job_id=new_id, resumed_from=job_id, status=JobStatus.PENDING)
 
 
-def partial_results(job_id: str) -> PartialResultView:
+def partial_results(job_id: str, tenant: str | None = None) -> PartialResultView:
     """Everything a job finished, in item order, whatever way it stopped."""
     with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFound(job_id)
+        job = _visible(session, job_id, tenant)
         items = session.scalars(select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.index)).all()
     done = [item for item in items if item.status == ItemStatus.DONE]
     failed = [item for item in items if item.status == ItemStatus.FAILED]
@@ -209,6 +227,7 @@ def partial_results(job_id: str) -> PartialResultView:
         total_items=total,
         completed_items=len(done),
         results=[{"index": item.index, **(item.result or {})} for item in done],
-        failed_items=[FailedItem(index=item.index, stage=item.stage, error=item.error) for item in failed],
+        failed_items=[FailedItem(index=item.index, stage=item.stage, error=item.error, partial=item.result)
+                      for item in failed],
         cancelled_at_item=job.cancelled_at_item,
     )

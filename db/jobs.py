@@ -168,6 +168,7 @@ def create_job(
     parent_job_id: str | None = None,
     resumed_from: str | None = None,
     deferred: bool = False,
+    tenant: str | None = None,
     actor: str | None = None,
 ) -> Job:
     job = Job(
@@ -182,6 +183,7 @@ def create_job(
         parent_job_id=parent_job_id,
         resumed_from=resumed_from,
         deferred=deferred,
+        tenant=tenant,
         created_at=utcnow(),
     )
     session.add(job)

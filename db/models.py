@@ -42,6 +42,8 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: Whose job it is: the tenant of the API token that submitted it (None without tenants).
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     documents: Mapped[list[Any]]
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -229,7 +229,8 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
             if existing:
                 raise NotResumable(f"job {job_id} was already resumed as {existing}")
             job_rows.create_job(session, new_id, job.documents, job.options, deadline_s=job.deadline_s,
-                                parent_job_id=job.parent_job_id, resumed_from=job_id, actor=actor)
+                                parent_job_id=job.parent_job_id, resumed_from=job_id, tenant=job.tenant,
+                                actor=actor)
             reused = job_rows.copy_done_items(session, job_id, new_id)
             job_rows.add_event(session, new_id, EventKind.RESUMED, actor=actor,
                                detail={"resumed_from": job_id, "reused_items": reused})
@@ -282,6 +283,7 @@ def cancel_matching(
     source: CancellationSource = CancellationSource.API,
     actor: str | None = None,
     batch: int = 1000,
+    tenant: str | None = None,
 ) -> BulkCancelOutcome:
     """Cancel every unfinished job matching a filter, in one pass.
 
@@ -295,6 +297,8 @@ def cancel_matching(
         filters.append(Job.status == status.value)
     if parent_job_id is not None:
         filters.append(Job.parent_job_id == parent_job_id)
+    if tenant is not None:
+        filters.append(Job.tenant == tenant)
     with session_scope() as session:
         rows = session.execute(select(Job.id, Job.status).where(*filters)).all()
     queued = [job_id for job_id, s in rows if s == JobStatus.PENDING.value]

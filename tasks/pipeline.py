@@ -6,6 +6,7 @@ committed as its own row at once, so a later cancel, crash or kill loses nothing
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from tasks import stages
 from tasks.cleanup import CleanupManager
 from tasks.control import request_cancel
 from tasks.errors import AndonError, CancellationError, ForcedCancellation, JobNotFound
+from tasks.llm import StreamCancelled, analyze_llm
 from tasks.monitor import JobMonitor, Ladder
 from tasks.settings import get_settings
 from tasks.store import get_store, get_watcher
@@ -56,9 +58,16 @@ StageFn = Callable[[Any], Any]
 
 def stage_functions(options: dict[str, Any], token: CancellationToken) -> list[tuple[Stage, StageFn]]:
     analyzer = options.get("analyzer", "local")
-    if analyzer != "local":
+    if analyzer == "local":
+        analyze: StageFn = stages.analyze_local
+    elif analyzer == "llm":
+        settings = get_settings()
+        analyze = functools.partial(analyze_llm, token=token, base_url=settings.llm_base_url,
+                                    model=settings.llm_model, api_key=settings.llm_api_key,
+                                    timeout_s=settings.llm_timeout_s)
+    else:
         raise AndonError(f"unknown analyzer {analyzer!r}")
-    return [(Stage.PARSE, stages.parse), (Stage.EMBED, stages.embed), (Stage.ANALYZE, stages.analyze_local)]
+    return [(Stage.PARSE, stages.parse), (Stage.EMBED, stages.embed), (Stage.ANALYZE, analyze)]
 
 
 def _finish_cancelled(job_id: str, error: CancellationError, at_item: int | None, stage: Stage | None) -> bool:
@@ -174,6 +183,12 @@ def run_job(job_id: str) -> JobOutcome:
                     value = run_stage(value)
                     if stage is Stage.PARSE:
                         (workdir / f"{index}.txt").write_text(value["text"])
+            except StreamCancelled as cancelled:  # keep what the model had said, marked as cut short
+                with session_scope() as session:
+                    job_rows.record_item(session, job_id, index, stage.value, ItemStatus.FAILED,
+                                         result=cancelled.partial, error="cancelled mid-stream",
+                                         started_at=started_at)
+                raise
             except CancellationError:
                 raise
             except Exception as exc:

@@ -7,6 +7,7 @@ Unset URLs fall back to the embedded stack: ``andon up`` writes the ports it cho
 from __future__ import annotations
 
 import json
+import secrets
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,6 +28,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     api_url: str | None = None
     api_token: str | None = None
+    #: Tenants and their API tokens, JSON: {"tenant-a": "token-a", ...}. With these set, every /api
+    #: route needs a token and a tenant sees only its own jobs. ANDON_API_TOKEN then picks the CLI's.
+    api_tokens: dict[str, str] = Field(default_factory=dict)
     flower_basic_auth: str | None = None
 
     #: Seconds a cancellation state lives in Redis; long enough to outlive any job.
@@ -53,8 +57,19 @@ class Settings(BaseSettings):
     llm_base_url: str = "http://127.0.0.1:11434/v1"
     llm_model: str = "llama3.2"
     llm_api_key: str = "not-needed"
+    #: Longest wait for the next streamed token before the item fails.
+    llm_timeout_s: float = 60.0
 
     worker_concurrency: int = Field(default=2, ge=1)
+
+    def tenant_for(self, token: str | None) -> str | None:
+        """The tenant an API token belongs to (None if it belongs to none)."""
+        if not token:
+            return None
+        for tenant, known in self.api_tokens.items():
+            if secrets.compare_digest(token.encode(), known.encode()):
+                return tenant
+        return None
 
     @property
     def home_dir(self) -> Path:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
 from api import progress, service
-from api.deps import WriterDep
+from api.deps import ReaderDep, WriterDep
 from api.schemas import (
     BulkCancelRequest,
     BulkCancelResponse,
@@ -30,29 +30,31 @@ NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job"}}
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SubmitResponse,
              responses={422: {"description": "malformed body, or parent_job_id names no job"}})
-def submit(body: SubmitRequest, actor: WriterDep) -> SubmitResponse:
+def submit(body: SubmitRequest, caller: WriterDep) -> SubmitResponse:
     return service.submit_job(body.documents, body.options.model_dump(exclude_none=True), body.deadline_s,
-                              actor=f"api:{actor}", parent_job_id=body.parent_job_id)
+                              actor=caller.actor, parent_job_id=body.parent_job_id, tenant=caller.tenant)
 
 
 @router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse)
-def cancel_matching(body: BulkCancelRequest, actor: WriterDep) -> BulkCancelResponse:
+def cancel_matching(body: BulkCancelRequest, caller: WriterDep) -> BulkCancelResponse:
     """Cancel every unfinished job matching the filter in one pass (queued ones never start)."""
     return service.cancel_matching(JobStatus(body.status) if body.status else None, body.parent_job_id,
-                                   body.reason, body.message, CancellationSource.API, actor=f"api:{actor}")
+                                   body.reason, body.message, CancellationSource.API, actor=caller.actor,
+                                   tenant=caller.tenant)
 
 
 @router.get("", response_model=list[JobView])
 def list_jobs(
+    caller: ReaderDep,
     job_status: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> list[JobView]:
-    return service.list_jobs(job_status, limit)
+    return service.list_jobs(job_status, limit, tenant=caller.tenant)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
-def get_job(job_id: str) -> JobView:
-    return service.get_job(job_id)
+def get_job(job_id: str, caller: ReaderDep) -> JobView:
+    return service.get_job(job_id, tenant=caller.tenant)
 
 
 @router.post(
@@ -61,10 +63,10 @@ def get_job(job_id: str) -> JobView:
     response_model=CancelResponse,
     responses={**NOT_FOUND, 400: {"model": ErrorResponse, "description": "job already terminal"}},
 )
-def cancel(job_id: str, actor: WriterDep, body: CancelRequestBody | None = None) -> CancelResponse:
+def cancel(job_id: str, caller: WriterDep, body: CancelRequestBody | None = None) -> CancelResponse:
     body = body or CancelRequestBody()
-    return service.cancel_job(job_id, body.reason, body.message, CancellationSource.API, actor=f"api:{actor}",
-                              cascade=body.cascade)
+    return service.cancel_job(job_id, body.reason, body.message, CancellationSource.API, actor=caller.actor,
+                              cascade=body.cascade, tenant=caller.tenant)
 
 
 @router.post(
@@ -73,19 +75,20 @@ def cancel(job_id: str, actor: WriterDep, body: CancelRequestBody | None = None)
     response_model=ResumeResponse,
     responses={**NOT_FOUND, 400: {"model": ErrorResponse, "description": "job not resumable"}},
 )
-def resume(job_id: str, actor: WriterDep, force: bool = False) -> ResumeResponse:
+def resume(job_id: str, caller: WriterDep, force: bool = False) -> ResumeResponse:
     """Start a new job reusing every finished item; only the rest runs. `force` resumes a job
     cancelled for a reason that isn't resumed by default (user_requested, ...)."""
-    return service.resume_job(job_id, force=force, actor=f"api:{actor}")
+    return service.resume_job(job_id, force=force, actor=caller.actor, tenant=caller.tenant)
 
 
 @router.get(
     "/{job_id}/events",
     responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
 )
-def events(job_id: str) -> StreamingResponse:
+def events(job_id: str, caller: ReaderDep) -> StreamingResponse:
     """Progress and state changes as Server-Sent Events, in order; the stream ends with `end` once
     the job is terminal. Closing it only stops watching, never the job."""
+    service.check_visible(job_id, caller.tenant)
     stream = progress.job_progress(job_id)
     first = next(stream)  # raises JobNotFound (→ 404) before any byte is sent
     return StreamingResponse(progress.as_sse(itertools.chain([first], stream)), media_type="text/event-stream",
@@ -93,5 +96,5 @@ def events(job_id: str) -> StreamingResponse:
 
 
 @router.get("/{job_id}/partial-results", response_model=PartialResultView, responses=NOT_FOUND)
-def partial_results(job_id: str) -> PartialResultView:
-    return service.partial_results(job_id)
+def partial_results(job_id: str, caller: ReaderDep) -> PartialResultView:
+    return service.partial_results(job_id, tenant=caller.tenant)

@@ -1,0 +1,79 @@
+"""Auth and tenants: with tenant tokens set, every /api route needs a token and a tenant sees only
+its own jobs (404, not 403, so ids don't leak). Broker and backend are JSON-only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.app import app
+from tasks.settings import get_settings
+from tests.jobs_helpers import job_row, wait_terminal
+from tests.procs import wait_for
+
+ANDON = str(Path(sys.executable).parent / "andon")
+TOKENS = {"acme": "acme-token", "globex": "globex-token"}
+
+
+@pytest.fixture
+def tenants(monkeypatch):
+    monkeypatch.setenv("ANDON_API_TOKENS", json.dumps(TOKENS))
+    get_settings.cache_clear()
+    yield {name: {"Authorization": f"Bearer {token}"} for name, token in TOKENS.items()}
+    monkeypatch.delenv("ANDON_API_TOKENS")
+    get_settings.cache_clear()
+
+
+def test_every_api_route_needs_a_tenant_token(api_client, tenants):
+    assert api_client.get("/api/jobs").status_code == 401
+    assert api_client.get("/api/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert api_client.post("/api/jobs", json={"documents": ["a"]}).status_code == 401
+    assert api_client.get("/api/jobs", headers=tenants["acme"]).status_code == 200
+    assert api_client.get("/healthz").status_code == 200  # operations endpoints stay open
+
+
+def test_a_tenant_can_neither_see_nor_cancel_another_tenants_jobs(api_client, tenants):
+    acme, globex = tenants["acme"], tenants["globex"]
+    job_id = api_client.post("/api/jobs", json={"documents": ["One. Two."] * 200, "options": {"stage_delay_s": 0.05}},
+                             headers=acme).json()["job_id"]
+    for method, path in [("get", f"/api/jobs/{job_id}"), ("get", f"/api/jobs/{job_id}/partial-results"),
+                         ("get", f"/api/jobs/{job_id}/events"), ("post", f"/api/jobs/{job_id}/cancel"),
+                         ("post", f"/api/jobs/{job_id}/resume")]:
+        answer = getattr(api_client, method)(path, headers=globex)
+        assert answer.status_code == 404 and answer.json() == {"detail": f"job {job_id} not found"}, path
+    assert job_id not in [j["job_id"] for j in api_client.get("/api/jobs", headers=globex).json()]
+    assert api_client.post("/api/jobs/cancel", json={"status": "running"}, headers=globex).json()["matched"] == 0
+    child = api_client.post("/api/jobs", json={"documents": ["a"], "parent_job_id": job_id}, headers=globex)
+    assert child.status_code == 422  # a parent the tenant can't see doesn't exist for it
+    assert job_row(job_id).status in ("pending", "running")
+    # the owner sees and cancels it
+    assert job_id in [j["job_id"] for j in api_client.get("/api/jobs", headers=acme).json()]
+    assert api_client.post(f"/api/jobs/{job_id}/cancel", headers=acme).status_code == 202
+    assert wait_terminal(job_id).tenant == "acme"
+
+
+def test_the_cli_acts_as_the_tenant_of_its_token(worker, api_client, tenants):
+    job_id = api_client.post("/api/jobs", json={"documents": ["a"]}, headers=tenants["acme"]).json()["job_id"]
+    wait_terminal(job_id)
+    env = {**os.environ, "ANDON_API_TOKENS": json.dumps(TOKENS)}
+    as_globex = subprocess.run([ANDON, "show", job_id], capture_output=True, text=True, timeout=60,
+                               env={**env, "ANDON_API_TOKEN": "globex-token"})
+    assert as_globex.returncode == 1 and "not found" in as_globex.stderr
+    as_acme = subprocess.run([ANDON, "show", job_id, "--json"], capture_output=True, text=True, timeout=60,
+                             env={**env, "ANDON_API_TOKEN": "acme-token"})
+    assert as_acme.returncode == 0 and json.loads(as_acme.stdout)["job_id"] == job_id
+    nobody = subprocess.run([ANDON, "ls"], capture_output=True, text=True, timeout=60,
+                            env={**env, "ANDON_API_TOKEN": "stolen"})
+    assert nobody.returncode == 1 and "belongs to no tenant" in nobody.stderr
+
+
+def test_pickle_is_refused_by_the_worker(worker):
+    app.send_task("andon.analyze_documents", args=["pickled-job"], serializer="pickle")
+    wait_for(lambda: "ContentDisallowed" in worker.logs() or "disallowed" in worker.logs().lower(), 20,
+             what="the worker to refuse the pickled message")
+    assert app.conf.accept_content == ["json"] and app.conf.result_accept_content == ["json"]
