@@ -158,3 +158,43 @@ def test_stream_cut_before_the_end_is_an_llm_error():
     with LLMServer(words=WORDS[:3], delay_s=0.01, mode="truncate") as server:
         with pytest.raises(LLMError, match="ended the stream before the answer was finished"):
             run(server, CancellationToken("job-cut"))
+
+
+# --- the stage inside a real job, on a real prefork worker ------------------------------------------
+
+
+def test_a_job_cancelled_mid_stream_keeps_the_partial_answer(start_worker):
+    from api import service
+    from tests.jobs_helpers import submit, wait_terminal
+    from tests.procs import wait_for
+
+    with LLMServer(words=[f"w{i}" for i in range(200)], delay_s=0.05) as server:
+        w = start_worker(concurrency=1, ANDON_LLM_BASE_URL=server.base_url, ANDON_LLM_MODEL="test-model")
+        job_id = submit(3, queue=w.queue, options={"analyzer": "llm"})
+        wait_for(lambda: server.requests and server.requests[0].tokens_sent >= 10, 30, what="tokens streaming")
+        service.cancel_job(job_id, message="enough tokens")
+        job = wait_terminal(job_id)
+        assert (job.status, job.cancellation_reason) == ("cancelled", "user_requested")
+        assert server.wait_for_disconnect(timeout=2.0) is not None
+        partial = service.partial_results(job_id)
+        assert partial.completed_items == 0 and len(partial.failed_items) == 1
+        cut = partial.failed_items[0]
+        assert cut.error == "cancelled mid-stream" and cut.partial["summary"].endswith("[Response cancelled]")
+        assert 10 <= cut.partial["tokens_received"] < 200 and cut.partial["elapsed_s"] > 0
+
+
+def test_endpoint_errors_fail_their_items_with_the_cause(start_worker):
+    from api import service
+    from tests.jobs_helpers import docs, submit, wait_terminal
+
+    with LLMServer(words=["fine", "answer"], delay_s=0.0) as server:
+        w = start_worker(concurrency=1, ANDON_LLM_BASE_URL=server.base_url)
+        documents = docs(2) + ["   "]
+        job_id = submit(documents=documents, queue=w.queue, options={"analyzer": "llm"})
+        assert wait_terminal(job_id).status == "completed"
+        server.mode = "error500"
+        failing = submit(documents=docs(3), queue=w.queue, options={"analyzer": "llm"})
+        job = wait_terminal(failing)
+        assert job.status == "failed" and job.failed_items == 3  # every item failed, each with the cause
+        errors = [f.error for f in service.partial_results(failing).failed_items]
+        assert all("HTTP 500" in e for e in errors)
