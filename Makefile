@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test up bench clean
+.PHONY: demo test up bench chaos clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or: make PY=python3 ...)"; exit 1; }
@@ -25,6 +25,9 @@ up: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+chaos: $(STAMP)
+	$(BIN)/python chaos/run.py
 
 clean:
 	rm -rf $(VENV) .andon .pytest_cache

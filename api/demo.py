@@ -1,4 +1,5 @@
-"""``andon demo``: submit a pipeline job, cancel it a third of the way in, show what was kept.
+"""``andon demo``: submit a pipeline job, cancel it a third of the way in, show what was kept,
+then resume it: the new job reuses the finished items and runs only the rest.
 
 It talks to the stack over HTTP like any client would, starting the embedded stack first if no API
 answers.
@@ -38,6 +39,9 @@ def demo_documents(count: int = 30) -> list[str]:
     return docs
 
 
+TERMINAL = ("cancelled", "completed", "failed")
+
+
 def _wait_for(client: httpx.Client, job_id: str, done) -> dict:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -75,12 +79,23 @@ def run_demo(console: Console, documents: int = 30, stage_delay_s: float = 0.1) 
             answer = client.post(f"/api/jobs/{job_id}/cancel",
                                  json={"reason": "user_requested", "message": "demo: stopped a third of the way"})
             console.print(f"Cancel requested after {time.monotonic() - t0:.1f}s: {answer.json()['status']}")
-            job = _wait_for(client, job_id, lambda j: j["status"] in ("cancelled", "completed", "failed"))
+            job = _wait_for(client, job_id, lambda j: j["status"] in TERMINAL)
             results = client.get(f"/api/jobs/{job_id}/partial-results").raise_for_status().json()
-        views.print_job(console, job)
-        views.print_partial_results(console, results)
+            views.print_job(console, job)
+            views.print_partial_results(console, results)
+
+            # keep what was paid for: a new job reuses the finished items and runs only the rest
+            resumed_id = client.post(f"/api/jobs/{job_id}/resume", params={"force": "true"}) \
+                .raise_for_status().json()["job_id"]
+            resumed = _wait_for(client, resumed_id, lambda j: j["status"] in TERMINAL)
+            after = client.get(f"/api/jobs/{resumed_id}/partial-results").raise_for_status().json()
+        reused = len(results["results"])
+        console.print(f"\nResumed as [bold]{resumed_id}[/]: {resumed['status']}, reused {reused} finished items, "
+                      f"ran the other {resumed['total_items'] - reused}; partial results now "
+                      f"[bold]{after['status']}[/] ({after['completed_items']} of {after['total_items']} done, "
+                      f"{len(after['failed_items'])} failed)")
         console.print(f"Demo finished in {time.monotonic() - t0:.1f}s.")
-        return {"job": job, "partial_results": results}
+        return {"job": job, "partial_results": results, "resumed": resumed, "resumed_results": after}
     finally:
         if stack is not None:
             with console.status("Stopping the embedded stack..."):

@@ -45,6 +45,10 @@ def print_job(console: Console, job: Any) -> None:
     for key in ("created_at", "started_at", "cancel_requested_at", "cancel_observed_at", "finished_at"):
         if job.get(key):
             table.add_row(key.replace("_", " "), job[key])
+    latency = job.get("cancel_latency") or {}
+    if latency.get("request_to_observe_ms") is not None:
+        table.add_row("cancel latency", f"observed {latency['request_to_observe_ms']:.1f} ms after the request, "
+                                        f"stopped {latency['observe_to_stop_ms']:.1f} ms later")
     if job.get("error"):
         table.add_row("error", job["error"])
     console.print(table)

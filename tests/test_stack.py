@@ -98,4 +98,7 @@ def test_demo_cancels_a_third_of_the_way_and_shows_partial_results(tmp_path):
     assert job["status"] == "cancelled" and job["cancellation_reason"] == "user_requested"
     assert partial["status"] == "partial" and 9 <= partial["completed_items"] < 30
     assert [f["index"] for f in partial["failed_items"]] == [4]
+    resumed, after = outcome["resumed"], outcome["resumed_results"]
+    assert resumed["status"] == "completed" and resumed["resumed_from"] == job["job_id"]
+    assert after["status"] == "complete" and after["completed_items"] == 29  # all but the blank one
     assert "Started the embedded stack" in done.stderr and "Stopping" not in done.stdout
