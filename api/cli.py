@@ -18,7 +18,12 @@ from rich.console import Console
 
 from api import service, views
 from tasks.errors import AndonError
-from tasks.settings import DEFAULT_API_PORT, DEFAULT_FLOWER_PORT, DEFAULT_REDIS_PORT, get_settings
+from tasks.settings import (
+    DEFAULT_API_PORT,
+    DEFAULT_FLOWER_PORT,
+    DEFAULT_REDIS_PORT,
+    get_settings,
+)
 from tasks.vocabulary import CancellationReason, CancellationSource, JobStatus
 
 cli = typer.Typer(

@@ -28,7 +28,12 @@ from tasks import control
 from tasks.control import cancel_children, enqueue, request_cancel, settle_children
 from tasks.errors import AndonError, JobNotFound
 from tasks.store import get_store
-from tasks.vocabulary import CancellationReason, CancellationSource, ItemStatus, JobStatus
+from tasks.vocabulary import (
+    CancellationReason,
+    CancellationSource,
+    ItemStatus,
+    JobStatus,
+)
 
 
 class BrokerUnavailable(AndonError):

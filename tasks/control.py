@@ -11,8 +11,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
 from redis.exceptions import RedisError
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from db import jobs as job_rows
@@ -30,7 +30,6 @@ from tasks.vocabulary import (
     EventKind,
     JobStatus,
 )
-
 
 log = logging.getLogger(__name__)
 

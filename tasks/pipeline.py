@@ -25,7 +25,7 @@ from tasks.errors import AndonError, CancellationError, ForcedCancellation, JobN
 from tasks.llm import StreamCancelled, analyze_llm
 from tasks.monitor import JobMonitor, Ladder
 from tasks.settings import get_settings
-from tasks.store import get_store, get_watcher
+from tasks.store import get_watcher
 from tasks.token import CancellationToken
 from tasks.vocabulary import (
     RESUMABLE_REASONS,

@@ -18,7 +18,12 @@ from db import jobs as job_rows
 from db.session import session_scope
 from tasks.control import finalize_stopped
 from tasks.store import get_redis, get_store
-from tasks.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
+from tasks.vocabulary import (
+    CancellationReason,
+    CancellationSource,
+    EventKind,
+    JobStatus,
+)
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,16 @@ cluster, and ``stop()`` leaves no postgres processes behind.  Usage:
 """
 from __future__ import annotations
 
-import atexit, os, pwd, shlex, shutil, socket, stat, subprocess, tempfile, time
+import atexit
+import os
+import pwd
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import psycopg

@@ -30,6 +30,9 @@ from pathlib import Path
 
 import pytest
 
+from api.stack import free_port, stop_process
+from tests.procs import wait_for
+
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read docker-compose.yml (pip install PyYAML)")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,21 +250,8 @@ def test_flower_command_refuses_to_run_without_auth():
 
 # --- 2. the same commands, run here ---------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return wait_for(predicate, timeout, interval, what)
 
 
 def _running(pid: int) -> bool:
@@ -365,14 +355,7 @@ class LocalStack:
 
     def kill_all(self) -> None:
         for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+            stop_process(proc, signal.SIGKILL, timeout=5)
 
 
 @pytest.mark.postgres
@@ -385,7 +368,7 @@ def test_compose_service_commands_run_the_stack(postgres_server, redis_server, t
     services = doc["services"]
     db_url = postgres_server.create_database(f"andon_compose_{uuid.uuid4().hex[:8]}")
     redis_url = os.environ["ANDON_REDIS_URL"].rsplit("/", 1)[0] + f"/{REDIS_DB}"
-    api_port, flower_port = _free_port(), _free_port()
+    api_port, flower_port = free_port(), free_port()
     # The hosts and ports the file names (compose's service names, 0.0.0.0) are replaced; nothing else.
     local = {
         "ANDON_DATABASE_URL": db_url, "ANDON_REDIS_URL": redis_url, "ANDON_BROKER_URL": redis_url,

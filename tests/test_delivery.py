@@ -17,7 +17,12 @@ import redis
 from api.stack import free_port, start_redis, stop_process
 from tasks.store import CancellationStore, TokenWatcher
 from tasks.vocabulary import CancellationReason
-from tests.jobs_helpers import assert_one_terminal, items, job_row, wait_items, wait_terminal
+from tests.jobs_helpers import (
+    assert_one_terminal,
+    items,
+    wait_items,
+    wait_terminal,
+)
 from tests.procs import WorkerProcess, wait_for
 
 ANDON = str(Path(sys.executable).parent / "andon")

@@ -6,7 +6,16 @@ from celery.result import AsyncResult
 
 from api import service
 from tasks.app import app
-from tests.jobs_helpers import assert_one_terminal, docs, events, items, job_row, submit, wait_items, wait_terminal
+from tests.jobs_helpers import (
+    assert_one_terminal,
+    docs,
+    events,
+    items,
+    job_row,
+    submit,
+    wait_items,
+    wait_terminal,
+)
 from tests.procs import wait_for
 
 

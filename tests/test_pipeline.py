@@ -10,7 +10,6 @@ from api import service
 from tasks.app import app
 from tasks.settings import get_settings
 from tasks.vocabulary import JobStatus
-from tests.procs import wait_for
 from tests.jobs_helpers import (
     assert_one_terminal,
     docs,
@@ -22,6 +21,7 @@ from tests.jobs_helpers import (
     wait_status,
     wait_terminal,
 )
+from tests.procs import wait_for
 
 
 def test_a_job_runs_every_item_through_every_stage(worker):

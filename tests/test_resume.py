@@ -12,7 +12,13 @@ from db.models import Job
 from db.session import session_scope
 from tasks.errors import JobNotFound, NotResumable
 from tasks.vocabulary import CancellationReason
-from tests.jobs_helpers import items, job_row, submit, wait_items, wait_status, wait_terminal
+from tests.jobs_helpers import (
+    items,
+    submit,
+    wait_items,
+    wait_status,
+    wait_terminal,
+)
 from tests.procs import wait_for
 
 
