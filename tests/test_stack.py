@@ -65,6 +65,10 @@ def test_up_serves_the_contract_and_stops_without_leaving_processes(tmp_path):
             assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 400
             assert client.post(f"/api/jobs/{job_id}/cancel", json={"reason": "x"}).status_code == 422
             assert client.get("/docs").status_code == 200
+            # a job still running when `andon up` is stopped
+            running = client.post("/api/jobs", json={"documents": ["Text. More."] * 200,
+                                                     "options": {"stage_delay_s": 0.05}}).json()["job_id"]
+            wait_for(lambda: client.get(f"/api/jobs/{running}").json()["completed_items"] >= 2, 30)
         # Flower is up, and only with its basic auth
         auth = json.loads((tmp_path / ".andon" / "stack.json").read_text())["flower_basic_auth"].split(":", 1)
         assert httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", timeout=10).status_code == 401
@@ -77,6 +81,15 @@ def test_up_serves_the_contract_and_stops_without_leaving_processes(tmp_path):
     wait_for(lambda: not _alive(children), 10, what=f"no processes left: {_alive(children)}")
     assert not (tmp_path / ".andon" / "stack.json").exists()
     assert list((tmp_path / ".andon" / "tmp" / "jobs").iterdir()) == []
+    # stopping `andon up` is a warm shutdown: the running job stopped at a checkpoint, resumable
+    from db.models import Job
+    from db.session import session_scope
+
+    with session_scope(f"sqlite:///{tmp_path / '.andon' / 'andon.db'}") as session:
+        stopped = session.get(Job, running)
+        assert (stopped.status, stopped.cancellation_reason, stopped.cancellation_source) == (
+            "cancelled", "system_shutdown", "worker_shutdown")
+        assert stopped.resumable and 2 <= stopped.completed_items < 200
 
 
 def test_up_refuses_a_busy_port_with_one_line(tmp_path, redis_server):
