@@ -274,3 +274,28 @@ def test_the_ladder_raises_into_a_stuck_loop_and_the_job_ends_cancelled(worker):
     assert [e.detail["step"] for e in escalations] == ["raise CancellationError into the job thread"]
     assert 0.5 <= escalations[0].detail["after_s"] < 2
     assert job.cancel_observed_at is not None
+
+
+def test_revoke_by_stamped_headers_stops_matching_running_jobs(worker):
+    import uuid
+
+    from celery.canvas import StampingVisitor
+
+    from db import jobs as job_rows
+    from db.session import session_scope
+    from tasks.jobs import analyze_documents
+    from tests.jobs_helpers import docs
+
+    class Campaign(StampingVisitor):
+        def on_signature(self, sig, **headers):
+            return {"campaign": "spring-batch"}
+
+    stamped = str(uuid.uuid4())
+    with session_scope() as session:
+        job_rows.create_job(session, stamped, docs(30), {"stage_delay_s": 0.03})
+    signature = analyze_documents.si(stamped)
+    signature.stamp(visitor=Campaign())
+    signature.apply_async(task_id=stamped)
+    wait_items(stamped, 2)
+    app.control.revoke_by_stamped_headers({"campaign": "spring-batch"})
+    assert_stopped(stamped, "user_requested", "revoke", min_items=2, celery_state=None)
