@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.vocabulary import CancellationReason, JobStatus
 
+#: 30 days: longer than any job should be allowed to wait, and well inside what timers accept.
+MAX_SECONDS = 30 * 24 * 3600.0
+
 
 class JobOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -19,14 +22,14 @@ class JobOptions(BaseModel):
     #: Simulated work per stage spinning in a Python loop that never checks the token.
     stage_spin_s: float = Field(default=0.0, ge=0, le=3600)
     #: The escalation ladder for this job (see ANDON_ESCALATE_AFTER_S / ANDON_KILL_AFTER_S).
-    escalate_after_s: float | None = Field(default=None, gt=0)
-    kill_after_s: float | None = Field(default=None, gt=0)
+    escalate_after_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
+    kill_after_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     analyzer: Literal["local", "llm"] = "local"
     #: Celery time limits for this job (soft → a `timeout` cancel at a checkpoint; hard → child killed).
-    soft_time_limit_s: float | None = Field(default=None, gt=0)
-    time_limit_s: float | None = Field(default=None, gt=0)
+    soft_time_limit_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
+    time_limit_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     #: RSS ceiling for this job's worker process, in MiB (overrides ANDON_MAX_JOB_RSS_MB).
-    max_rss_mb: float | None = Field(default=None, gt=0)
+    max_rss_mb: float | None = Field(default=None, gt=0, le=1024 * 1024)
 
     @model_validator(mode="after")
     def soft_before_hard(self) -> JobOptions:
@@ -40,7 +43,7 @@ class SubmitRequest(BaseModel):
 
     documents: list[str] = Field(min_length=1, max_length=100_000)
     options: JobOptions = Field(default_factory=JobOptions)
-    deadline_s: float | None = Field(default=None, gt=0)
+    deadline_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     #: Run after this job completes; cancelled (dependency_failed) if it fails or is cancelled.
     parent_job_id: str | None = Field(default=None, min_length=1, max_length=64)
 

@@ -26,16 +26,18 @@ from tasks.vocabulary import CancellationSource, JobStatus
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job"}}
+#: FastAPI answers 400 itself for a body it can't decode (not UTF-8, say).
+BAD_BODY = {400: {"model": ErrorResponse, "description": "the body could not be parsed"}}
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SubmitResponse,
-             responses={422: {"description": "malformed body, or parent_job_id names no job"}})
+             responses={**BAD_BODY, 422: {"description": "malformed body, or parent_job_id names no job"}})
 def submit(body: SubmitRequest, caller: WriterDep) -> SubmitResponse:
     return service.submit_job(body.documents, body.options.model_dump(exclude_none=True), body.deadline_s,
                               actor=caller.actor, parent_job_id=body.parent_job_id, tenant=caller.tenant)
 
 
-@router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse)
+@router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse, responses=BAD_BODY)
 def cancel_matching(body: BulkCancelRequest, caller: WriterDep) -> BulkCancelResponse:
     """Cancel every unfinished job matching the filter in one pass (queued ones never start)."""
     return service.cancel_matching(JobStatus(body.status) if body.status else None, body.parent_job_id,
@@ -61,7 +63,8 @@ def get_job(job_id: str, caller: ReaderDep) -> JobView:
     "/{job_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=CancelResponse,
-    responses={**NOT_FOUND, 400: {"model": ErrorResponse, "description": "job already terminal"}},
+    responses={**NOT_FOUND, 400: {"model": ErrorResponse, "description": "job already terminal, or a body that "
+                                                                    "could not be parsed"}},
 )
 def cancel(job_id: str, caller: WriterDep, body: CancelRequestBody | None = None) -> CancelResponse:
     body = body or CancelRequestBody()
