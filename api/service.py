@@ -24,7 +24,7 @@ from api.schemas import (
 from db import jobs as job_rows
 from db.models import Job, JobItem
 from db.session import session_scope
-from tasks import control
+from tasks import control, resume
 from tasks.control import cancel_children, enqueue, request_cancel, settle_children
 from tasks.errors import AndonError, JobNotFound
 from tasks.store import get_store
@@ -208,7 +208,7 @@ def cancel_matching(
 def resume_job(job_id: str, force: bool = False, actor: str | None = None,
                tenant: str | None = None) -> ResumeResponse:
     check_visible(job_id, tenant)
-    new_id = control.resume_job(job_id, force=force, actor=actor)
+    new_id = resume.resume_job(job_id, force=force, actor=actor)
     return ResumeResponse(job_id=new_id, resumed_from=job_id, status=JobStatus.PENDING)
 
 

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 
 from db import jobs as job_rows
-from db.models import Job, JobEvent
+from db.models import Job
 from db.session import session_scope
-from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound, NotResumable
+from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound
 from tasks.settings import get_settings
 from tasks.store import get_store
 from tasks.token import CancelRequest
@@ -204,67 +202,6 @@ def settle_children(job_id: str) -> None:
             ).rowcount == 1
         if claimed:  # exactly one caller enqueues each waiting child
             enqueue(child.id, child.options)
-
-
-def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, queue: str | None = None) -> str:
-    """Start a new job that reuses every finished item of a cancelled one and runs only the rest.
-
-    Resumable without ``force``: jobs cancelled for ``timeout`` or ``system_shutdown`` (nothing was
-    wrong with the job). A job is resumed at most once (a unique ``resumed_from``), so two workers
-    auto-resuming after the same shutdown can't both do it. Returns the new job's id.
-    """
-    new_id = str(uuid.uuid4())
-    try:
-        with session_scope() as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise JobNotFound(job_id)
-            if job.status != JobStatus.CANCELLED:
-                raise NotResumable(f"job {job_id} is {job.status}: only a cancelled job can be resumed")
-            if not (job.resumable or force):
-                raise NotResumable(f"job {job_id} was cancelled for {job.cancellation_reason}, which is not "
-                                   "resumed automatically; resume it explicitly (--force / ?force=true)")
-            existing = session.scalar(select(Job.id).where(Job.resumed_from == job_id))
-            if existing:
-                raise NotResumable(f"job {job_id} was already resumed as {existing}")
-            job_rows.create_job(session, new_id, job.documents, job.options, deadline_s=job.deadline_s,
-                                parent_job_id=job.parent_job_id, resumed_from=job_id, tenant=job.tenant,
-                                actor=actor)
-            reused = job_rows.copy_done_items(session, job_id, new_id)
-            job_rows.add_event(session, new_id, EventKind.RESUMED, actor=actor,
-                               detail={"resumed_from": job_id, "reused_items": reused})
-    except IntegrityError as exc:  # lost the race to another resumer
-        raise NotResumable(f"job {job_id} was already resumed") from exc
-    get_store().create(new_id)
-    enqueue(new_id, job.options, queue)
-    return new_id
-
-
-def auto_resume_after_shutdown(hostname: str, within_s: float = 24 * 3600) -> list[str]:
-    """Resume the jobs a shutdown of worker ``hostname`` stopped — each once (see :func:`resume_job`).
-
-    Called when a worker comes back under the same node name (``andon up`` keeps it stable).
-    """
-    since = datetime.now(UTC) - timedelta(seconds=within_s)
-    stopped_here = select(JobEvent.job_id).where(
-        JobEvent.kind == EventKind.CANCEL_REQUESTED.value,
-        JobEvent.source == CancellationSource.WORKER_SHUTDOWN.value,
-        JobEvent.actor == hostname, JobEvent.at >= since,
-    )
-    resumed_already = select(Job.resumed_from).where(Job.resumed_from.is_not(None))
-    with session_scope() as session:
-        candidates = list(session.scalars(select(Job.id).where(
-            Job.id.in_(stopped_here), Job.status == JobStatus.CANCELLED.value,
-            Job.cancellation_reason == CancellationReason.SYSTEM_SHUTDOWN.value,
-            Job.resumable.is_(True), Job.id.not_in(resumed_already),
-        )))
-    resumed = []
-    for job_id in candidates:
-        try:
-            resumed.append(resume_job(job_id, actor=f"auto-resume:{hostname}"))
-        except AndonError:
-            pass
-    return resumed
 
 
 @dataclass(frozen=True)
