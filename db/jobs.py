@@ -115,18 +115,11 @@ def record_item(
     error: str | None = None,
     started_at: datetime | None = None,
 ) -> None:
-    """Store one finished item and bump the job's counter in the same transaction."""
-    session.add(
-        JobItem(
-            job_id=job_id,
-            index=index,
-            stage=stage,
-            status=status.value,
-            result=result,
-            error=error,
-            started_at=started_at,
-        )
-    )
+    """Store one finished item and bump the job's counter in the same transaction (two plain
+    statements: this runs once per item, on the hot path)."""
+    session.execute(insert(JobItem).values(job_id=job_id, index=index, stage=stage, status=status.value,
+                                           result=result, error=error, started_at=started_at,
+                                           finished_at=utcnow()))
     counter = Job.completed_items if status is ItemStatus.DONE else Job.failed_items
     session.execute(
         update(Job)

@@ -96,11 +96,14 @@ def requested_cancels(job_ids: list[str]) -> dict[str, CancelRequest]:
 def _mark_requested(session, job_id: str, request: CancelRequest) -> JobStatus:
     """Queued → cancelled at once; running → cancelling. Retries if a worker moves the row meanwhile."""
     values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at}
+    # the common case first, without reading the row: a running job
+    if job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
+        return JobStatus.CANCELLING
     for _ in range(5):
-        job = session.get(Job, job_id, populate_existing=True)
-        if job is None:
+        status_value = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status_value is None:
             raise JobNotFound(job_id)
-        status = JobStatus(job.status)
+        status = JobStatus(status_value)
         if status.is_terminal:
             raise JobAlreadyTerminal(job_id, status.value)
         if status is JobStatus.CANCELLING:

@@ -155,7 +155,7 @@ def run_job(job_id: str) -> JobOutcome:
     deadline = _start_deadline(job)
     if deadline is not None:
         cleanup.register(deadline.cancel, "cancel deadline timer")
-    workdir = cleanup.temp_dir(settings.jobs_tmp_dir / job_id)
+    cleanup.temp_dir(settings.jobs_tmp_dir / job_id)  # the job's scratch space, gone on every exit path
     delay = float(job.options.get("stage_delay_s") or 0)
     block = float(job.options.get("stage_block_s") or 0)
     spin = float(job.options.get("stage_spin_s") or 0)
@@ -181,8 +181,6 @@ def run_job(job_id: str) -> JobOutcome:
                     if spin:
                         _spin(spin)  # deaf to the token, like a stuck Python loop
                     value = run_stage(value)
-                    if stage is Stage.PARSE:
-                        (workdir / f"{index}.txt").write_text(value["text"])
             except StreamCancelled as cancelled:  # keep what the model had said, marked as cut short
                 with session_scope() as session:
                     job_rows.record_item(session, job_id, index, stage.value, ItemStatus.FAILED,

@@ -100,15 +100,18 @@ class CancellationStore:
     def cancel_many(
         self, job_ids: list[str], reason: CancellationReason, message: str | None, source: CancellationSource
     ) -> None:
-        """Cancel many jobs in one pipelined round trip (bulk cancel of queued jobs)."""
+        """Cancel many *queued* jobs in one pipelined round trip, first cancel still winning.
+
+        Nothing is published: no worker watches a job that hasn't started, and it reads the state
+        when it does start (and the row is already ``cancelled``).
+        """
         request = CancelRequest(reason=reason, message=message, source=source)
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                self._cancel(
-                    keys=[_cancel_key(job_id), f"{_cancel_key(job_id)}:requests"],
-                    args=[json.dumps(request.to_json(job_id)), self.ttl_s, CHANNEL],
-                    client=pipe,
-                )
+                payload = json.dumps(request.to_json(job_id))
+                pipe.set(_cancel_key(job_id), payload, nx=True, ex=self.ttl_s)
+                pipe.rpush(f"{_cancel_key(job_id)}:requests", payload)
+                pipe.expire(f"{_cancel_key(job_id)}:requests", self.ttl_s)
             pipe.execute()
 
     def read(self, job_ids: list[str]) -> dict[str, CancelRequest]:
