@@ -1,0 +1,1 @@
+"""andon's benchmark (``make bench``): see bench/README.md."""
