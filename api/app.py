@@ -12,8 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import metrics
 from api.routes import jobs
-from api.service import BrokerUnavailable, InvalidParent
-from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound, NotResumable
+from tasks.errors import AndonError, BrokerUnavailable, InvalidParent, JobAlreadyTerminal, JobNotFound, NotResumable
 from tasks.settings import get_settings
 
 log = logging.getLogger("andon.api")

@@ -7,8 +7,9 @@ Errors are :mod:`tasks.errors` exceptions that each front door turns into a 4xx 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
+from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from api.schemas import (
@@ -26,7 +27,7 @@ from db.models import Job, JobItem
 from db.session import session_scope
 from tasks import control, resume
 from tasks.control import cancel_children, enqueue, request_cancel, settle_children
-from tasks.errors import AndonError, JobNotFound
+from tasks.errors import BrokerUnavailable, InvalidParent, JobNotFound
 from tasks.store import get_store
 from tasks.vocabulary import (
     CancellationReason,
@@ -34,14 +35,6 @@ from tasks.vocabulary import (
     ItemStatus,
     JobStatus,
 )
-
-
-class BrokerUnavailable(AndonError):
-    """The job row was made but the broker refused the message; the job is marked failed."""
-
-
-class InvalidParent(AndonError):
-    """``parent_job_id`` names no job."""
 
 
 def _ms(start, end) -> float | None:
@@ -120,7 +113,10 @@ def submit_job(
         deferred = parent_status is not None and not parent_status.is_terminal
         job_rows.create_job(session, job_id, documents, options, deadline_s=deadline_s,
                             parent_job_id=parent_job_id, deferred=deferred, tenant=tenant, actor=actor)
-    get_store().create(job_id)
+    try:
+        get_store().create(job_id)
+    except RedisError as exc:
+        _fail_unsent(job_id, exc)
     if parent_status is not None and parent_status is not JobStatus.COMPLETED:
         if parent_status.is_terminal:  # the parent already failed or was cancelled: never run
             cancel_children(parent_job_id, f"parent job {parent_job_id} {parent_status.value}", actor)
@@ -130,10 +126,15 @@ def submit_job(
     try:
         enqueue(job_id, options, queue)
     except Exception as exc:
-        with session_scope() as session:
-            job_rows.transition(session, job_id, JobStatus.FAILED, error=f"could not enqueue: {exc}")
-        raise BrokerUnavailable(f"could not enqueue job {job_id}: {exc}") from exc
+        _fail_unsent(job_id, exc)
     return SubmitResponse(job_id=job_id, status=JobStatus.PENDING)
+
+
+def _fail_unsent(job_id: str, exc: Exception) -> NoReturn:
+    """The row exists but the job can't be queued: end it ``failed`` (never ``pending`` forever)."""
+    with session_scope() as session:
+        job_rows.transition(session, job_id, JobStatus.FAILED, error=f"could not enqueue: {exc}")
+    raise BrokerUnavailable(f"could not enqueue job {job_id}: {exc}") from exc
 
 
 def submit_chain(document_sets: list[list[str]], options: dict[str, Any] | None = None,

@@ -38,17 +38,23 @@ _TERMINAL_EVENT = {
 }
 
 
-def transition(session: Session, job_id: str, to: JobStatus, **values: Any) -> bool:
+def transition(session: Session, job_id: str, to: JobStatus, *, only_from: JobStatus | None = None,
+               **values: Any) -> bool:
     """Move a job to ``to`` if its current status allows it; True if this call won.
 
-    ``values`` are written in the same UPDATE. Reaching a terminal status stamps ``finished_at`` and
-    records the matching event, in the caller's transaction.
+    ``only_from`` narrows the allowed statuses to one the caller has just seen (a cancel meant for a
+    queued job must not end one that started meanwhile). ``values`` are written in the same UPDATE.
+    Reaching a terminal status stamps ``finished_at`` and records the matching event, in the
+    caller's transaction.
     """
+    allowed = ALLOWED_FROM[to] if only_from is None else ALLOWED_FROM[to] & {only_from}
     if to.is_terminal:
         values.setdefault("finished_at", utcnow())
+    if to is JobStatus.COMPLETED:  # a cancel that lost to completion leaves no reason behind
+        values.update(cancellation_reason=None, cancellation_message=None, cancellation_source=None)
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_([s.value for s in ALLOWED_FROM[to]]))
+        .where(Job.id == job_id, Job.status.in_([s.value for s in allowed]))
         .values(status=to.value, **values)
         .execution_options(synchronize_session=False)
     )

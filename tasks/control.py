@@ -59,18 +59,21 @@ def request_cancel(
     requested = CancelRequest(reason, message, source)
     # The row changes first, the token second: a worker that observes the token within a millisecond
     # must find the row already `cancelling`, or it could finish before our request is on record.
+    # The row decides which request wins (one conditional UPDATE does), and only the winner sets the
+    # token, so Redis can never hold a different first reason than the row.
     with session_scope() as session:
-        status = _mark_requested(session, job_id, requested)
+        status, winner = _mark_requested(session, job_id, requested)
+        won = winner is requested
         job_rows.add_event(
             session, job_id, EventKind.CANCEL_REQUESTED, reason=reason.value, source=source.value,
-            actor=actor, detail={"message": message, "status": status.value}, at=requested.at,
+            actor=actor, detail={"message": message, "status": status.value, "won": won}, at=requested.at,
         )
-    try:
-        won, winner = get_store().cancel(job_id, reason, message, source)
-    except RedisError as exc:
-        # the row already says `cancelling` with this reason: workers' reconcile reads it from there
-        log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
-        won, winner = True, requested
+    if won:
+        try:
+            get_store().apply(job_id, winner)
+        except RedisError as exc:
+            # the row already says `cancelling` with this reason: workers' reconcile reads it there
+            log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
     if cascade:
         cancel_children(job_id, f"parent job {job_id} was cancelled", actor)
     elif status is JobStatus.CANCELLED:
@@ -78,14 +81,17 @@ def request_cancel(
     return CancelOutcome(job_id, status, won, winner)
 
 
-def requested_cancels(job_ids: list[str]) -> dict[str, CancelRequest]:
-    """The cancel requests the job rows hold (status ``cancelling``) — the durable copy of a token."""
-    with session_scope() as session:
-        rows = session.execute(
-            select(Job.id, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source,
-                   Job.cancel_requested_at)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.CANCELLING.value)
-        ).all()
+def requested_cancels(job_ids: list[str], session=None) -> dict[str, CancelRequest]:
+    """The winning cancel requests the job rows hold (status ``cancelling``) — the durable copy of a
+    token, and the arbiter of which request came first."""
+    query = (select(Job.id, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source,
+                    Job.cancel_requested_at)
+             .where(Job.id.in_(job_ids), Job.status == JobStatus.CANCELLING.value))
+    if session is None:
+        with session_scope() as own:
+            rows = own.execute(query).all()
+    else:
+        rows = session.execute(query).all()
     return {
         job_id: CancelRequest(CancellationReason(reason), message, CancellationSource(source) if source else None,
                               at or datetime.now(UTC))
@@ -93,12 +99,13 @@ def requested_cancels(job_ids: list[str]) -> dict[str, CancelRequest]:
     }
 
 
-def _mark_requested(session, job_id: str, request: CancelRequest) -> JobStatus:
-    """Queued → cancelled at once; running → cancelling. Retries if a worker moves the row meanwhile."""
+def _mark_requested(session, job_id: str, request: CancelRequest) -> tuple[JobStatus, CancelRequest]:
+    """Queued → cancelled at once; running → cancelling. Returns the status and the winning request
+    (``request`` itself if this call won). Retries if a worker moves the row meanwhile."""
     values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at}
     # the common case first, without reading the row: a running job
     if job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
-        return JobStatus.CANCELLING
+        return JobStatus.CANCELLING, request
     for _ in range(5):
         status_value = session.scalar(select(Job.status).where(Job.id == job_id))
         if status_value is None:
@@ -107,13 +114,14 @@ def _mark_requested(session, job_id: str, request: CancelRequest) -> JobStatus:
         if status.is_terminal:
             raise JobAlreadyTerminal(job_id, status.value)
         if status is JobStatus.CANCELLING:
-            return status
+            return status, requested_cancels([job_id], session).get(job_id, request)
         if status is JobStatus.PENDING and job_rows.transition(
-            session, job_id, JobStatus.CANCELLED, cancelled_at_item=0, **values
+            session, job_id, JobStatus.CANCELLED, only_from=JobStatus.PENDING, cancelled_at_item=0,
+            resumable=request.reason in RESUMABLE_REASONS, **values,
         ):
-            return JobStatus.CANCELLED
+            return JobStatus.CANCELLED, request
         if status is JobStatus.RUNNING and job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
-            return JobStatus.CANCELLING
+            return JobStatus.CANCELLING, request
     raise JobAlreadyTerminal(job_id, "changing too fast to cancel")
 
 
@@ -134,7 +142,12 @@ def finalize_stopped(
     ended the job (a concurrent finalizer may have been first).
     """
     now = datetime.now(UTC)
-    first = get_store().read([job_id]).get(job_id)
+    first = requested_cancels([job_id]).get(job_id)
+    if first is None:
+        try:
+            first = get_store().read([job_id]).get(job_id)
+        except RedisError:
+            first = None
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is None or JobStatus(job.status).is_terminal:
@@ -243,7 +256,8 @@ def cancel_matching(
     queued = [job_id for job_id, s in rows if s == JobStatus.PENDING.value]
     request = CancelRequest(reason, message, source)
     values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at, "cancelled_at_item": 0,
-              "status": JobStatus.CANCELLED.value, "finished_at": request.at}
+              "status": JobStatus.CANCELLED.value, "finished_at": request.at,
+              "resumable": reason in RESUMABLE_REASONS}
     cancelled: list[str] = []
     for start in range(0, len(queued), batch):
         chunk = queued[start:start + batch]

@@ -65,5 +65,13 @@ class JobAlreadyTerminal(AndonError):
         super().__init__(f"job {job_id} is already {status}")
 
 
+class BrokerUnavailable(AndonError):
+    """A job row was made but its message could not be queued (broker or Redis away)."""
+
+
+class InvalidParent(AndonError):
+    """``parent_job_id`` names no job the caller can see."""
+
+
 class NotResumable(AndonError):
     """The job can't be resumed (still running, completed, or stopped for a reason we don't resume)."""

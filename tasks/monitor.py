@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import psutil
+from redis.exceptions import RedisError
 
 from db import jobs as job_rows
 from db.session import session_scope
@@ -72,7 +73,10 @@ class JobMonitor:
         token.register_callback(self._on_cancel)
 
     def start(self) -> JobMonitor:
-        self.beat()
+        try:
+            self.beat()
+        except RedisError as exc:  # the loop beats again; a job must not die because Redis blinked
+            log.warning("first heartbeat of %s failed: %s", self.job_id, exc)
         self._thread.start()
         return self
 
@@ -80,7 +84,10 @@ class JobMonitor:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=self.interval_s + 1)
-        get_redis().delete(heartbeat_key(self.job_id))
+        try:
+            get_redis().delete(heartbeat_key(self.job_id))
+        except RedisError:
+            pass  # it expires by itself
 
     def beat(self) -> None:
         item, stage = self.position or (None, None)

@@ -234,7 +234,12 @@ def _finish_ran_through(job_id: str) -> JobOutcome:
         job = session.get(Job, job_id)
         if job.total_items and job.completed_items == 0:
             error = f"all {job.total_items} items failed"
-            job_rows.transition(session, job_id, JobStatus.FAILED, error=error)
-            return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
-        job_rows.transition(session, job_id, JobStatus.COMPLETED)
-        return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
+            if job_rows.transition(session, job_id, JobStatus.FAILED, error=error):
+                return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
+        elif job_rows.transition(session, job_id, JobStatus.COMPLETED):
+            return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
+        # someone else ended it first (a finalizer): report what the row says, not what we hoped
+        session.expire_all()
+        row = session.get(Job, job_id)
+        reason = CancellationReason(row.cancellation_reason) if row.cancellation_reason else None
+        return JobOutcome(job_id, JobStatus(row.status), ran=True, reason=reason, error=row.error)

@@ -10,6 +10,7 @@ hooks are usable.)
 from __future__ import annotations
 
 import logging
+import shutil
 
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
@@ -17,6 +18,7 @@ from celery.worker.request import Request
 from db import jobs as job_rows
 from db.session import session_scope
 from tasks.control import finalize_stopped
+from tasks.settings import get_settings
 from tasks.store import get_redis, get_store
 from tasks.vocabulary import (
     CancellationReason,
@@ -75,3 +77,5 @@ def on_worker_lost(job_id: str, hostname: str | None = None) -> None:
         if job_rows.transition(session, job_id, JobStatus.PENDING):
             job_rows.add_event(session, job_id, EventKind.REQUEUED, source=CancellationSource.WORKER_LOST.value,
                                actor=hostname, detail={"losses": losses})
+    # the dead child's scratch space: the next run makes its own
+    shutil.rmtree(get_settings().jobs_tmp_dir / job_id, ignore_errors=True)

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from db import jobs as job_rows
-from db.models import Job, JobEvent
+from db.models import Job, JobEvent, JobItem
 from db.session import session_scope
 from tasks.control import enqueue
-from tasks.errors import AndonError, JobNotFound, NotResumable
+from tasks.errors import AndonError, BrokerUnavailable, JobNotFound, NotResumable
 from tasks.store import get_store
 from tasks.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+class ResumeUnavailable(BrokerUnavailable):
+    """The resumed job could not be queued (broker or Redis away); nothing was kept, retry later."""
 
 
 def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, queue: str | None = None) -> str:
@@ -46,8 +53,16 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
                                detail={"resumed_from": job_id, "reused_items": reused})
     except IntegrityError as exc:  # lost the race to another resumer
         raise NotResumable(f"job {job_id} was already resumed") from exc
-    get_store().create(new_id)
-    enqueue(new_id, job.options, queue)
+    try:
+        get_store().create(new_id)
+        enqueue(new_id, job.options, queue)
+    except Exception as exc:
+        # nothing was queued: take the new job back, so the old one can still be resumed later
+        with session_scope() as session:
+            session.execute(delete(JobEvent).where(JobEvent.job_id == new_id))
+            session.execute(delete(JobItem).where(JobItem.job_id == new_id))
+            session.execute(delete(Job).where(Job.id == new_id))
+        raise ResumeUnavailable(f"could not enqueue the resumed job for {job_id}: {exc}") from exc
     return new_id
 
 
@@ -73,6 +88,8 @@ def auto_resume_after_shutdown(hostname: str, within_s: float = 24 * 3600) -> li
     for job_id in candidates:
         try:
             resumed.append(resume_job(job_id, actor=f"auto-resume:{hostname}"))
-        except AndonError:
+        except NotResumable:
             pass
+        except AndonError as exc:
+            log.warning("auto-resume of %s failed, left resumable: %s", job_id, exc)
     return resumed

@@ -91,6 +91,11 @@ class CancellationStore:
             message=message,
             source=CancellationSource(source) if source else None,
         )
+        return self.apply(job_id, request)
+
+    def apply(self, job_id: str, request: CancelRequest) -> tuple[bool, CancelRequest]:
+        """Set the token with this request (``SET NX``: a token already set keeps its reason) and
+        publish it to the workers. Returns (won, winning request)."""
         won, winner = self._cancel(
             keys=[_cancel_key(job_id), f"{_cancel_key(job_id)}:requests"],
             args=[json.dumps(request.to_json(job_id)), self.ttl_s, CHANNEL],
@@ -152,7 +157,10 @@ class TokenWatcher:
             if token is None:
                 token = self._tokens[job_id] = CancellationToken(job_id)
         self._ensure_running()
-        self._apply(self.store.read([job_id]))
+        try:
+            self._apply(self.store.read([job_id]))
+        except redis.RedisError:
+            self.reconcile_durable([job_id])  # Redis is away; the rows know every cancel
         return token
 
     def unwatch(self, job_id: str) -> None:

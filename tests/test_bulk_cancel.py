@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from api import service
 from db.models import Job, JobEvent
 from db.session import session_scope
-from tasks.vocabulary import JobStatus
+from tasks.vocabulary import CancellationReason, JobStatus
 from tests.jobs_helpers import submit, wait_status, wait_terminal
 from tests.procs import wait_for
 
@@ -17,7 +17,7 @@ def test_bulk_cancel_of_queued_jobs_leaves_none_to_start(start_worker):
     blocker = submit(500, stage_delay_s=0.05, queue=w.queue)
     wait_status(blocker, "running")
     queued = [submit(1, queue=w.queue) for _ in range(300)]
-    outcome = service.cancel_matching(JobStatus.PENDING)
+    outcome = service.cancel_matching(JobStatus.PENDING, reason=CancellationReason.TIMEOUT)
     assert outcome.cancelled >= 300 and outcome.cancelling == 0
     service.cancel_job(blocker)
     wait_terminal(blocker)
@@ -28,7 +28,9 @@ def test_bulk_cancel_of_queued_jobs_leaves_none_to_start(start_worker):
         statuses = set(session.scalars(select(Job.status).where(Job.id.in_(queued))))
         requested = session.scalar(select(func.count()).select_from(JobEvent).where(
             JobEvent.job_id.in_(queued), JobEvent.kind == "cancel_requested"))
+        resumable = set(session.scalars(select(Job.resumable).where(Job.id.in_(queued))))
     assert statuses == {"cancelled"} and requested == 300
+    assert resumable == {True}  # cancelled for `timeout` while queued: still worth resuming
     assert _count(JobEvent.kind == "started", queued) == 0
 
 

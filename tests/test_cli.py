@@ -98,4 +98,9 @@ def test_unreachable_redis_is_one_line(worker, tmp_path):
     env = {**os.environ, "ANDON_REDIS_URL": "redis://127.0.0.1:1/0", "ANDON_BROKER_URL": "redis://127.0.0.1:1/0"}
     done = subprocess.run([ANDON, "submit", "x"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "Redis" in done.stderr or "enqueue" in done.stderr
+    assert "could not enqueue" in done.stderr
+    # the row it made is not left pending forever
+    from api import service
+
+    newest = service.list_jobs(limit=1)[0]
+    assert newest.status.value == "failed" and "could not enqueue" in newest.error
