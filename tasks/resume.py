@@ -66,10 +66,12 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
     return new_id
 
 
-def auto_resume_after_shutdown(hostname: str, within_s: float = 24 * 3600) -> list[str]:
+def auto_resume_after_shutdown(hostname: str, within_s: float = 24 * 3600) -> tuple[list[str], int]:
     """Resume the jobs a shutdown of worker ``hostname`` stopped — each once (see :func:`resume_job`).
 
     Called when a worker comes back under the same node name (``andon up`` keeps it stable).
+    Returns the new job ids, and how many could not be queued now (Redis or the broker away) and
+    are left resumable for the caller to retry.
     """
     since = datetime.now(UTC) - timedelta(seconds=within_s)
     stopped_here = select(JobEvent.job_id).where(
@@ -84,7 +86,7 @@ def auto_resume_after_shutdown(hostname: str, within_s: float = 24 * 3600) -> li
             Job.cancellation_reason == CancellationReason.SYSTEM_SHUTDOWN.value,
             Job.resumable.is_(True), Job.id.not_in(resumed_already),
         )))
-    resumed = []
+    resumed, left = [], 0
     for job_id in candidates:
         try:
             resumed.append(resume_job(job_id, actor=f"auto-resume:{hostname}"))
@@ -92,4 +94,5 @@ def auto_resume_after_shutdown(hostname: str, within_s: float = 24 * 3600) -> li
             pass
         except AndonError as exc:
             log.warning("auto-resume of %s failed, left resumable: %s", job_id, exc)
-    return resumed
+            left += 1
+    return resumed, left

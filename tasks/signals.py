@@ -86,12 +86,20 @@ def after_worker_ready(sender=None, **_: object) -> None:
         threading.Thread(target=_auto_resume, args=(hostname,), name="andon-auto-resume", daemon=True).start()
 
 
-def _auto_resume(hostname: str | None) -> None:
-    try:
-        for job_id in auto_resume_after_shutdown(hostname):
-            log.info("andon: resumed a job stopped by a shutdown as %s", job_id)
-    except Exception:
-        log.exception("andon: auto-resume failed")
+def _auto_resume(hostname: str | None, attempts: int = 30, every_s: float = 2.0) -> None:
+    """Resume what a shutdown of this worker stopped; retry a while if Redis or the broker is away."""
+    for _ in range(attempts):
+        try:
+            resumed, left = auto_resume_after_shutdown(hostname)
+        except Exception:
+            log.exception("andon: auto-resume pass failed")
+            left = 1
+        else:
+            for job_id in resumed:
+                log.info("andon: resumed a job stopped by a shutdown as %s", job_id)
+        if not left:
+            return
+        time.sleep(every_s)
 
 
 def _cancel_before_cold_shutdown(consumer) -> None:

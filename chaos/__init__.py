@@ -1,0 +1,1 @@
+"""andon's reliability harness: ``make chaos`` (``python chaos/run.py``). See docs/chaos.md."""

@@ -1,0 +1,339 @@
+"""What the chaos run asserts, from the rows alone (jobs, job_items, job_events) plus the API's
+partial results and the temp dir: every job ended once, for the reason of the first request that
+asked it to stop, with its counts and its results in agreement.
+
+Each rule yields ``(check, job_id, message)``; run.py prints them grouped and exits non-zero if any.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+TERMINAL = {"cancelled", "completed", "failed"}
+SHUTDOWN = ("system_shutdown", "worker_shutdown")
+DEADLINE = ("timeout", "deadline")
+#: README, "Resume": a job cancelled for timeout or system_shutdown is resumable
+RESUMABLE = {"timeout", "system_shutdown"}
+#: Celery results that mean "the result backend was away", not "the job went wrong"
+OUTAGE_ERRORS = {"ConnectionError", "OperationalError", "TimeoutError"}
+
+#: the checks, in the order the report lists them (name → what it means)
+CHECKS = {
+    "lost": "every submitted job has a row",
+    "non-terminal": "every job reached a terminal state (none stuck)",
+    "terminal-events": "exactly one terminal job_event per job, matching its status",
+    "reason-source": "a cancelled job's reason/source = its first cancel_requested event's",
+    "unexpected-request": "every cancel request came from a stop path the harness used on that job",
+    "untouched": "a job nothing stopped ended completed",
+    "completed-with-reason": "a completed job carries no cancellation reason",
+    "failed": "a failed job failed only from being lost twice (SIGKILL)",
+    "lost-without-kill": "a job was requeued/lost only when the harness killed its process",
+    "duplicate-run": "a job started again only after being requeued",
+    "resumable": "a cancelled job is resumable iff its reason is timeout or system_shutdown",
+    "item-counts": "completed_items / failed_items = the job_items rows",
+    "items-after-cancel": "no item of a cancelled job finished after cancel_observed_at",
+    "queued-cancel-ran": "a cancel that ended a job as queued found it queued (not running), and it never ran after",
+    "celery-state": "Celery's result backend agrees: completed → SUCCESS, cancelled → REVOKED, failed → FAILURE",
+    "partial-results": "GET /api/jobs/{id}/partial-results agrees with the rows",
+    "auto-resume": "each job a warm restart stopped was resumed exactly once, keeping its items",
+    "temp-dirs": "no directory left under $ANDON_HOME/tmp/jobs/",
+    "processes": "no process left behind after the stack stopped",
+    "harness": "the harness's own calls succeeded (after retries) and stayed within bounds",
+}
+
+
+@dataclass
+class Act:
+    """One thing the harness did to a job, and what it expects that to mean."""
+
+    kind: str  # api_cancel, cli_cancel, flower_revoke, flower_terminate, sigkill, race_cancel
+    job_id: str
+    at: datetime
+    reason: str | None = None
+    source: str | None = None
+    result: str = ""  # accepted / terminal / error: ...
+    pid: int | None = None
+
+
+@dataclass
+class Record:
+    submitted: dict[str, dict[str, Any]] = field(default_factory=dict)  # job_id -> {phase, deadline_s, docs}
+    actions: list[Act] = field(default_factory=list)
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    redis_restart: tuple[datetime, datetime] | None = None
+    submit_errors: list[str] = field(default_factory=list)
+    transient: Counter = field(default_factory=Counter)
+
+
+LOST = re.compile(r"worker process lost (\d+) times")
+
+
+def _node(actor: str | None) -> str | None:
+    return actor.split("@", 1)[0] if actor and "@" in actor else None
+
+
+def check_rows(record: Record, jobs: list, items: list, events: list, partials: dict[str, dict],
+               states: dict[str, str | None], parked: dict[str, datetime] | None = None,
+               celery_meta: dict[str, dict] | None = None, slack_s: float = 1.0):
+    """Return (violations, info): violations as (check, job_id, message); info as counters for the report."""
+    out: list[tuple[str, str, str]] = []
+    by_id = {j.id: j for j in jobs}
+    items_of: dict[str, list] = defaultdict(list)
+    for it in items:
+        items_of[it.job_id].append(it)
+    events_of: dict[str, list] = defaultdict(list)
+    for ev in sorted(events, key=lambda e: e.id):
+        events_of[ev.job_id].append(ev)
+    acts_of: dict[str, list[Act]] = defaultdict(list)
+    for act in record.actions:
+        acts_of[act.job_id].append(act)
+    kills = sorted((a for a in record.actions if a.kind == "sigkill"), key=lambda a: a.at)
+    resumed_by: dict[str, list] = defaultdict(list)
+    for j in jobs:
+        if j.resumed_from:
+            resumed_by[j.resumed_from].append(j)
+    slack = timedelta(seconds=slack_s)
+    info: dict[str, Counter] = defaultdict(Counter)
+
+    for job_id in record.submitted:
+        if job_id not in by_id:
+            out.append(("lost", job_id, "submitted (202 from the API) but no row"))
+
+    for job in jobs:
+        jid = job.id
+        evs = events_of[jid]
+        its = items_of[jid]
+        acts = acts_of[jid]
+        origin = ("submitted" if jid in record.submitted else
+                  "auto-resumed" if job.resumed_from else "orphan")
+        phase = record.submitted.get(jid, {}).get("phase", origin)
+        info["origin"][origin] += 1
+        info[f"outcome:{phase}"][(job.status, job.cancellation_reason, job.cancellation_source)
+                                 if job.status == "cancelled" else (job.status, None, None)] += 1
+
+        parked_at = (parked or {}).get(jid)
+        if parked_at is not None:
+            info["parked"][job.status] += 1
+        if job.status not in TERMINAL:
+            why = ""
+            if origin == "orphan" and record.redis_restart and (
+                    record.redis_restart[0] - slack <= job.created_at <= record.redis_restart[1] + slack):
+                why = "; made during the Redis outage by a submit that answered 500, never enqueued"
+            if parked_at is not None:
+                why += (f"; its message was delivered at {parked_at.isoformat()} and sits in kombu's unacked "
+                        "hash (redelivered after the 12 h visibility timeout)")
+            out.append(("non-terminal", jid, f"{origin} job still {job.status} "
+                        f"(events: {[e.kind for e in evs]}){why}"))
+            continue
+
+        if origin == "orphan" and job.status == "failed" and (job.error or "").startswith("could not enqueue"):
+            # its submit answered 503 (Redis away) and the row was ended at once: the honest outcome
+            info["refused-at-submit"][job.status] += 1
+            if [e.kind for e in evs if e.kind in TERMINAL] != ["failed"]:
+                out.append(("terminal-events", jid, "refused at submit, yet not exactly one `failed` event"))
+            continue
+
+        terminal = [e.kind for e in evs if e.kind in TERMINAL]
+        if terminal != [job.status]:
+            out.append(("terminal-events", jid, f"status {job.status}, terminal events {terminal}"))
+
+        # -- counts and partial results -------------------------------------------------------------
+        done = sorted(i.index for i in its if i.status == "done")
+        failed = sorted(i.index for i in its if i.status == "failed")
+        if (job.completed_items, job.failed_items) != (len(done), len(failed)):
+            out.append(("item-counts", jid, f"row says {job.completed_items} done / {job.failed_items} failed, "
+                        f"job_items have {len(done)} / {len(failed)}"))
+        partial = partials.get(jid)
+        if partial is None:
+            out.append(("partial-results", jid, "no answer from GET /partial-results"))
+        else:
+            want_status = "complete" if job.status == "completed" else ("partial" if done else "empty")
+            got = (partial.get("job_status"), partial.get("status"), partial.get("completed_items"),
+                   [r.get("index") for r in partial.get("results", [])],
+                   sorted(f.get("index") for f in partial.get("failed_items", [])), partial.get("total_items"))
+            want = (job.status, want_status, len(done), done, failed, job.total_items)
+            if got != want:
+                out.append(("partial-results", jid, f"API {got} != rows {want}"))
+
+        state = states.get(jid)
+        info["celery-state"][(job.status, state)] += 1
+        meta = (celery_meta or {}).get(jid, {})
+        done_at = datetime.fromisoformat(meta["date_done"]) if meta.get("date_done") else None
+        if done_at is not None and done_at.tzinfo is None:
+            done_at = done_at.replace(tzinfo=job.created_at.tzinfo)
+        during_outage = record.redis_restart is not None and any(
+            t is not None and record.redis_restart[0] - slack <= t <= record.redis_restart[1] + 10 * slack
+            for t in (job.finished_at, done_at if meta.get("exc_type") in OUTAGE_ERRORS else None))
+        expected = {"completed": {"SUCCESS"}, "cancelled": {"REVOKED"}, "failed": {"FAILURE"}}[job.status]
+        if job.status == "failed" and any(a.kind.startswith("flower") for a in acts):
+            expected = expected | {"REVOKED"}  # a revoke of its requeued message after it failed
+        if state not in expected:
+            if during_outage and state == "FAILURE":
+                # Celery could not store the result while Redis (its result backend) was away and
+                # records the ConnectionError as FAILURE once back: Celery's doing; reported only
+                info["celery-state-outage"][(job.status, state)] += 1
+            else:
+                note = (f"; its message was delivered at {parked_at.isoformat()} and never acked (parked in "
+                        "kombu's unacked hash)" if parked_at is not None else "")
+                out.append(("celery-state", jid, f"row {job.status}, Celery result {state}{note}"))
+
+        # -- who asked it to stop -------------------------------------------------------------------
+        requests = [e for e in evs if e.kind == "cancel_requested"]
+        allowed: set[tuple[str, str]] = {(a.reason, a.source) for a in acts if a.source}
+        for ev in requests:
+            pair = (ev.reason, ev.source)
+            if pair in allowed:
+                continue
+            if pair == DEADLINE and job.deadline_s:
+                due = job.created_at + timedelta(seconds=job.deadline_s)
+                if ev.at >= due - timedelta(seconds=0.05):
+                    continue
+                out.append(("unexpected-request", jid, f"deadline cancel at {ev.at.isoformat()} before the "
+                            f"deadline {due.isoformat()}"))
+                continue
+            if pair == SHUTDOWN:
+                node = _node(ev.actor)
+                if any(r["worker"] == node and r["began"] - slack <= ev.at <= r["exited"] + slack
+                       for r in record.restarts):
+                    info["shutdown-requests"][node] += 1
+                    continue
+                out.append(("unexpected-request", jid, f"worker_shutdown cancel by {ev.actor} at "
+                            f"{ev.at.isoformat()} outside any restart of that worker"))
+                continue
+            out.append(("unexpected-request", jid, f"cancel_requested {pair} by {ev.actor}; the harness sent "
+                        f"{sorted(allowed) or 'nothing'}{' (deadline job)' if job.deadline_s else ''}"))
+
+        first = requests[0] if requests else None
+        lost_evidence = [(e.kind, e.at) for e in evs if e.kind == "requeued" or (
+            e.kind == "cancel_observed" and e.source == "worker_lost")]
+        if job.status == "failed" and LOST.search(job.error or ""):
+            lost_evidence.append(("failed (lost)", job.finished_at))
+        killed_here = [a for a in acts if a.kind == "sigkill"]
+        for kind, at in lost_evidence:
+            if killed_here:
+                break
+            if any(at - timedelta(seconds=20) <= k.at <= at + slack for k in kills):
+                info["kills"]["collateral (the killed process had moved on to this job)"] += 1
+                continue
+            out.append(("lost-without-kill", jid, f"{kind} at {at.isoformat()} with no SIGKILL by the "
+                        "harness near that time"))
+        started = sum(e.kind == "started" for e in evs)
+        requeued = sum(e.kind == "requeued" for e in evs)
+        if started > 1 + requeued and not (killed_here or lost_evidence):
+            out.append(("duplicate-run", jid, f"started {started} times, requeued {requeued} times, never "
+                        f"killed: {[(e.kind, e.actor, e.detail) for e in evs if e.kind == 'started']}"))
+
+        if job.status == "cancelled":
+            if first is None:
+                out.append(("reason-source", jid, f"cancelled ({job.cancellation_reason}/"
+                            f"{job.cancellation_source}) with no cancel_requested event"))
+            elif (job.cancellation_reason, job.cancellation_source) != (first.reason, first.source):
+                out.append(("reason-source", jid, f"ended {job.cancellation_reason}/{job.cancellation_source}, "
+                            f"first request was {first.reason}/{first.source} by {first.actor}; requests: "
+                            f"{[(e.reason, e.source, e.actor) for e in requests]}"))
+            # a job cancelled while queued is never observed at a checkpoint: its request is the bound
+            bound = job.cancel_observed_at or job.cancel_requested_at
+            if bound is None:
+                out.append(("items-after-cancel", jid, "cancelled with neither cancel_observed_at nor "
+                            "cancel_requested_at"))
+            else:
+                late = [i.index for i in its if i.finished_at > bound]
+                if late:
+                    out.append(("items-after-cancel", jid, f"items {late} finished after the cancel was "
+                                f"{'observed' if job.cancel_observed_at else 'requested (queued job)'}"))
+            if first is not None and (first.detail or {}).get("status") == "cancelled":
+                # the request ended the job as *queued*: it must have been queued (never started, or
+                # requeued since its last start), and must not start afterwards
+                before = [e for e in evs if e.id < first.id and e.kind in ("started", "requeued")]
+                if before and before[-1].kind == "started":
+                    out.append(("queued-cancel-ran", jid, f"the {first.reason}/{first.source} request (event "
+                                f"{first.id}) ended it as a queued job, but the worker's start (event "
+                                f"{before[-1].id}, started_at {job.started_at}) "
+                                f"was committed before it; cancel_observed_at {job.cancel_observed_at}, items written "
+                                f"after: {[i.index for i in its if i.finished_at > job.finished_at]}"))
+                after = [e for e in evs if e.kind == "started" and e.id > first.id]
+                if after:
+                    out.append(("queued-cancel-ran", jid, "cancelled while queued, started afterwards"))
+            if job.resumable != (job.cancellation_reason in RESUMABLE):
+                queued = first is not None and (first.detail or {}).get("status") == "cancelled"
+                out.append(("resumable", jid, f"cancelled for {job.cancellation_reason} "
+                            f"({'queued' if queued else 'running'} when asked), resumable={job.resumable}"))
+        elif job.status == "completed":
+            if job.cancellation_reason is not None:
+                out.append(("completed-with-reason", jid, f"completed, yet cancellation_reason="
+                            f"{job.cancellation_reason!r} source={job.cancellation_source!r} "
+                            f"(a cancel that lost to completion: {[(e.reason, e.source) for e in requests]})"))
+            if job.completed_items + job.failed_items != job.total_items:
+                out.append(("item-counts", jid, f"completed with {job.completed_items}+{job.failed_items} of "
+                            f"{job.total_items} items"))
+            if not requests and not acts and not job.deadline_s:
+                info["untouched"]["completed"] += 1
+        elif job.status == "failed":
+            m = LOST.search(job.error or "")
+            if not m:
+                out.append(("failed", jid, f"failed: {job.error!r}"))
+            elif not (killed_here or lost_evidence) or requeued < int(m.group(1)) - 1:
+                out.append(("failed", jid, f"{job.error!r} but killed {len(killed_here)}x, requeued {requeued}x"))
+            elif requests:
+                out.append(("failed", jid, f"{job.error!r} although a cancel had been requested "
+                            f"({first.reason}/{first.source}): should end cancelled"))
+        if job.status != "completed" and not requests and not acts and not job.deadline_s and not lost_evidence:
+            out.append(("untouched", jid, f"nothing stopped it, yet it ended {job.status} ({job.error})"))
+
+        # -- auto-resume after a warm restart -------------------------------------------------------
+        if (job.status == "cancelled" and (job.cancellation_reason, job.cancellation_source) == SHUTDOWN
+                and first is not None):
+            node = _node(first.actor)
+            if any(r["worker"] == node for r in record.restarts):
+                children = resumed_by.get(jid, [])
+                if len(children) != 1:
+                    out.append(("auto-resume", jid, f"stopped by the restart of {node}, resumed "
+                                f"{len(children)} times"))
+                else:
+                    info["auto-resume"]["resumed"] += 1
+                    child_done = {i.index for i in items_of[children[0].id] if i.status == "done"}
+                    if not set(done) <= child_done:
+                        out.append(("auto-resume", jid, f"resumed as {children[0].id} without items "
+                                    f"{sorted(set(done) - child_done)}"))
+        if len(resumed_by.get(jid, [])) > 1:
+            out.append(("auto-resume", jid, f"resumed {len(resumed_by[jid])} times"))
+    return out, info
+
+
+def race_summary(record: Record, jobs: list, events: list) -> Counter:
+    """How each cancel-vs-complete race came out."""
+    race_ids = {j for j, meta in record.submitted.items() if meta.get("phase") == "race"}
+    events_of: dict[str, list] = defaultdict(list)
+    for ev in sorted(events, key=lambda e: e.id):
+        if ev.job_id in race_ids:
+            events_of[ev.job_id].append(ev)
+    summary: Counter = Counter()
+    for job in jobs:
+        if job.id not in race_ids:
+            continue
+        evs = events_of[job.id]
+        requests = [e for e in evs if e.kind == "cancel_requested"]
+        started = any(e.kind == "started" for e in evs)
+        terminal = [e.kind for e in evs if e.kind in TERMINAL]
+        summary["jobs"] += 1
+        summary[job.status] += 1
+        summary[("how", record.submitted[job.id].get("how"), job.status)] += 1
+        if len(terminal) > 1:
+            summary["two terminal states"] += 1
+        if job.status == "cancelled":
+            if (requests[0].detail or {}).get("status") == "cancelled" if requests else False:
+                summary["cancelled while queued (never ran)"] += 1
+            else:
+                summary["cancelled while running (at a checkpoint)"] += 1
+        elif job.status == "completed":
+            if requests:
+                summary["completed: the cancel lost to completion"] += 1
+            else:
+                summary["completed: the cancel came after the end (400)"] += 1
+        if not started and job.status != "cancelled":
+            summary["ended without starting (unexpected)"] += 1
+    return summary
