@@ -15,7 +15,6 @@ machine it ran on, to bench/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -273,8 +272,6 @@ def bench_cancel_latency(sizes: Sizes, report: Report) -> None:
     from db.models import Job
     from db.session import get_engine, session_scope
     from tasks.errors import AndonError
-    from tasks.store import get_redis
-    from tasks.token import CancelRequest
 
     engine = get_engine()
     rng = random.Random(1)
@@ -315,10 +312,7 @@ def bench_cancel_latency(sizes: Sizes, report: Report) -> None:
 
     with session_scope() as session:
         jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(finished)))}
-    # the winning request in Redis is stamped by CancellationStore.cancel, just before the token is set
-    raws = get_redis().mget([f"andon:cancel:{job_id}" for job_id in finished]) if finished else []
-    token_at = {job_id: CancelRequest.from_json(json.loads(raw)).at for job_id, raw in zip(finished, raws) if raw}
-    observe, stamped, visible, client, call, row_part, token_part = [], [], [], [], [], [], []
+    observe, stamped, visible, client, call = [], [], [], [], []
     not_cancelled = 0
     for job_id in finished:
         job, st = jobs[job_id], state[job_id]
@@ -330,9 +324,6 @@ def bench_cancel_latency(sizes: Sizes, report: Report) -> None:
         visible.append(max(0.0, (st["visible_at"] - job.cancel_observed_at).total_seconds()))
         client.append(max(0.0, (st["visible_at"] - st["returned_at"]).total_seconds()))
         call.append((st["returned_at"] - job.cancel_requested_at).total_seconds())
-        if job_id in token_at:
-            row_part.append((token_at[job_id] - job.cancel_requested_at).total_seconds())
-            token_part.append((job.cancel_observed_at - token_at[job_id]).total_seconds())
     if not observe:
         raise RuntimeError("no job was cancelled while running")
     say(f"cancel latency: {len(observe)} andon cancels done; now {sizes.abortable_cancels} AbortableTask aborts")
@@ -343,8 +334,6 @@ def bench_cancel_latency(sizes: Sizes, report: Report) -> None:
     s50, s99 = p50_p99_ms(stamped)
     c50, c99 = p50_p99_ms(client)
     k50, k99 = p50_p99_ms(call)
-    r50, r99 = p50_p99_ms(row_part)
-    t50, t99 = p50_p99_ms(token_part)
     b50, b99 = p50_p99_ms(base)
     n = len(observe)
     enough = n >= sizes.cancels
@@ -353,10 +342,6 @@ def bench_cancel_latency(sizes: Sizes, report: Report) -> None:
             f"AbortableTask abort() → seen: {b50:.1f} / {b99:.1f} ms (n={len(base)})",
             f"p99 {b99 / o99:.1f}× faster; {o99 / GOAL_OBSERVE_P99_MS:.2f} of goal",
             f"p99 ≤ {GOAL_OBSERVE_P99_MS:.0f} ms", o99 <= GOAL_OBSERVE_P99_MS and enough),
-        Row("  of which: request → token set (job row written first)", f"{r50:.2f} / {r99:.2f} ms", "—", "—", "—",
-            None),
-        Row("  of which: token set → observed (pub/sub → watcher → checkpoint)", f"{t50:.2f} / {t99:.2f} ms", "—",
-            "—", "—", None),
         Row(f"observed → terminal row committed, p50 / p99 (n={n})", f"{v50:.2f} / {v99:.2f} ms",
             f"(row stamps, pre-commit: {s50:.2f} / {s99:.2f} ms)", f"{v99 / GOAL_TERMINAL_P99_MS:.2f} of goal",
             f"p99 ≤ {GOAL_TERMINAL_P99_MS:.0f} ms", v99 <= GOAL_TERMINAL_P99_MS and enough),
@@ -365,8 +350,8 @@ def bench_cancel_latency(sizes: Sizes, report: Report) -> None:
     ]
     report.extra["latency"] = {
         "cancels": n, "not_cancelled": not_cancelled, "observe_ms": (o50, o99), "visible_ms": (v50, v99),
-        "stamped_ms": (s50, s99), "client_ms": (c50, c99), "call_ms": (k50, k99), "row_ms": (r50, r99),
-        "token_ms": (t50, t99), "abortable_ms": (b50, b99), "abortable_n": len(base)}
+        "stamped_ms": (s50, s99), "client_ms": (c50, c99), "call_ms": (k50, k99),
+        "abortable_ms": (b50, b99), "abortable_n": len(base)}
     if not_cancelled:
         report.notes.append(f"{not_cancelled} latency jobs ended other than cancelled and were left out")
 
@@ -814,8 +799,7 @@ same documents with no token, no job row and no per-item commit, and returns the
   committed, it is cancelled with `api.service.cancel_job` at a random moment within the next item.
   The figure is `cancel_observed_at − cancel_requested_at` from the job row — both stamped on this
   machine's clock: the request when `request_cancel` begins, the observation when the job's
-  checkpoint raised. The two rows under it split it at the moment the token was set (the winning
-  request's time in Redis, `andon:cancel:<id>`): `request_cancel` writes the job row first, then sets
+  checkpoint raised; it includes writing the job row, which `request_cancel` does before it sets
   the token. Goal: p99 ≤ 10 ms. Baseline: 60 of the same jobs as `AbortableTask`s, `abort()`ed at a
   random moment of an item once one is done; latency = `time.time()` when the task saw
   `is_aborted()` − `time.time()` just before `abort()`. It is bounded by the stage sleep it can't
@@ -867,12 +851,11 @@ def analysis_lines(report: Report) -> list[str]:
     lat = report.extra.get("latency")
     if lat:
         out.append(
-            f"cancel → observed {lat['observe_ms'][0]:.1f} / {lat['observe_ms'][1]:.1f} ms (p50 / p99) is two "
-            f"halves: `request_cancel` first commits the job row (`cancelling` + a `cancel_requested` event) and "
-            f"only then sets the token — {lat['row_ms'][0]:.1f} / {lat['row_ms'][1]:.1f} ms; from the token to "
-            f"the job's checkpoint (Lua `SET NX` + `PUBLISH`, the worker's watcher thread, `token.wait()` "
-            f"waking) — {lat['token_ms'][0]:.1f} / {lat['token_ms'][1]:.1f} ms. The whole `cancel_job()` call "
-            f"takes {lat['call_ms'][0]:.1f} / {lat['call_ms'][1]:.1f} ms (it also looks for child jobs).")
+            f"cancel → observed {lat['observe_ms'][0]:.1f} / {lat['observe_ms'][1]:.1f} ms (p50 / p99): "
+            f"`request_cancel` first commits the job row (`cancelling` + a `cancel_requested` event; the row "
+            f"decides which request wins), then sets the token (Lua `SET NX` + `PUBLISH`), which the worker's "
+            f"watcher thread hands to the job's `token.wait()`. The whole `cancel_job()` call takes "
+            f"{lat['call_ms'][0]:.1f} / {lat['call_ms'][1]:.1f} ms (it also looks for child jobs).")
     br = report.extra.get("breakdown")
     tp = report.extra.get("throughput", {})
     if br:
