@@ -97,14 +97,9 @@ def _free_port() -> int:
 
 
 def configure_env(home: Path, redis_port: int) -> None:
-    url = f"redis://127.0.0.1:{redis_port}/0"
-    os.environ.update(
-        ANDON_HOME=str(home),
-        ANDON_REDIS_URL=url,
-        ANDON_BROKER_URL=url,
-        ANDON_DATABASE_URL=f"sqlite:///{home / 'andon.db'}",
-        ANDON_AUTO_RESUME="0",
-    )
+    from tasks.settings import embedded_env
+
+    os.environ.update(embedded_env(home, redis_port), ANDON_AUTO_RESUME="0")
     for var in ("ANDON_API_TOKEN", "ANDON_API_URL", "ANDON_JOB_TIME_LIMIT_S", "ANDON_JOB_SOFT_TIME_LIMIT_S",
                 "ANDON_MAX_JOB_RSS_MB"):
         os.environ.pop(var, None)

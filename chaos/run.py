@@ -87,12 +87,10 @@ def _free_port() -> int:
 
 def configure_env(home: Path, redis_port: int, flower_auth: str) -> None:
     """Before any andon import: its settings are read once (lru_cache)."""
-    url = f"redis://127.0.0.1:{redis_port}/0"
+    from tasks.settings import embedded_env
+
     os.environ.update(
-        ANDON_HOME=str(home),
-        ANDON_REDIS_URL=url,
-        ANDON_BROKER_URL=url,
-        ANDON_DATABASE_URL=f"sqlite:///{home / 'andon.db'}",
+        embedded_env(home, redis_port),
         ANDON_FLOWER_BASIC_AUTH=flower_auth,
         ANDON_AUTO_RESUME="1",
     )

@@ -112,6 +112,14 @@ class Settings(BaseSettings):
         return self.home_dir / "tmp" / "jobs"
 
 
+def embedded_env(home: Path, redis_port: int) -> dict[str, str]:
+    """The ``ANDON_*`` variables for a stack of one Redis and a SQLite file under ``home`` — what
+    ``andon up``, the test session, the benchmark and the chaos harness each run on."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    return {"ANDON_HOME": str(home), "ANDON_REDIS_URL": url, "ANDON_BROKER_URL": url,
+            "ANDON_DATABASE_URL": f"sqlite:///{Path(home) / 'andon.db'}"}
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()

@@ -12,15 +12,11 @@ import tempfile
 from pathlib import Path
 
 from api.stack import free_port
+from tasks.settings import embedded_env
 
 HOME = Path(tempfile.mkdtemp(prefix="andon-test-"))
 REDIS_PORT = free_port()
-os.environ.update(
-    ANDON_HOME=str(HOME),
-    ANDON_REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/0",
-    ANDON_BROKER_URL=f"redis://127.0.0.1:{REDIS_PORT}/0",
-    ANDON_DATABASE_URL=f"sqlite:///{HOME / 'andon.db'}",
-)
+os.environ.update(embedded_env(HOME, REDIS_PORT))
 for var in ("ANDON_API_TOKEN", "ANDON_API_URL"):
     os.environ.pop(var, None)
 
