@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobItem, utcnow
@@ -150,11 +150,6 @@ def copy_done_items(session: Session, from_job: str, to_job: str) -> int:
 
 def finished_indexes(session: Session, job_id: str) -> set[int]:
     return set(session.scalars(select(JobItem.index).where(JobItem.job_id == job_id)))
-
-
-def count_by_status(session: Session) -> dict[str, int]:
-    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
-    return {status: n for status, n in rows}
 
 
 def create_job(

@@ -60,7 +60,6 @@ class Settings(BaseSettings):
     #: Longest wait for the next streamed token before the item fails.
     llm_timeout_s: float = 60.0
 
-    worker_concurrency: int = Field(default=2, ge=1)
 
     def tenant_for(self, token: str | None) -> str | None:
         """The tenant an API token belongs to (None if it belongs to none)."""

@@ -167,10 +167,6 @@ class TokenWatcher:
         with self._lock:
             self._tokens.pop(job_id, None)
 
-    def active_tokens(self) -> list[CancellationToken]:
-        with self._lock:
-            return list(self._tokens.values())
-
     def stop(self) -> None:
         self._stop.set()
 
