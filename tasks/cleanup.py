@@ -40,6 +40,10 @@ class CleanupManager:
         self.register(lambda: path.unlink(missing_ok=True), f"remove file {path}")
         return path
 
+    @property
+    def done(self) -> bool:
+        return self._done
+
     def run(self) -> list[str]:
         """Run every action in reverse order of registration; return one line per failure."""
         if self._done:

@@ -152,6 +152,8 @@ def finalize_stopped(
         job = session.get(Job, job_id)
         if job is None or JobStatus(job.status).is_terminal:
             return False
+        # tidy before the terminal row is committed: whoever sees the job ended sees it cleaned up
+        shutil.rmtree(get_settings().jobs_tmp_dir / job_id, ignore_errors=True)
         finished = job_rows.finished_indexes(session, job_id)
         at_item = next((i for i in range(job.total_items) if i not in finished), None)
         if fail_with is not None and first is None:
@@ -165,7 +167,6 @@ def finalize_stopped(
                 cancel_requested_at=job.cancel_requested_at or request.at, cancel_observed_at=now,
                 cancelled_at_item=at_item, resumable=request.reason in RESUMABLE_REASONS,
             )
-    shutil.rmtree(get_settings().jobs_tmp_dir / job_id, ignore_errors=True)
     if won:
         settle_children(job_id)
     return won

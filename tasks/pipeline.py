@@ -144,23 +144,31 @@ def run_job(job_id: str) -> JobOutcome:
                           reason=CancellationReason(row.cancellation_reason) if row.cancellation_reason else None)
 
     settings = get_settings()
-    cleanup = CleanupManager()
-    cleanup.register(lambda: watcher.unwatch(job_id), "unwatch token")
+    cleanup = CleanupManager()  # what the job acquired: released before its terminal row is committed
     ladder = Ladder(float(job.options.get("escalate_after_s") or settings.escalate_after_s),
                     float(job.options.get("kill_after_s") or settings.kill_after_s))
     monitor = JobMonitor(job_id, token, settings.heartbeat_s,
                          job.options.get("max_rss_mb") or settings.max_job_rss_mb, ladder)
     monitor.start()
-    cleanup.register(monitor.stop, "stop job monitor")
     deadline = _start_deadline(job)
-    if deadline is not None:
-        cleanup.register(deadline.cancel, "cancel deadline timer")
     cleanup.temp_dir(settings.jobs_tmp_dir / job_id)  # the job's scratch space, gone on every exit path
     delay = float(job.options.get("stage_delay_s") or 0)
     block = float(job.options.get("stage_block_s") or 0)
     spin = float(job.options.get("stage_spin_s") or 0)
     index: int | None = None
     stage: Stage | None = None
+
+    def release() -> None:
+        """Clean up *before* the terminal row is committed: whoever sees a job ended sees it tidy."""
+        if cleanup.done:
+            return
+        errors = cleanup.run()
+        errors += [f"token callback: {e!r}" for e in token.callback_errors]
+        if errors:
+            log.warning("cleanup of job %s: %s", job_id, errors)
+            with session_scope() as session:
+                job_rows.add_event(session, job_id, EventKind.CLEANUP_FAILED, detail={"errors": errors})
+
     try:
         with session_scope() as session:
             finished = job_rows.finished_indexes(session, job_id)
@@ -197,15 +205,18 @@ def run_job(job_id: str) -> JobOutcome:
             with session_scope() as session:
                 job_rows.record_item(session, job_id, index, stage.value, ItemStatus.DONE,
                                      result=value, started_at=started_at)
+        release()
         return _finish_ran_through(job_id)
     except CancellationError as error:
         monitor.observed.set()
         if isinstance(error, ForcedCancellation):
             error = token.error()
+        release()
         _finish_cancelled(job_id, error, index, stage)
         return JobOutcome(job_id, JobStatus.CANCELLED, ran=True, reason=error.reason)
     except BaseException as exc:
         monitor.observed.set()
+        release()
         if token.is_cancelled:  # torn down after a cancel was requested: that cancel is why
             _finish_cancelled(job_id, token.error(), index, stage)
         elif not isinstance(exc, SystemExit):
@@ -213,13 +224,13 @@ def run_job(job_id: str) -> JobOutcome:
                 job_rows.transition(session, job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        errors = cleanup.run()
-        if token.callback_errors:
-            errors += [f"token callback: {e!r}" for e in token.callback_errors]
-        if errors:
-            log.warning("cleanup of job %s: %s", job_id, errors)
-            with session_scope() as session:
-                job_rows.add_event(session, job_id, EventKind.CLEANUP_FAILED, detail={"errors": errors})
+        release()  # a no-op when an exit path above already ran it
+        # the job's own machinery stops only now: its heartbeat lives until the row is terminal,
+        # so the reaper never mistakes a job that is finishing for a lost one
+        if deadline is not None:
+            deadline.cancel()
+        monitor.stop()
+        watcher.unwatch(job_id)
 
 
 def _spin(seconds: float) -> None:
