@@ -590,7 +590,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 def bench_breakdown(sizes: Sizes, report: Report) -> None:
     from db import jobs as job_rows
-    from db.session import session_scope
+    from db.session import session_scope, transaction
     from tasks import stages
     from tasks.vocabulary import ItemStatus
 
@@ -603,8 +603,8 @@ def bench_breakdown(sizes: Sizes, report: Report) -> None:
         t0 = time.perf_counter()
         value = stages.analyze_local(stages.embed(stages.parse(document)))
         t1 = time.perf_counter()
-        with session_scope() as session:
-            job_rows.record_item(session, job_id, index, "analyze", ItemStatus.DONE, result=value,
+        with transaction() as conn:
+            job_rows.record_item(conn, job_id, index, "analyze", ItemStatus.DONE, result=value,
                                  started_at=datetime.now(UTC))
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
@@ -821,7 +821,7 @@ same documents with no token, no job row and no per-item commit, and returns the
   started.
 * **where the time goes** (below the table) — the per-item steps of `run_job` replayed in the
   benchmark process (no worker): the stages, and the item's commit (`db.jobs.record_item` in its own
-  session), back to back and after 100 ms idle.
+  `db.session.transaction`), back to back and after 100 ms idle.
 
 """
 

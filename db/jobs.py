@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobItem, utcnow
@@ -110,8 +110,16 @@ def add_events(session: Session, rows: list[dict[str, Any]]) -> None:
         session.execute(insert(JobEvent), rows)
 
 
+_jobs, _items = Job.__table__, JobItem.__table__
+_INSERT_ITEM = insert(_items)
+_BUMP = {
+    status: update(_jobs).where(_jobs.c.id == bindparam("job")).values({column: column + 1})
+    for status, column in ((ItemStatus.DONE, _jobs.c.completed_items), (ItemStatus.FAILED, _jobs.c.failed_items))
+}
+
+
 def record_item(
-    session: Session,
+    conn: Connection,
     job_id: str,
     index: int,
     stage: str,
@@ -121,18 +129,15 @@ def record_item(
     error: str | None = None,
     started_at: datetime | None = None,
 ) -> None:
-    """Store one finished item and bump the job's counter in the same transaction (two plain
-    statements: this runs once per item, on the hot path)."""
-    session.execute(insert(JobItem).values(job_id=job_id, index=index, stage=stage, status=status.value,
-                                           result=result, error=error, started_at=started_at,
-                                           finished_at=utcnow()))
-    counter = Job.completed_items if status is ItemStatus.DONE else Job.failed_items
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values({counter: counter + 1})
-        .execution_options(synchronize_session=False)
-    )
+    """Store one finished item and bump the job's counter in the same transaction.
+
+    This runs once per item on the hot path, so it takes a plain connection (``db.session.transaction``)
+    and executes two prebuilt Core statements: an ORM session costs several times the SQL itself.
+    """
+    conn.execute(_INSERT_ITEM, {"job_id": job_id, "index": index, "stage": stage, "status": status.value,
+                                "result": result, "error": error, "started_at": started_at,
+                                "finished_at": utcnow()})
+    conn.execute(_BUMP[status], {"job": job_id})
 
 
 def copy_done_items(session: Session, from_job: str, to_job: str) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from db import jobs as job_rows
 from db.models import Job
-from db.session import session_scope
+from db.session import session_scope, transaction
 from tasks import stages
 from tasks.cleanup import CleanupManager
 from tasks.control import request_cancel
@@ -190,20 +190,20 @@ def run_job(job_id: str) -> JobOutcome:
                         _spin(spin)  # deaf to the token, like a stuck Python loop
                     value = run_stage(value)
             except StreamCancelled as cancelled:  # keep what the model had said, marked as cut short
-                with session_scope() as session:
-                    job_rows.record_item(session, job_id, index, stage.value, ItemStatus.FAILED,
+                with transaction() as conn:
+                    job_rows.record_item(conn, job_id, index, stage.value, ItemStatus.FAILED,
                                          result=cancelled.partial, error="cancelled mid-stream",
                                          started_at=started_at)
                 raise
             except CancellationError:
                 raise
             except Exception as exc:
-                with session_scope() as session:
-                    job_rows.record_item(session, job_id, index, stage.value, ItemStatus.FAILED,
+                with transaction() as conn:
+                    job_rows.record_item(conn, job_id, index, stage.value, ItemStatus.FAILED,
                                          error=f"{type(exc).__name__}: {exc}", started_at=started_at)
                 continue
-            with session_scope() as session:
-                job_rows.record_item(session, job_id, index, stage.value, ItemStatus.DONE,
+            with transaction() as conn:
+                job_rows.record_item(conn, job_id, index, stage.value, ItemStatus.DONE,
                                      result=value, started_at=started_at)
         release()
         return _finish_ran_through(job_id)

@@ -11,7 +11,7 @@ from sqlalchemy import inspect, select
 from db import jobs as job_rows
 from db.migrate import downgrade, upgrade
 from db.models import Job, JobEvent
-from db.session import get_engine, session_scope
+from db.session import get_engine, session_scope, transaction
 from tasks.vocabulary import ItemStatus, JobStatus
 
 
@@ -96,8 +96,8 @@ def test_item_counters_are_exact_under_concurrent_writers(db_url):
 
     def write(indexes):
         for i in indexes:
-            with session_scope(db_url) as session:
-                job_rows.record_item(session, job_id, i, "analyze",
+            with transaction(db_url) as conn:
+                job_rows.record_item(conn, job_id, i, "analyze",
                                      ItemStatus.DONE if i % 4 else ItemStatus.FAILED, result={"i": i})
 
     threads = [threading.Thread(target=write, args=(range(k, 40, 4),)) for k in range(4)]
