@@ -12,7 +12,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import metrics
 from api.routes import jobs
-from tasks.errors import AndonError, BrokerUnavailable, InvalidParent, JobAlreadyTerminal, JobNotFound, NotResumable
+from tasks.errors import (
+    AndonError,
+    BrokerUnavailable,
+    InvalidParent,
+    InvalidTag,
+    JobAlreadyTerminal,
+    JobNotFound,
+    NotResumable,
+)
 from tasks.settings import get_settings
 
 log = logging.getLogger("andon.api")
@@ -42,6 +50,7 @@ _ERROR_STATUS: dict[type[AndonError], int] = {
     NotResumable: 400,
     BrokerUnavailable: 503,
     InvalidParent: 422,
+    InvalidTag: 422,
 }
 
 

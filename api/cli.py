@@ -125,6 +125,7 @@ def submit(
     stage_delay: Annotated[float, typer.Option(min=0.0, help="Simulated seconds per stage.")] = 0.0,
     deadline: Annotated[Optional[float], typer.Option(min=0.001, help="Cancel with 'timeout' after this many seconds.")] = None,
     parent: Annotated[Optional[str], typer.Option(help="Run after this job completes.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(help="A label to find or cancel the job by (repeatable).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Submit a pipeline job over DOCUMENTS (or a file)."""
@@ -135,7 +136,7 @@ def submit(
     if not docs:
         raise UsageMistake("no documents: pass them as arguments or with --file")
     answer = service.submit_job(docs, {"stage_delay_s": stage_delay}, deadline, actor="cli", parent_job_id=parent,
-                                tenant=_tenant())
+                                tenant=_tenant(), tags=tag)
     if json_out:
         views.print_json(answer)
     else:
@@ -152,11 +153,12 @@ def _read(path: Path) -> str:
 @cli.command("ls")
 def list_jobs(
     status: Annotated[Optional[str], typer.Option(help="Only jobs in this status.")] = None,
+    tag: Annotated[Optional[str], typer.Option(help="Only jobs with this tag.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
     json_out: JsonOpt = False,
 ) -> None:
     """List jobs, newest first."""
-    jobs = service.list_jobs(_choice(status, JobStatus, "status"), limit, tenant=_tenant())
+    jobs = service.list_jobs(_choice(status, JobStatus, "status"), limit, tenant=_tenant(), tag=tag)
     views.print_json(jobs) if json_out else views.print_jobs(console, jobs)
 
 
@@ -174,17 +176,18 @@ def cancel(
     message: Annotated[Optional[str], typer.Option(help="Why, in words; stored with the job.")] = None,
     status: Annotated[Optional[str], typer.Option(help="With --all: cancel every job in this status.")] = None,
     parent: Annotated[Optional[str], typer.Option(help="With --all: cancel every unfinished child of this job.")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Cancel every job matching --status.")] = False,
+    tag: Annotated[Optional[str], typer.Option(help="With --all: cancel every unfinished job with this tag.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Cancel every job matching --status / --parent / --tag.")] = False,
     cascade: Annotated[bool, typer.Option("--cascade/--no-cascade", help="Also cancel unfinished child jobs.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
-    """Cancel jobs by id, or every job in a status with --status S --all."""
+    """Cancel jobs by id, or every unfinished job matching a filter with --all (--status, --parent, --tag)."""
     why = _choice(reason, CancellationReason, "reason")
     ids = list(job_ids or [])
-    if all_ or status or parent:
-        if not all_ or not (status or parent) or ids:
-            raise UsageMistake("use either job ids, or --status STATUS / --parent ID with --all")
-        bulk = service.cancel_matching(_choice(status, JobStatus, "status"), parent, why, message,
+    if all_ or status or parent or tag:
+        if not all_ or not (status or parent or tag) or ids:
+            raise UsageMistake("use either job ids, or --status STATUS / --parent ID / --tag TAG with --all")
+        bulk = service.cancel_matching(_choice(status, JobStatus, "status"), parent, tag, why, message,
                                        CancellationSource.CLI, actor="cli", tenant=_tenant())
         if json_out:
             views.print_json(bulk)
@@ -192,7 +195,7 @@ def cancel(
             console.print(f"{bulk.matched} matched: {bulk.cancelled} cancelled, {bulk.cancelling} cancelling")
         return
     if not ids:
-        raise UsageMistake("no job to cancel: pass job ids, or --status STATUS --all")
+        raise UsageMistake("no job to cancel: pass job ids, or --status STATUS / --tag TAG with --all")
     answers, failures = [], []
     for job_id in ids:
         try:

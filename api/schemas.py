@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from tasks.tags import MAX_TAGS, TAG_PATTERN
 from tasks.vocabulary import CancellationReason, JobStatus
 
 #: 30 days: longer than any job should be allowed to wait, and well inside what timers accept.
 MAX_SECONDS = 30 * 24 * 3600.0
+
+Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
 
 
 class JobOptions(BaseModel):
@@ -46,6 +49,8 @@ class SubmitRequest(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     #: Run after this job completes; cancelled (dependency_failed) if it fails or is cancelled.
     parent_job_id: str | None = Field(default=None, min_length=1, max_length=64)
+    #: Labels to find and bulk-cancel the job by (``batch-7``, ``customer:acme``).
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
 
 
 class SubmitResponse(BaseModel):
@@ -75,13 +80,14 @@ class BulkCancelRequest(BaseModel):
 
     status: Literal["pending", "running", "cancelling"] | None = None
     parent_job_id: str | None = None
+    tag: Tag | None = None
     reason: CancellationReason = CancellationReason.USER_REQUESTED
     message: str | None = Field(default=None, max_length=2000)
 
     @model_validator(mode="after")
     def needs_a_filter(self) -> BulkCancelRequest:
-        if self.status is None and self.parent_job_id is None:
-            raise ValueError("give at least one filter: status or parent_job_id")
+        if self.status is None and self.parent_job_id is None and self.tag is None:
+            raise ValueError("give at least one filter: status, parent_job_id or tag")
         return self
 
 
@@ -124,6 +130,7 @@ class JobView(BaseModel):
     cancel_latency: CancelLatency | None
     resumed_from: str | None
     parent_job_id: str | None
+    tags: list[str]
 
 
 class FailedItem(BaseModel):

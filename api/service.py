@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from redis.exceptions import RedisError
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from api.schemas import (
     BulkCancelResponse,
@@ -23,12 +24,13 @@ from api.schemas import (
     SubmitResponse,
 )
 from db import jobs as job_rows
-from db.models import Job, JobItem
+from db.models import Job, JobItem, JobTag
 from db.session import session_scope
 from tasks import control, resume
 from tasks.control import cancel_children, enqueue, request_cancel, settle_children
 from tasks.errors import BrokerUnavailable, InvalidParent, JobNotFound
 from tasks.store import get_store
+from tasks.tags import check_tags
 from tasks.vocabulary import (
     CancellationReason,
     CancellationSource,
@@ -69,6 +71,7 @@ def _view(job: Job) -> JobView:
         cancel_latency=_latency(job),
         resumed_from=job.resumed_from,
         parent_job_id=job.parent_job_id,
+        tags=job.tags,
     )
 
 
@@ -94,6 +97,7 @@ def submit_job(
     queue: str | None = None,
     parent_job_id: str | None = None,
     tenant: str | None = None,
+    tags: list[str] | None = None,
 ) -> SubmitResponse:
     """Make the job row and token, commit, *then* enqueue (the worker must find the row).
 
@@ -102,6 +106,7 @@ def submit_job(
     """
     job_id = str(uuid.uuid4())
     options = options or {}
+    tags = check_tags(tags or [])
     with session_scope() as session:
         parent_status = None
         if parent_job_id is not None:
@@ -112,7 +117,8 @@ def submit_job(
             parent_status = JobStatus(parent.status)
         deferred = parent_status is not None and not parent_status.is_terminal
         job_rows.create_job(session, job_id, documents, options, deadline_s=deadline_s,
-                            parent_job_id=parent_job_id, deferred=deferred, tenant=tenant, actor=actor)
+                            parent_job_id=parent_job_id, deferred=deferred, tenant=tenant, tags=tags,
+                            actor=actor)
     try:
         get_store().create(job_id)
     except RedisError as exc:
@@ -163,9 +169,14 @@ def submit_chain(document_sets: list[list[str]], options: dict[str, Any] | None 
     return job_ids
 
 
-def list_jobs(status: JobStatus | None = None, limit: int = 50, tenant: str | None = None) -> list[JobView]:
+def list_jobs(status: JobStatus | None = None, limit: int = 50, tenant: str | None = None,
+              tag: str | None = None) -> list[JobView]:
+    if tag is not None:
+        check_tags([tag])
     with session_scope() as session:
-        query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
+        query = select(Job).options(selectinload(Job.tag_rows)).order_by(Job.created_at.desc(), Job.id).limit(limit)
+        if tag is not None:
+            query = query.where(Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)))
         if status is not None:
             query = query.where(Job.status == status.value)
         if tenant is not None:
@@ -196,13 +207,16 @@ def cancel_job(
 def cancel_matching(
     status: JobStatus | None = None,
     parent_job_id: str | None = None,
+    tag: str | None = None,
     reason: CancellationReason = CancellationReason.USER_REQUESTED,
     message: str | None = None,
     source: CancellationSource = CancellationSource.API,
     actor: str | None = None,
     tenant: str | None = None,
 ) -> BulkCancelResponse:
-    outcome = control.cancel_matching(status, parent_job_id, reason, message, source, actor, tenant=tenant)
+    if tag is not None:
+        check_tags([tag])
+    outcome = control.cancel_matching(status, parent_job_id, tag, reason, message, source, actor, tenant=tenant)
     return BulkCancelResponse(matched=outcome.matched, cancelled=outcome.cancelled, cancelling=outcome.cancelling)
 
 

@@ -42,6 +42,8 @@ def print_job(console: Console, job: Any) -> None:
         table.add_row("message", job.get("cancellation_message") or "-")
     table.add_row("items", f"{job['completed_items']} done, {job.get('failed_items', 0)} failed, "
                            f"{job['total_items']} total")
+    if job.get("tags"):
+        table.add_row("tags", ", ".join(job["tags"]))
     for key in ("created_at", "started_at", "cancel_requested_at", "cancel_observed_at", "finished_at"):
         if job.get(key):
             table.add_row(key.replace("_", " "), job[key])

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobEvent, JobItem, utcnow
+from db.models import Job, JobEvent, JobItem, JobTag, utcnow
 from tasks.token import CancelRequest
 from tasks.vocabulary import EventKind, ItemStatus, JobStatus
 
@@ -168,6 +168,7 @@ def create_job(
     resumed_from: str | None = None,
     deferred: bool = False,
     tenant: str | None = None,
+    tags: list[str] | tuple[str, ...] = (),
     actor: str | None = None,
 ) -> Job:
     job = Job(
@@ -184,6 +185,7 @@ def create_job(
         deferred=deferred,
         tenant=tenant,
         created_at=utcnow(),
+        tag_rows=[JobTag(tag=tag) for tag in dict.fromkeys(tags)],
     )
     session.add(job)
     session.flush()

@@ -1,4 +1,5 @@
-"""The three tables: a job, one row per finished item (the partial results), one row per event.
+"""The tables: a job, one row per finished item (the partial results), one row per event, and the
+labels a job was submitted with (its tags, for finding and bulk-cancelling a batch).
 
 Portable SQLAlchemy types only: the same models run on SQLite (embedded) and PostgreSQL.
 """
@@ -83,6 +84,11 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None]
 
     items: Mapped[list[JobItem]] = relationship(back_populates="job", order_by="JobItem.index")
+    tag_rows: Mapped[list[JobTag]] = relationship(order_by="JobTag.tag", cascade="all, delete-orphan")
+
+    @property
+    def tags(self) -> list[str]:
+        return [row.tag for row in self.tag_rows]
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
 
 
@@ -118,3 +124,13 @@ class JobEvent(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class JobTag(Base):
+    """A label a job was submitted with (``batch-7``, ``customer:acme``): a row each, so finding every
+    job with a tag is one indexed lookup on any database."""
+
+    __tablename__ = "job_tags"
+
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)

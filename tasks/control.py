@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select, update
 
 from db import jobs as job_rows
-from db.models import Job
+from db.models import Job, JobTag
 from db.session import session_scope
 from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound
 from tasks.settings import get_settings
@@ -231,6 +231,7 @@ class BulkCancelOutcome:
 def cancel_matching(
     status: JobStatus | None = None,
     parent_job_id: str | None = None,
+    tag: str | None = None,
     reason: CancellationReason = CancellationReason.USER_REQUESTED,
     message: str | None = None,
     source: CancellationSource = CancellationSource.API,
@@ -250,6 +251,8 @@ def cancel_matching(
         filters.append(Job.status == status.value)
     if parent_job_id is not None:
         filters.append(Job.parent_job_id == parent_job_id)
+    if tag is not None:
+        filters.append(Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)))
     if tenant is not None:
         filters.append(Job.tenant == tenant)
     with session_scope() as session:

@@ -73,5 +73,9 @@ class InvalidParent(AndonError):
     """``parent_job_id`` names no job the caller can see."""
 
 
+class InvalidTag(AndonError):
+    """A tag that breaks the rule in :mod:`tasks.tags`, or too many of them."""
+
+
 class NotResumable(AndonError):
     """The job can't be resumed (still running, completed, or stopped for a reason we don't resume)."""

@@ -47,7 +47,7 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
                 raise NotResumable(f"job {job_id} was already resumed as {existing}")
             job_rows.create_job(session, new_id, job.documents, job.options, deadline_s=job.deadline_s,
                                 parent_job_id=job.parent_job_id, resumed_from=job_id, tenant=job.tenant,
-                                actor=actor)
+                                tags=job.tags, actor=actor)
             reused = job_rows.copy_done_items(session, job_id, new_id)
             job_rows.add_event(session, new_id, EventKind.RESUMED, actor=actor,
                                detail={"resumed_from": job_id, "reused_items": reused})

@@ -59,3 +59,35 @@ def test_bulk_cancel_over_http_by_parent_and_status(api_client):
     running = api_client.post("/api/jobs/cancel", json={"status": "running"}).json()
     assert running["cancelling"] >= 1
     wait_terminal(parent)
+
+
+def test_tags_find_and_bulk_cancel_a_batch_over_http_and_the_cli(api_client):
+    from tests.test_cli import andon
+
+    batch_a = [api_client.post("/api/jobs", json={"documents": ["One. Two."] * 100, "tags": ["batch-a", "nightly"],
+                                                  "options": {"stage_delay_s": 0.05}}).json()["job_id"]
+               for _ in range(3)]
+    batch_b = [submit(100, stage_delay_s=0.05, tags=["batch-b"]) for _ in range(2)]
+    other = submit(100, stage_delay_s=0.05)
+
+    listed = api_client.get("/api/jobs", params={"tag": "batch-a", "limit": 1000}).json()
+    assert sorted(j["job_id"] for j in listed) == sorted(batch_a)
+    assert all(j["tags"] == ["batch-a", "nightly"] for j in listed)
+
+    answer = api_client.post("/api/jobs/cancel", json={"tag": "batch-a", "message": "bad batch"})
+    assert answer.status_code == 202 and answer.json()["matched"] == 3
+    cancelled = andon("cancel", "--all", "--tag", "batch-b")
+    assert cancelled.returncode == 0 and "2 matched" in cancelled.stdout, cancelled.stderr
+    for job_id in batch_a + batch_b:
+        assert wait_terminal(job_id).status == "cancelled"
+    assert api_client.get(f"/api/jobs/{other}").json()["status"] in ("pending", "running")
+    service.cancel_job(other)
+
+    # a bad tag is a clear 422 / one-line CLI message, and nothing is made
+    bad = api_client.post("/api/jobs", json={"documents": ["x"], "tags": ["no spaces"]})
+    assert bad.status_code == 422 and "tags" in bad.text
+    assert api_client.get("/api/jobs", params={"tag": "no spaces"}).status_code == 422
+    refused = andon("submit", "--tag", "no spaces", "some text")
+    assert refused.returncode != 0 and refused.stdout == ""
+    assert refused.stderr.strip().count("\n") == 0 and "invalid tag 'no spaces'" in refused.stderr
+    wait_terminal(other)

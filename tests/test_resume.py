@@ -23,7 +23,7 @@ from tests.procs import wait_for
 
 
 def _cancelled(reason=CancellationReason.TIMEOUT, n=20) -> str:
-    job_id = submit(n, stage_delay_s=0.02)
+    job_id = submit(n, stage_delay_s=0.02, tags=["batch-7"])
     wait_items(job_id, 4)
     service.cancel_job(job_id, reason)
     assert wait_terminal(job_id).status == "cancelled"
@@ -39,6 +39,7 @@ def test_resume_reuses_finished_items_and_never_reruns_them(worker, api_client):
     assert body["resumed_from"] == old and body["status"] == "pending" and body["job_id"] != old
     new = wait_terminal(body["job_id"])
     assert new.status == "completed" and new.resumed_from == old and new.completed_items == 20
+    assert api_client.get(f"/api/jobs/{new.id}").json()["tags"] == ["batch-7"]  # found by the same tag
     rows = items(new.id)
     assert sorted(r.index for r in rows) == list(range(20))
     ran_again = {r.index for r in rows if r.finished_at > new.started_at}  # executed by the new job

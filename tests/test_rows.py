@@ -25,11 +25,11 @@ def _new_job(url: str, status: JobStatus = JobStatus.PENDING) -> str:
 
 
 def test_migrations_upgrade_and_downgrade(db_url):
-    assert {"jobs", "job_items", "job_events"} <= set(inspect(get_engine(db_url)).get_table_names())
+    assert {"jobs", "job_items", "job_events", "job_tags"} <= set(inspect(get_engine(db_url)).get_table_names())
     downgrade(db_url)
-    assert not {"jobs", "job_items", "job_events"} & set(inspect(get_engine(db_url)).get_table_names())
+    assert not {"jobs", "job_items", "job_events", "job_tags"} & set(inspect(get_engine(db_url)).get_table_names())
     upgrade(db_url)
-    assert {"jobs", "job_items", "job_events"} <= set(inspect(get_engine(db_url)).get_table_names())
+    assert {"jobs", "job_items", "job_events", "job_tags"} <= set(inspect(get_engine(db_url)).get_table_names())
 
 
 @pytest.mark.parametrize(

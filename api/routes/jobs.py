@@ -22,6 +22,7 @@ from api.schemas import (
     SubmitRequest,
     SubmitResponse,
 )
+from tasks.tags import TAG_PATTERN
 from tasks.vocabulary import CancellationSource, JobStatus
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
@@ -34,14 +35,15 @@ BAD_BODY = {400: {"model": ErrorResponse, "description": "the body could not be 
              responses={**BAD_BODY, 422: {"description": "malformed body, or parent_job_id names no job"}})
 def submit(body: SubmitRequest, caller: WriterDep) -> SubmitResponse:
     return service.submit_job(body.documents, body.options.model_dump(exclude_none=True), body.deadline_s,
-                              actor=caller.actor, parent_job_id=body.parent_job_id, tenant=caller.tenant)
+                              actor=caller.actor, parent_job_id=body.parent_job_id, tenant=caller.tenant,
+                              tags=body.tags)
 
 
 @router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse, responses=BAD_BODY)
 def cancel_matching(body: BulkCancelRequest, caller: WriterDep) -> BulkCancelResponse:
     """Cancel every unfinished job matching the filter in one pass (queued ones never start)."""
     return service.cancel_matching(JobStatus(body.status) if body.status else None, body.parent_job_id,
-                                   body.reason, body.message, CancellationSource.API, actor=caller.actor,
+                                   body.tag, body.reason, body.message, CancellationSource.API, actor=caller.actor,
                                    tenant=caller.tenant)
 
 
@@ -50,8 +52,9 @@ def list_jobs(
     caller: ReaderDep,
     job_status: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    tag: Annotated[str | None, Query(pattern=TAG_PATTERN)] = None,
 ) -> list[JobView]:
-    return service.list_jobs(job_status, limit, tenant=caller.tenant)
+    return service.list_jobs(job_status, limit, tenant=caller.tenant, tag=tag)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
