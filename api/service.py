@@ -153,8 +153,6 @@ def submit_chain(document_sets: list[list[str]], options: dict[str, Any] | None 
     """
     from celery import chain
 
-    from tasks.jobs import analyze_documents
-
     options = options or {}
     job_ids = [str(uuid.uuid4()) for _ in document_sets]
     with session_scope() as session:
@@ -162,11 +160,39 @@ def submit_chain(document_sets: list[list[str]], options: dict[str, Any] | None 
             job_rows.create_job(session, job_id, documents, options, actor=actor,
                                 parent_job_id=job_ids[i - 1] if i else None)
     get_store().create_many(job_ids)
+    chain(_signature(job_id, options, queue) for job_id in job_ids).apply_async()
+    return job_ids
+
+
+def submit_chord(header_sets: list[list[str]], body_documents: list[str], options: dict[str, Any] | None = None,
+                 queue: str | None = None, actor: str | None = None) -> tuple[list[str], str]:
+    """Run header jobs in parallel, then a body job, as a Celery chord; returns (header ids, body id).
+
+    The body's row waits for every header job (``job_parents``): if any of them fails or is
+    cancelled, andon ends the body ``cancelled`` / ``dependency_failed`` at once, and Celery, once
+    every header has returned, marks the body FAILURE (ChordError) instead of running it.
+    """
+    from celery import chord
+
+    options = options or {}
+    header_ids = [str(uuid.uuid4()) for _ in header_sets]
+    body_id = str(uuid.uuid4())
+    with session_scope() as session:
+        for job_id, documents in zip(header_ids, header_sets):
+            job_rows.create_job(session, job_id, documents, options, actor=actor)
+        job_rows.create_job(session, body_id, body_documents, options, waits_for=header_ids, actor=actor)
+    get_store().create_many([*header_ids, body_id])
+    chord(_signature(job_id, options, queue) for job_id in header_ids)(_signature(body_id, options, queue))
+    return header_ids, body_id
+
+
+def _signature(job_id: str, options: dict[str, Any], queue: str | None):
+    """The pipeline task for one job row, as a Celery signature with the job's routing and limits."""
+    from tasks.jobs import analyze_documents
+
     routing = {"queue": queue, "time_limit": options.get("time_limit_s"),
                "soft_time_limit": options.get("soft_time_limit_s")}
-    routing = {key: value for key, value in routing.items() if value is not None}
-    chain(analyze_documents.si(job_id).set(task_id=job_id, **routing) for job_id in job_ids).apply_async()
-    return job_ids
+    return analyze_documents.si(job_id).set(task_id=job_id, **{k: v for k, v in routing.items() if v is not None})
 
 
 def list_jobs(status: JobStatus | None = None, limit: int = 50, tenant: str | None = None,

@@ -10,10 +10,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobEvent, JobItem, JobTag, utcnow
+from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
 from tasks.token import CancelRequest
 from tasks.vocabulary import EventKind, ItemStatus, JobStatus
 
@@ -153,6 +153,12 @@ def copy_done_items(session: Session, from_job: str, to_job: str) -> int:
     return len(done)
 
 
+def children_of(job_id: str) -> ColumnElement[bool]:
+    """Jobs that wait for ``job_id``: its children by ``parent_job_id``, and a chord body by ``job_parents``."""
+    return or_(Job.parent_job_id == job_id,
+               Job.id.in_(select(JobParent.job_id).where(JobParent.parent_id == job_id)))
+
+
 def finished_indexes(session: Session, job_id: str) -> set[int]:
     return set(session.scalars(select(JobItem.index).where(JobItem.job_id == job_id)))
 
@@ -169,8 +175,11 @@ def create_job(
     deferred: bool = False,
     tenant: str | None = None,
     tags: list[str] | tuple[str, ...] = (),
+    waits_for: list[str] | tuple[str, ...] = (),
     actor: str | None = None,
 ) -> Job:
+    """A new ``pending`` job row and its ``submitted`` event. ``waits_for``: the jobs it waits for
+    besides ``parent_job_id`` (a chord's body waits for every header job)."""
     job = Job(
         id=job_id,
         status=JobStatus.PENDING.value,
@@ -189,5 +198,6 @@ def create_job(
     )
     session.add(job)
     session.flush()
+    session.add_all(JobParent(job_id=job_id, parent_id=parent) for parent in dict.fromkeys(waits_for))
     add_event(session, job_id, EventKind.SUBMITTED, actor=actor, detail={"items": len(documents)})
     return job

@@ -1,5 +1,6 @@
 """The tables: a job, one row per finished item (the partial results), one row per event, and the
-labels a job was submitted with (its tags, for finding and bulk-cancelling a batch).
+labels a job was submitted with (its tags, for finding and bulk-cancelling a batch), and the jobs a
+job waits for when it waits for several (a chord's body).
 
 Portable SQLAlchemy types only: the same models run on SQLite (embedded) and PostgreSQL.
 """
@@ -134,3 +135,15 @@ class JobTag(Base):
 
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class JobParent(Base):
+    """One more job this job waits for, when it waits for several: a Celery chord's body waits for
+    every header job. (A single parent is ``jobs.parent_job_id``.) If any of them doesn't complete,
+    the job ends ``dependency_failed`` without running."""
+
+    __tablename__ = "job_parents"
+
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    parent_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True,
+                                           index=True)

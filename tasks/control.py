@@ -185,7 +185,7 @@ def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) 
 def _unfinished_children(job_id: str) -> list[Job]:
     with session_scope() as session:
         return list(session.scalars(select(Job).where(
-            Job.parent_job_id == job_id, Job.status.not_in([s.value for s in TERMINAL_STATUSES]))))
+            job_rows.children_of(job_id), Job.status.not_in([s.value for s in TERMINAL_STATUSES]))))
 
 
 def cancel_children(job_id: str, message: str, actor: str | None = None) -> None:
@@ -250,7 +250,7 @@ def cancel_matching(
     if status is not None:
         filters.append(Job.status == status.value)
     if parent_job_id is not None:
-        filters.append(Job.parent_job_id == parent_job_id)
+        filters.append(job_rows.children_of(parent_job_id))
     if tag is not None:
         filters.append(Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)))
     if tenant is not None:

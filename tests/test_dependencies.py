@@ -92,3 +92,41 @@ def test_a_chain_whose_middle_step_is_revoked_ends_every_step(worker):
     assert wait_terminal(middle).cancellation_source == "revoke"
     assert_dependency_failed(last)
     wait_for(lambda: AsyncResult(last, app=app).state == "REVOKED", 20)
+
+
+# --- chords: a body job that waits for every header job ------------------------------------------
+
+
+def test_a_chord_runs_its_body_after_every_header_completes(worker):
+    headers, body = service.submit_chord([docs(2), docs(3)], docs(2))
+    assert all(wait_terminal(h).status == "completed" for h in headers)
+    assert wait_terminal(body).status == "completed"
+    assert job_row(body).started_at >= max(job_row(h).finished_at for h in headers)
+    wait_for(lambda: AsyncResult(body, app=app).state == "SUCCESS", 20)
+
+
+def test_a_chord_whose_header_is_cancelled_or_fails_ends_its_body_dependency_failed(worker):
+    (slow, quick), body = service.submit_chord([docs(60), docs(2)], docs(2), options={"stage_delay_s": 0.02})
+    wait_items(slow, 2)
+    service.cancel_job(slow, cascade=False)  # not the cascade: the chord's own dependency rule
+    assert wait_terminal(slow).status == "cancelled" and wait_terminal(quick).status == "completed"
+    job = assert_dependency_failed(body)
+    assert slow in job.cancellation_message
+    wait_for(lambda: AsyncResult(body, app=app).state == "FAILURE", 20)  # ChordError: never PENDING forever
+
+    (good, bad), body = service.submit_chord([docs(2), ["  ", ""]], docs(2))
+    assert wait_terminal(bad).status == "failed" and wait_terminal(good).status == "completed"
+    assert_dependency_failed(body)
+    wait_for(lambda: AsyncResult(body, app=app).state == "FAILURE", 20)
+
+
+def test_bulk_cancel_by_parent_finds_a_chord_body(worker):
+    (first, second), body = service.submit_chord([docs(60), docs(60)], docs(2), options={"stage_delay_s": 0.02})
+    outcome = service.cancel_matching(parent_job_id=second, message="not needed")
+    assert outcome.matched == 1 and outcome.cancelled == 1
+    job = wait_terminal(body)
+    assert (job.status, job.cancellation_message, job.started_at) == ("cancelled", "not needed", None)
+    service.cancel_job(first)
+    service.cancel_job(second)
+    assert wait_terminal(first).status == wait_terminal(second).status == "cancelled"
+    wait_for(lambda: AsyncResult(body, app=app).state in ("FAILURE", "REVOKED"), 20)
