@@ -31,7 +31,9 @@ from tasks.vocabulary import CancellationReason, CancellationSource
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "andon:cancellations"
+#: Pub/sub ignores database numbers: the channel carries the store's, so two andon deployments on
+#: one Redis server (different ``/db``) never hear each other's cancels.
+CHANNEL = "andon:cancellations:{db}"
 
 _CANCEL_SCRIPT = """
 local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
@@ -58,6 +60,7 @@ class CancellationStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._cancel = client.register_script(_CANCEL_SCRIPT)
+        self.channel = CHANNEL.format(db=client.connection_pool.connection_kwargs.get("db", 0))
 
     def create(self, job_id: str) -> None:
         self.redis.set(_token_key(job_id), "1", ex=self.ttl_s)
@@ -98,7 +101,7 @@ class CancellationStore:
         publish it to the workers. Returns (won, winning request)."""
         won, winner = self._cancel(
             keys=[_cancel_key(job_id), f"{_cancel_key(job_id)}:requests"],
-            args=[json.dumps(request.to_json(job_id)), self.ttl_s, CHANNEL],
+            args=[json.dumps(request.to_json(job_id)), self.ttl_s, self.channel],
         )
         return bool(won), CancelRequest.from_json(json.loads(winner))
 
@@ -213,7 +216,7 @@ class TokenWatcher:
         while not self._stop.is_set():
             pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(CHANNEL)
+                pubsub.subscribe(self.store.channel)
                 self.connected.set()
                 self.reconcile()  # whatever was published while we were away
                 backoff = 0.05

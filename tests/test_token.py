@@ -127,6 +127,25 @@ def test_watcher_delivers_a_cancel_from_another_client_by_push(store):
         watcher.stop()
 
 
+def test_a_cancel_in_another_redis_database_is_not_heard(store):
+    """Two deployments on one Redis server, different /db: pub/sub would mix them; the channel doesn't."""
+    other_db = os.environ["ANDON_REDIS_URL"].rsplit("/", 1)[0] + "/7"
+    other = CancellationStore(redis.Redis.from_url(other_db))
+    assert other.channel != store.channel
+    watcher = TokenWatcher(store, reconcile_s=30)
+    try:
+        job = str(uuid.uuid4())
+        token = watcher.watch(job)
+        wait_for(watcher.connected.is_set, 5, what="watcher subscribed")
+        other.cancel(job, "user_requested", "elsewhere", "api")
+        assert token.wait(0.3) is False
+        store.cancel(job, "timeout", "here", "api")
+        assert token.wait(5) is True and token.reason is CancellationReason.TIMEOUT
+    finally:
+        watcher.stop()
+        other.redis.flushdb()
+
+
 def test_watcher_sees_a_cancel_made_before_it_watched(store):
     job = str(uuid.uuid4())
     store.cancel(job, "system_shutdown", None, "worker_shutdown")
