@@ -24,7 +24,7 @@ from api.schemas import (
     SubmitResponse,
 )
 from db import jobs as job_rows
-from db.models import Job, JobItem, JobTag
+from db.models import Job, JobItem
 from db.session import session_scope
 from tasks import control, resume
 from tasks.control import cancel_children, enqueue, request_cancel, settle_children
@@ -202,7 +202,7 @@ def list_jobs(status: JobStatus | None = None, limit: int = 50, tenant: str | No
     with session_scope() as session:
         query = select(Job).options(selectinload(Job.tag_rows)).order_by(Job.created_at.desc(), Job.id).limit(limit)
         if tag is not None:
-            query = query.where(Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)))
+            query = query.where(job_rows.tagged(tag))
         if status is not None:
             query = query.where(Job.status == status.value)
         if tenant is not None:

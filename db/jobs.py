@@ -159,6 +159,11 @@ def children_of(job_id: str) -> ColumnElement[bool]:
                Job.id.in_(select(JobParent.job_id).where(JobParent.parent_id == job_id)))
 
 
+def tagged(tag: str) -> ColumnElement[bool]:
+    """Jobs submitted with ``tag``."""
+    return Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag))
+
+
 def finished_indexes(session: Session, job_id: str) -> set[int]:
     return set(session.scalars(select(JobItem.index).where(JobItem.job_id == job_id)))
 

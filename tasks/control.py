@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select, update
 
 from db import jobs as job_rows
-from db.models import Job, JobTag
+from db.models import Job
 from db.session import session_scope
 from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound
 from tasks.settings import get_settings
@@ -252,7 +252,7 @@ def cancel_matching(
     if parent_job_id is not None:
         filters.append(job_rows.children_of(parent_job_id))
     if tag is not None:
-        filters.append(Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)))
+        filters.append(job_rows.tagged(tag))
     if tenant is not None:
         filters.append(Job.tenant == tenant)
     with session_scope() as session:
