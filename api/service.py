@@ -27,7 +27,7 @@ from db import jobs as job_rows
 from db.models import Job, JobItem
 from db.session import session_scope
 from tasks import control, resume
-from tasks.control import cancel_children, enqueue, request_cancel, settle_children
+from tasks.control import cancel_children, enqueue, request_cancel, settle_children, task_routing
 from tasks.errors import BrokerUnavailable, InvalidParent, JobNotFound
 from tasks.store import get_store
 from tasks.tags import check_tags
@@ -190,9 +190,7 @@ def _signature(job_id: str, options: dict[str, Any], queue: str | None):
     """The pipeline task for one job row, as a Celery signature with the job's routing and limits."""
     from tasks.jobs import analyze_documents
 
-    routing = {"queue": queue, "time_limit": options.get("time_limit_s"),
-               "soft_time_limit": options.get("soft_time_limit_s")}
-    return analyze_documents.si(job_id).set(task_id=job_id, **{k: v for k, v in routing.items() if v is not None})
+    return analyze_documents.si(job_id).set(task_id=job_id, **task_routing(options, queue))
 
 
 def list_jobs(status: JobStatus | None = None, limit: int = 50, tenant: str | None = None,

@@ -177,9 +177,14 @@ def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) 
     from tasks.app import app
     from tasks.jobs import TASK_NAME
 
-    options = options or {}
-    app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=queue,
-                  time_limit=options.get("time_limit_s"), soft_time_limit=options.get("soft_time_limit_s"))
+    app.send_task(TASK_NAME, args=[job_id], task_id=job_id, **task_routing(options or {}, queue))
+
+
+def task_routing(options: dict, queue: str | None) -> dict:
+    """How a job's message is sent: its queue and its Celery time limits (only those that are set)."""
+    routing = {"queue": queue, "time_limit": options.get("time_limit_s"),
+               "soft_time_limit": options.get("soft_time_limit_s")}
+    return {key: value for key, value in routing.items() if value is not None}
 
 
 def _unfinished_children(job_id: str) -> list[Job]:
