@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import metrics
 from api.routes import jobs
+from db.settings import get_settings
 from tasks.errors import (
     AndonError,
     BrokerUnavailable,
@@ -21,7 +22,6 @@ from tasks.errors import (
     JobNotFound,
     NotResumable,
 )
-from tasks.settings import get_settings
 
 log = logging.getLogger("andon.api")
 

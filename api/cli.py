@@ -17,14 +17,14 @@ import typer
 from rich.console import Console
 
 from api import service, views
-from tasks.errors import AndonError
-from tasks.settings import (
+from db.settings import (
     DEFAULT_API_PORT,
     DEFAULT_FLOWER_PORT,
     DEFAULT_REDIS_PORT,
     get_settings,
 )
-from tasks.vocabulary import CancellationReason, CancellationSource, JobStatus
+from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from tasks.errors import AndonError
 
 cli = typer.Typer(
     name="andon", help="Structured cancellation for Celery AI pipelines.", no_args_is_help=True,

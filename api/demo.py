@@ -14,7 +14,7 @@ from rich.console import Console
 
 from api import views
 from api.stack import Stack, free_port, port_is_free
-from tasks.settings import get_settings
+from db.settings import get_settings
 
 TOPICS = [
     ("contract", "The supplier shall deliver the goods within thirty days. Late delivery incurs a penalty of two "

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tasks.settings import Settings, get_settings
+from db.settings import Settings, get_settings
 
 _bearer = HTTPBearer(auto_error=False)
 

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import Job
 from db.session import session_scope
-from tasks.vocabulary import JobStatus
+from db.vocabulary import JobStatus
 
 log = logging.getLogger(__name__)
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

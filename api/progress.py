@@ -17,10 +17,10 @@ from sqlalchemy import select
 
 from db.models import Job, JobEvent, JobItem
 from db.session import session_scope
+from db.vocabulary import JobStatus
 from tasks.errors import JobNotFound
 from tasks.monitor import heartbeat_key
 from tasks.store import get_redis
-from tasks.vocabulary import JobStatus
 
 
 def _position(job_id: str) -> dict[str, Any] | None:

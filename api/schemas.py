@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from db.vocabulary import CancellationReason, JobStatus
 from tasks.tags import MAX_TAGS, TAG_PATTERN
-from tasks.vocabulary import CancellationReason, JobStatus
 
 #: 30 days: longer than any job should be allowed to wait, and well inside what timers accept.
 MAX_SECONDS = 30 * 24 * 3600.0

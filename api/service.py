@@ -26,17 +26,17 @@ from api.schemas import (
 from db import jobs as job_rows
 from db.models import Job, JobItem
 from db.session import session_scope
-from tasks import control, resume
-from tasks.control import cancel_children, enqueue, request_cancel, settle_children, task_routing
-from tasks.errors import BrokerUnavailable, InvalidParent, JobNotFound
-from tasks.store import get_store
-from tasks.tags import check_tags
-from tasks.vocabulary import (
+from db.vocabulary import (
     CancellationReason,
     CancellationSource,
     ItemStatus,
     JobStatus,
 )
+from tasks import control, resume
+from tasks.control import cancel_children, enqueue, request_cancel, settle_children, task_routing
+from tasks.errors import BrokerUnavailable, InvalidParent, JobNotFound
+from tasks.store import get_store
+from tasks.tags import check_tags
 
 
 def _ms(start, end) -> float | None:

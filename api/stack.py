@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from db.settings import get_settings
 from tasks.errors import AndonError
-from tasks.settings import get_settings
 
 
 class StackError(AndonError):

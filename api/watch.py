@@ -20,8 +20,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from db.settings import get_settings
 from tasks.errors import AndonError, JobNotFound
-from tasks.settings import get_settings
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -97,7 +97,7 @@ def _free_port() -> int:
 
 
 def configure_env(home: Path, redis_port: int) -> None:
-    from tasks.settings import embedded_env
+    from db.settings import embedded_env
 
     os.environ.update(embedded_env(home, redis_port), ANDON_AUTO_RESUME="0")
     for var in ("ANDON_API_TOKEN", "ANDON_API_URL", "ANDON_JOB_TIME_LIMIT_S", "ANDON_JOB_SOFT_TIME_LIMIT_S",
@@ -463,10 +463,10 @@ def bench_bulk_cancel(sizes: Sizes, logs: Path, report: Report) -> None:
     from db import jobs as job_rows
     from db.models import Job, JobEvent
     from db.session import session_scope
+    from db.vocabulary import JobStatus
     from tasks.app import app
     from tasks.jobs import TASK_NAME
     from tasks.store import get_redis, get_store
-    from tasks.vocabulary import JobStatus
 
     queue = "bench-bulk"
     redis = get_redis()
@@ -591,8 +591,8 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def bench_breakdown(sizes: Sizes, report: Report) -> None:
     from db import jobs as job_rows
     from db.session import session_scope, transaction
+    from db.vocabulary import ItemStatus
     from tasks import stages
-    from tasks.vocabulary import ItemStatus
 
     job_id = str(uuid.uuid4())
     with session_scope() as session:  # a row only: no message, no token (run after the bulk phase)

@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 def configure_env(home: Path, redis_port: int, flower_auth: str) -> None:
     """Before any andon import: its settings are read once (lru_cache)."""
-    from tasks.settings import embedded_env
+    from db.settings import embedded_env
 
     os.environ.update(
         embedded_env(home, redis_port),
@@ -602,8 +602,8 @@ class Harness:
         from chaos.checks import Act
         from db.models import Job
         from db.session import session_scope
+        from db.vocabulary import CancellationReason, CancellationSource
         from tasks.errors import JobAlreadyTerminal
-        from tasks.vocabulary import CancellationReason, CancellationSource
 
         deadline = time.monotonic() + self.plan.budget_s * 0.35
         for i in range(n):
@@ -726,7 +726,7 @@ class Harness:
         return parked
 
     def leftover_dirs(self, settle_s: float = 15.0) -> list[str]:
-        from tasks.settings import get_settings
+        from db.settings import get_settings
 
         tmp = get_settings().jobs_tmp_dir
         deadline = time.monotonic() + settle_s

@@ -14,8 +14,7 @@ from sqlalchemy import ColumnElement, Connection, bindparam, insert, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
-from tasks.token import CancelRequest
-from tasks.vocabulary import EventKind, ItemStatus, JobStatus
+from db.vocabulary import EventKind, ItemStatus, JobStatus
 
 P, R, C = JobStatus.PENDING, JobStatus.RUNNING, JobStatus.CANCELLING
 
@@ -71,8 +70,8 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: JobSt
     return won
 
 
-def cancel_values(request: CancelRequest) -> dict[str, Any]:
-    """The job columns a cancel request fills in (requested reason, message, source)."""
+def cancel_values(request: Any) -> dict[str, Any]:
+    """The job columns a cancel request fills in (its ``reason``, ``message`` and ``source``)."""
     return {
         "cancellation_reason": request.reason.value,
         "cancellation_message": request.message,

@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from tasks.settings import get_settings
+from db.settings import get_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from tasks.settings import get_settings
+from db.settings import get_settings
 
 _engines: dict[tuple[int, str], Engine] = {}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from tasks.settings import get_settings
+from db.settings import get_settings
 
 #: Comfortably above any job's hard time limit (kombu's Redis transport redelivers unacked messages
 #: after this long: https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html).

@@ -16,11 +16,8 @@ from sqlalchemy import select, update
 from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
-from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound
-from tasks.settings import get_settings
-from tasks.store import get_store
-from tasks.token import CancelRequest
-from tasks.vocabulary import (
+from db.settings import get_settings
+from db.vocabulary import (
     RESUMABLE_REASONS,
     TERMINAL_STATUSES,
     CancellationReason,
@@ -28,6 +25,9 @@ from tasks.vocabulary import (
     EventKind,
     JobStatus,
 )
+from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound
+from tasks.store import get_store
+from tasks.token import CancelRequest
 
 log = logging.getLogger(__name__)
 

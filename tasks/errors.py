@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from tasks.vocabulary import CancellationReason, CancellationSource
+from db.vocabulary import CancellationReason, CancellationSource
 
 
 class AndonError(Exception):

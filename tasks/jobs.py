@@ -26,11 +26,11 @@ from celery.exceptions import Ignore, TaskRevokedError
 from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
+from db.vocabulary import CancellationReason, CancellationSource, JobStatus
 from tasks.app import app
 from tasks.control import request_cancel, settle_children
 from tasks.errors import AndonError
 from tasks.pipeline import JobOutcome, run_job
-from tasks.vocabulary import CancellationReason, CancellationSource, JobStatus
 
 TASK_NAME = "andon.analyze_documents"
 

@@ -22,10 +22,10 @@ from redis.exceptions import RedisError
 
 from db import jobs as job_rows
 from db.session import session_scope
+from db.vocabulary import CancellationReason, CancellationSource, EventKind
 from tasks.errors import AndonError, ForcedCancellation
 from tasks.store import get_redis
 from tasks.token import CancellationToken
-from tasks.vocabulary import CancellationReason, CancellationSource, EventKind
 
 log = logging.getLogger(__name__)
 

@@ -18,16 +18,8 @@ from typing import Any
 from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope, transaction
-from tasks import stages
-from tasks.cleanup import CleanupManager
-from tasks.control import request_cancel
-from tasks.errors import AndonError, CancellationError, ForcedCancellation, JobNotFound
-from tasks.llm import StreamCancelled, analyze_llm
-from tasks.monitor import JobMonitor, Ladder
-from tasks.settings import get_settings
-from tasks.store import get_watcher
-from tasks.token import CancellationToken
-from tasks.vocabulary import (
+from db.settings import get_settings
+from db.vocabulary import (
     RESUMABLE_REASONS,
     CancellationReason,
     CancellationSource,
@@ -36,6 +28,14 @@ from tasks.vocabulary import (
     JobStatus,
     Stage,
 )
+from tasks import stages
+from tasks.cleanup import CleanupManager
+from tasks.control import request_cancel
+from tasks.errors import AndonError, CancellationError, ForcedCancellation, JobNotFound
+from tasks.llm import StreamCancelled, analyze_llm
+from tasks.monitor import JobMonitor, Ladder
+from tasks.store import get_watcher
+from tasks.token import CancellationToken
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from sqlalchemy import select
 
 from db.models import Job
 from db.session import session_scope
+from db.settings import get_settings
+from db.vocabulary import CancellationReason, CancellationSource, JobStatus
 from tasks.control import finalize_stopped
 from tasks.monitor import heartbeat_key
-from tasks.settings import get_settings
 from tasks.store import get_redis
-from tasks.vocabulary import CancellationReason, CancellationSource, JobStatus
 
 
 def reap_lost_jobs(actor: str = "reaper") -> list[str]:

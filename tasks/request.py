@@ -17,15 +17,15 @@ from celery.worker.request import Request
 
 from db import jobs as job_rows
 from db.session import session_scope
-from tasks.control import finalize_stopped
-from tasks.settings import get_settings
-from tasks.store import get_redis, get_store
-from tasks.vocabulary import (
+from db.settings import get_settings
+from db.vocabulary import (
     CancellationReason,
     CancellationSource,
     EventKind,
     JobStatus,
 )
+from tasks.control import finalize_stopped
+from tasks.store import get_redis, get_store
 
 log = logging.getLogger(__name__)
 

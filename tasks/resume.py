@@ -12,10 +12,10 @@ from sqlalchemy.exc import IntegrityError
 from db import jobs as job_rows
 from db.models import Job, JobEvent, JobItem
 from db.session import session_scope
+from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks.control import enqueue
 from tasks.errors import AndonError, BrokerUnavailable, JobNotFound, NotResumable
 from tasks.store import get_store
-from tasks.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
 
 log = logging.getLogger(__name__)
 

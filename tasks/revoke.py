@@ -26,10 +26,10 @@ from kombu.utils.functional import maybe_list
 
 from db.models import Job
 from db.session import session_scope
+from db.settings import get_settings
+from db.vocabulary import CancellationReason, CancellationSource, JobStatus
 from tasks.control import request_cancel
 from tasks.errors import AndonError
-from tasks.settings import get_settings
-from tasks.vocabulary import CancellationReason, CancellationSource, JobStatus
 
 log = logging.getLogger(__name__)
 

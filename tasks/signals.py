@@ -14,14 +14,14 @@ import time
 from celery import signals
 from celery.worker import state as worker_state
 
+from db.settings import get_settings
+from db.vocabulary import CancellationReason, CancellationSource
 from tasks import revoke  # noqa: F401  (registers the wrapped remote-control commands)
 from tasks.control import finalize_stopped, request_cancel
 from tasks.errors import AndonError
 from tasks.reaper import reap_lost_jobs
 from tasks.resume import auto_resume_after_shutdown
-from tasks.settings import get_settings
 from tasks.store import reset_process_state
-from tasks.vocabulary import CancellationReason, CancellationSource
 
 log = logging.getLogger(__name__)
 

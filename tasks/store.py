@@ -25,9 +25,9 @@ from typing import Any
 
 import redis
 
-from tasks.settings import get_settings
+from db.settings import get_settings
+from db.vocabulary import CancellationReason, CancellationSource
 from tasks.token import CancellationToken, CancelRequest
-from tasks.vocabulary import CancellationReason, CancellationSource
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from db.vocabulary import CancellationReason, CancellationSource
 from tasks.errors import CancellationError
-from tasks.vocabulary import CancellationReason, CancellationSource
 
 
 @dataclass(frozen=True)

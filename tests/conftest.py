@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from api.stack import free_port
-from tasks.settings import embedded_env
+from db.settings import embedded_env
 
 HOME = Path(tempfile.mkdtemp(prefix="andon-test-"))
 REDIS_PORT = free_port()

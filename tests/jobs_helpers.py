@@ -7,7 +7,7 @@ from sqlalchemy import select
 from api import service
 from db.models import Job, JobEvent, JobItem
 from db.session import session_scope
-from tasks.vocabulary import JobStatus
+from db.vocabulary import JobStatus
 from tests.procs import wait_for
 
 TERMINAL = {"cancelled", "completed", "failed"}

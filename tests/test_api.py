@@ -103,7 +103,7 @@ def test_health_and_metrics(api_client):
 
 
 def test_writes_need_the_bearer_token_when_one_is_set(api_client, monkeypatch):
-    from tasks.settings import get_settings
+    from db.settings import get_settings
 
     monkeypatch.setenv("ANDON_API_TOKEN", "s3cret")
     get_settings.cache_clear()

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from api import service
 from db.models import Job, JobEvent
 from db.session import session_scope
-from tasks.vocabulary import CancellationReason, JobStatus
+from db.vocabulary import CancellationReason, JobStatus
 from tests.jobs_helpers import submit, wait_status, wait_terminal
 from tests.procs import wait_for
 

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from api.stack import free_port, start_redis, stop_process
+from db.vocabulary import CancellationReason
 from tasks.store import CancellationStore, TokenWatcher
-from tasks.vocabulary import CancellationReason
 from tests.jobs_helpers import (
     assert_one_terminal,
     items,

@@ -7,9 +7,9 @@ import uuid
 from celery.result import AsyncResult
 
 from api import service
+from db.settings import get_settings
+from db.vocabulary import JobStatus
 from tasks.app import app
-from tasks.settings import get_settings
-from tasks.vocabulary import JobStatus
 from tests.jobs_helpers import (
     assert_one_terminal,
     docs,

@@ -8,8 +8,8 @@ from sqlalchemy import func, select
 from db.migrate import upgrade
 from db.models import Job, JobItem
 from db.session import session_scope
+from db.settings import get_settings
 from tasks.errors import JobAlreadyTerminal
-from tasks.settings import get_settings
 from tests.jobs_helpers import assert_one_terminal, submit, wait_items, wait_terminal
 
 pytestmark = pytest.mark.postgres

@@ -10,8 +10,8 @@ from sqlalchemy import select
 from api import service
 from db.models import Job
 from db.session import session_scope
+from db.vocabulary import CancellationReason
 from tasks.errors import JobNotFound, NotResumable
-from tasks.vocabulary import CancellationReason
 from tests.jobs_helpers import (
     items,
     submit,

@@ -12,7 +12,7 @@ from db import jobs as job_rows
 from db.migrate import downgrade, upgrade
 from db.models import Job, JobEvent
 from db.session import get_engine, session_scope, transaction
-from tasks.vocabulary import ItemStatus, JobStatus
+from db.vocabulary import ItemStatus, JobStatus
 
 
 def _new_job(url: str, status: JobStatus = JobStatus.PENDING) -> str:

@@ -12,8 +12,8 @@ import time
 import pytest
 from celery.result import AsyncResult
 
+from db.settings import get_settings
 from tasks.app import app
-from tasks.settings import get_settings
 from tests.jobs_helpers import (
     assert_one_terminal,
     events,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from db.settings import get_settings
 from tasks.app import app
-from tasks.settings import get_settings
 from tests.jobs_helpers import job_row, wait_terminal
 from tests.procs import wait_for
 

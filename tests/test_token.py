@@ -10,10 +10,10 @@ import uuid
 import pytest
 import redis
 
+from db.vocabulary import CancellationReason, CancellationSource
 from tasks.errors import CancellationError
 from tasks.store import CancellationStore, TokenWatcher
 from tasks.token import CancellationToken
-from tasks.vocabulary import CancellationReason, CancellationSource
 from tests.procs import wait_for
 
 

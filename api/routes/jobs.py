@@ -22,8 +22,8 @@ from api.schemas import (
     SubmitRequest,
     SubmitResponse,
 )
+from db.vocabulary import CancellationSource, JobStatus
 from tasks.tags import TAG_PATTERN
-from tasks.vocabulary import CancellationSource, JobStatus
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such job"}}
