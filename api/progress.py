@@ -18,9 +18,9 @@ from sqlalchemy import select
 from db.models import Job, JobEvent, JobItem
 from db.session import session_scope
 from db.vocabulary import JobStatus
+from tasks.cancellation.keys import heartbeat_key
 from tasks.errors import JobNotFound
-from tasks.monitor import heartbeat_key
-from tasks.store import get_redis
+from tasks.process import get_redis
 
 
 def _position(job_id: str) -> dict[str, Any] | None:

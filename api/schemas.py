@@ -8,49 +8,44 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from db.vocabulary import CancellationReason, JobStatus
+from tasks.intake import MAX_ITEMS, MAX_SECONDS
 from tasks.tags import MAX_TAGS, TAG_PATTERN
-
-#: 30 days: longer than any job should be allowed to wait, and well inside what timers accept.
-MAX_SECONDS = 30 * 24 * 3600.0
 
 Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
 
 
-class JobOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    stage_delay_s: float = Field(default=0.0, ge=0, le=3600)
-    #: Simulated work per stage that ignores the token (like a C call): only a signal stops it.
-    stage_block_s: float = Field(default=0.0, ge=0, le=3600)
-    #: Simulated work per stage spinning in a Python loop that never checks the token.
-    stage_spin_s: float = Field(default=0.0, ge=0, le=3600)
-    #: The escalation ladder for this job (see ANDON_ESCALATE_AFTER_S / ANDON_KILL_AFTER_S).
-    escalate_after_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
-    kill_after_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
-    analyzer: Literal["local", "llm"] = "local"
-    #: Celery time limits for this job (soft → a `timeout` cancel at a checkpoint; hard → child killed).
-    soft_time_limit_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
-    time_limit_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
-    #: RSS ceiling for this job's worker process, in MiB (overrides ANDON_MAX_JOB_RSS_MB).
-    max_rss_mb: float | None = Field(default=None, gt=0, le=1024 * 1024)
-
-    @model_validator(mode="after")
-    def soft_before_hard(self) -> JobOptions:
-        if self.soft_time_limit_s and self.time_limit_s and self.soft_time_limit_s >= self.time_limit_s:
-            raise ValueError("soft_time_limit_s must be below time_limit_s")
-        return self
-
-
 class SubmitRequest(BaseModel):
+    """A job: a pipeline (default ``documents``) over ``items`` (for ``documents``, ``documents`` is an
+    alias of ``items``; give one of them). ``options``: andon's own (time limits, memory limit,
+    escalation timers, each at most the operator's ceiling) and the pipeline's own (its
+    ``options_model``; for ``documents``: ``stage_delay_s``, ``analyzer``, ``embedder``)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    documents: list[str] = Field(min_length=1, max_length=100_000)
-    options: JobOptions = Field(default_factory=JobOptions)
+    pipeline: str = Field(default="documents", min_length=1, max_length=64)
+    items: list[Any] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS)
+    documents: list[str] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS)
+    options: dict[str, Any] = Field(default_factory=dict, examples=[{"stage_delay_s": 0.1, "time_limit_s": 600}])
     deadline_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     #: Run after this job completes; cancelled (dependency_failed) if it fails or is cancelled.
     parent_job_id: str | None = Field(default=None, min_length=1, max_length=64)
     #: Labels to find and bulk-cancel the job by (``batch-7``, ``customer:acme``).
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+
+    @model_validator(mode="after")
+    def items_or_documents(self) -> SubmitRequest:
+        if self.items is not None and self.documents is not None:
+            raise ValueError("give `items` or `documents`, not both")
+        if self.items is None and self.documents is None:
+            raise ValueError("give `items` (or, for the documents pipeline, `documents`)")
+        if self.documents is not None and self.pipeline != "documents":
+            raise ValueError("`documents` is only for the documents pipeline: use `items`")
+        return self
+
+    @property
+    def inputs(self) -> tuple[list[Any], str]:
+        """The items, and the field they came in (for error locations)."""
+        return (self.items, "items") if self.items is not None else (self.documents or [], "documents")
 
 
 class SubmitResponse(BaseModel):
@@ -112,6 +107,7 @@ class CancelLatency(BaseModel):
 
 class JobView(BaseModel):
     job_id: str
+    pipeline: str
     status: JobStatus
     cancelled: bool
     cancellation_reason: CancellationReason | None
@@ -137,12 +133,30 @@ class FailedItem(BaseModel):
     index: int
     stage: str
     error: str | None
-    #: What the item had produced when it stopped (an LLM answer cut short by a cancel), if anything.
-    partial: dict[str, Any] | None = None
+    #: What the item had produced when it stopped, if anything.
+    partial: Any = None
+
+
+class InterruptedItem(BaseModel):
+    """An item in flight when the job was cancelled: not done, not failed; resume runs it again."""
+
+    index: int
+    stage: str
+    #: What it had produced when it was cut (an LLM answer so far), if anything.
+    partial: Any = None
+
+
+class PipelineView(BaseModel):
+    name: str
+    stages: list[str]
+    concurrency: int
+    description: str | None
+    queue: str | None
 
 
 class PartialResultView(BaseModel):
     job_id: str
+    pipeline: str
     status: Literal["complete", "partial", "empty"]
     job_status: JobStatus
     completion_percent: float
@@ -150,6 +164,8 @@ class PartialResultView(BaseModel):
     completed_items: int
     results: list[dict[str, Any]]
     failed_items: list[FailedItem]
+    interrupted_items: list[InterruptedItem]
+    #: The lowest index not done when the job stopped.
     cancelled_at_item: int | None
 
 

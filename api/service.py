@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, NoReturn
 
-from redis.exceptions import RedisError
+from celery import chain, chord
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
@@ -18,8 +18,10 @@ from api.schemas import (
     CancelLatency,
     CancelResponse,
     FailedItem,
+    InterruptedItem,
     JobView,
     PartialResultView,
+    PipelineView,
     ResumeResponse,
     SubmitResponse,
 )
@@ -32,10 +34,10 @@ from db.vocabulary import (
     ItemStatus,
     JobStatus,
 )
-from tasks import control, resume
-from tasks.control import cancel_children, enqueue, request_cancel, settle_children, task_routing
+from tasks import control, lifecycle, registry, resume
+from tasks.control import cancel_children, enqueue, job_signature, request_cancel, settle_children
 from tasks.errors import BrokerUnavailable, InvalidParent, JobNotFound
-from tasks.store import get_store
+from tasks.intake import check_submission
 from tasks.tags import check_tags
 
 
@@ -53,6 +55,7 @@ def _latency(job: Job) -> CancelLatency | None:
 def _view(job: Job) -> JobView:
     return JobView(
         job_id=job.id,
+        pipeline=job.pipeline,
         status=JobStatus(job.status),
         cancelled=job.status == JobStatus.CANCELLED,
         cancellation_reason=job.cancellation_reason,
@@ -90,7 +93,7 @@ def check_visible(job_id: str, tenant: str | None) -> None:
 
 
 def submit_job(
-    documents: list[str],
+    items: list[Any],
     options: dict[str, Any] | None = None,
     deadline_s: float | None = None,
     actor: str | None = None,
@@ -98,14 +101,18 @@ def submit_job(
     parent_job_id: str | None = None,
     tenant: str | None = None,
     tags: list[str] | None = None,
+    pipeline: str = "documents",
+    items_field: str = "items",
 ) -> SubmitResponse:
-    """Make the job row and token, commit, *then* enqueue (the worker must find the row).
+    """Check the submission, make the job row, commit, *then* enqueue (the worker must find the row).
 
     With a parent, the job waits for it: enqueued when the parent completes, cancelled with
     ``dependency_failed`` (never run) if the parent fails or is cancelled.
     """
     job_id = str(uuid.uuid4())
-    options = options or {}
+    submission = check_submission(pipeline, items, options, items_field=items_field)
+    options = submission.options
+    queue = queue or submission.pipeline.queue
     tags = check_tags(tags or [])
     with session_scope() as session:
         parent_status = None
@@ -116,13 +123,9 @@ def submit_job(
                 raise InvalidParent(f"parent job {parent_job_id} not found") from None
             parent_status = JobStatus(parent.status)
         deferred = parent_status is not None and not parent_status.is_terminal
-        job_rows.create_job(session, job_id, documents, options, deadline_s=deadline_s,
-                            parent_job_id=parent_job_id, deferred=deferred, tenant=tenant, tags=tags,
-                            actor=actor)
-    try:
-        get_store().create(job_id)
-    except RedisError as exc:
-        _fail_unsent(job_id, exc)
+        job_rows.create_job(session, job_id, submission.items, options, pipeline=submission.pipeline.name,
+                            deadline_s=deadline_s, parent_job_id=parent_job_id, deferred=deferred, tenant=tenant,
+                            tags=tags, actor=actor)
     if parent_status is not None and parent_status is not JobStatus.COMPLETED:
         if parent_status.is_terminal:  # the parent already failed or was cancelled: never run
             cancel_children(parent_job_id, f"parent job {parent_job_id} {parent_status.value}", actor)
@@ -138,59 +141,56 @@ def submit_job(
 
 def _fail_unsent(job_id: str, exc: Exception) -> NoReturn:
     """The row exists but the job can't be queued: end it ``failed`` (never ``pending`` forever)."""
-    with session_scope() as session:
-        job_rows.transition(session, job_id, JobStatus.FAILED, error=f"could not enqueue: {exc}")
+    lifecycle.end_failed(job_id, f"could not enqueue: {exc}")
     raise BrokerUnavailable(f"could not enqueue job {job_id}: {exc}") from exc
 
 
-def submit_chain(document_sets: list[list[str]], options: dict[str, Any] | None = None,
-                 queue: str | None = None, actor: str | None = None) -> list[str]:
+def submit_chain(item_sets: list[list[Any]], options: dict[str, Any] | None = None,
+                 queue: str | None = None, actor: str | None = None, pipeline: str = "documents",
+                 tenant: str | None = None) -> list[str]:
     """Run jobs one after another as a Celery chain: each step's row names the previous as parent.
 
     Celery sends a step only after the previous one succeeded; when a step fails or is cancelled,
     andon ends the later rows ``cancelled`` / ``dependency_failed`` and they show REVOKED or FAILURE
     in the result backend, never PENDING forever.
     """
-    from celery import chain
-
-    options = options or {}
-    job_ids = [str(uuid.uuid4()) for _ in document_sets]
+    steps = [check_submission(pipeline, items, options) for items in item_sets]
+    job_ids = [str(uuid.uuid4()) for _ in steps]
     with session_scope() as session:
-        for i, (job_id, documents) in enumerate(zip(job_ids, document_sets)):
-            job_rows.create_job(session, job_id, documents, options, actor=actor,
-                                parent_job_id=job_ids[i - 1] if i else None)
-    get_store().create_many(job_ids)
-    chain(_signature(job_id, options, queue) for job_id in job_ids).apply_async()
+        for i, (job_id, step) in enumerate(zip(job_ids, steps)):
+            job_rows.create_job(session, job_id, step.items, step.options, pipeline=step.pipeline.name, actor=actor,
+                                parent_job_id=job_ids[i - 1] if i else None, tenant=tenant)
+    chain(job_signature(job_id, step.options, queue or step.pipeline.queue)
+          for job_id, step in zip(job_ids, steps)).apply_async()
     return job_ids
 
 
-def submit_chord(header_sets: list[list[str]], body_documents: list[str], options: dict[str, Any] | None = None,
-                 queue: str | None = None, actor: str | None = None) -> tuple[list[str], str]:
+def submit_chord(header_sets: list[list[Any]], body_items: list[Any], options: dict[str, Any] | None = None,
+                 queue: str | None = None, actor: str | None = None, pipeline: str = "documents",
+                 tenant: str | None = None) -> tuple[list[str], str]:
     """Run header jobs in parallel, then a body job, as a Celery chord; returns (header ids, body id).
 
     The body's row waits for every header job (``job_parents``): if any of them fails or is
     cancelled, andon ends the body ``cancelled`` / ``dependency_failed`` at once, and Celery, once
     every header has returned, marks the body FAILURE (ChordError) instead of running it.
     """
-    from celery import chord
-
-    options = options or {}
-    header_ids = [str(uuid.uuid4()) for _ in header_sets]
+    headers = [check_submission(pipeline, items, options) for items in header_sets]
+    body = check_submission(pipeline, body_items, options)
+    header_ids = [str(uuid.uuid4()) for _ in headers]
     body_id = str(uuid.uuid4())
     with session_scope() as session:
-        for job_id, documents in zip(header_ids, header_sets):
-            job_rows.create_job(session, job_id, documents, options, actor=actor)
-        job_rows.create_job(session, body_id, body_documents, options, waits_for=header_ids, actor=actor)
-    get_store().create_many([*header_ids, body_id])
-    chord(_signature(job_id, options, queue) for job_id in header_ids)(_signature(body_id, options, queue))
+        for job_id, step in zip(header_ids, headers):
+            job_rows.create_job(session, job_id, step.items, step.options, pipeline=step.pipeline.name, actor=actor,
+                                tenant=tenant)
+        job_rows.create_job(session, body_id, body.items, body.options, pipeline=body.pipeline.name,
+                            waits_for=header_ids, actor=actor, tenant=tenant)
+    chord(job_signature(job_id, step.options, queue or step.pipeline.queue)
+          for job_id, step in zip(header_ids, headers))(job_signature(body_id, body.options, queue or body.pipeline.queue))
     return header_ids, body_id
 
 
-def _signature(job_id: str, options: dict[str, Any], queue: str | None):
-    """The pipeline task for one job row, as a Celery signature with the job's routing and limits."""
-    from tasks.jobs import analyze_documents
-
-    return analyze_documents.si(job_id).set(task_id=job_id, **task_routing(options, queue))
+def list_pipelines() -> list[PipelineView]:
+    return [PipelineView(**pipeline.describe()) for pipeline in registry.pipelines()]
 
 
 def list_jobs(status: JobStatus | None = None, limit: int = 50, tenant: str | None = None,
@@ -252,12 +252,13 @@ def resume_job(job_id: str, force: bool = False, actor: str | None = None,
 
 
 def partial_results(job_id: str, tenant: str | None = None) -> PartialResultView:
-    """Everything a job finished, in item order, whatever way it stopped."""
+    """Everything a job finished, in item order, whatever way it stopped; and what was in flight."""
     with session_scope() as session:
         job = _visible(session, job_id, tenant)
         items = session.scalars(select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.index)).all()
     done = [item for item in items if item.status == ItemStatus.DONE]
     failed = [item for item in items if item.status == ItemStatus.FAILED]
+    interrupted = [item for item in items if item.status == ItemStatus.INTERRUPTED]
     if job.status == JobStatus.COMPLETED:
         status = "complete"
     else:
@@ -265,13 +266,24 @@ def partial_results(job_id: str, tenant: str | None = None) -> PartialResultView
     total = job.total_items
     return PartialResultView(
         job_id=job_id,
+        pipeline=job.pipeline,
         status=status,
         job_status=JobStatus(job.status),
         completion_percent=round(100.0 * len(done) / total, 1) if total else 0.0,
         total_items=total,
         completed_items=len(done),
-        results=[{"index": item.index, **(item.result or {})} for item in done],
+        results=[_result_entry(job.pipeline, item) for item in done],
         failed_items=[FailedItem(index=item.index, stage=item.stage, error=item.error, partial=item.result)
                       for item in failed],
+        interrupted_items=[InterruptedItem(index=item.index, stage=item.stage, partial=item.result)
+                           for item in interrupted],
         cancelled_at_item=job.cancelled_at_item,
     )
+
+
+def _result_entry(pipeline: str, item: JobItem) -> dict[str, Any]:
+    """``{"index", "result"}``; the built-in ``documents`` pipeline keeps its fields flat beside
+    ``index``, as it always has."""
+    if pipeline == "documents" and isinstance(item.result, dict):
+        return {"index": item.index, **item.result}
+    return {"index": item.index, "result": item.result}

@@ -127,16 +127,19 @@ def record_item(
     result: dict[str, Any] | None = None,
     error: str | None = None,
     started_at: datetime | None = None,
+    finished_at: datetime | None = None,
 ) -> None:
-    """Store one finished item and bump the job's counter in the same transaction.
+    """Store one item that ended and bump the job's counter in the same transaction (interrupted
+    items count as neither done nor failed).
 
     This runs once per item on the hot path, so it takes a plain connection (``db.session.transaction``)
     and executes two prebuilt Core statements: an ORM session costs several times the SQL itself.
     """
     conn.execute(_INSERT_ITEM, {"job_id": job_id, "index": index, "stage": stage, "status": status.value,
                                 "result": result, "error": error, "started_at": started_at,
-                                "finished_at": utcnow()})
-    conn.execute(_BUMP[status], {"job": job_id})
+                                "finished_at": finished_at or utcnow()})
+    if status in _BUMP:
+        conn.execute(_BUMP[status], {"job": job_id})
 
 
 def copy_done_items(session: Session, from_job: str, to_job: str) -> int:
@@ -164,15 +167,18 @@ def tagged(tag: str) -> ColumnElement[bool]:
 
 
 def finished_indexes(session: Session, job_id: str) -> set[int]:
-    return set(session.scalars(select(JobItem.index).where(JobItem.job_id == job_id)))
+    """Items this job has tried (done or failed); interrupted ones are not."""
+    return set(session.scalars(select(JobItem.index).where(
+        JobItem.job_id == job_id, JobItem.status != ItemStatus.INTERRUPTED.value)))
 
 
 def create_job(
     session: Session,
     job_id: str,
-    documents: list[str],
+    inputs: list[Any],
     options: dict[str, Any],
     *,
+    pipeline: str = "documents",
     deadline_s: float | None = None,
     parent_job_id: str | None = None,
     resumed_from: str | None = None,
@@ -187,9 +193,10 @@ def create_job(
     job = Job(
         id=job_id,
         status=JobStatus.PENDING.value,
-        documents=documents,
+        pipeline=pipeline,
+        inputs=inputs,
         options=options,
-        total_items=len(documents),
+        total_items=len(inputs),
         completed_items=0,
         failed_items=0,
         deadline_s=deadline_s,
@@ -203,5 +210,5 @@ def create_job(
     session.add(job)
     session.flush()
     session.add_all(JobParent(job_id=job_id, parent_id=parent) for parent in dict.fromkeys(waits_for))
-    add_event(session, job_id, EventKind.SUBMITTED, actor=actor, detail={"items": len(documents)})
+    add_event(session, job_id, EventKind.SUBMITTED, actor=actor, detail={"items": len(inputs), "pipeline": pipeline})
     return job

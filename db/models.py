@@ -57,7 +57,10 @@ class Job(Base):
     #: Whose job it is: the tenant of the API token that submitted it (None without tenants).
     tenant: Mapped[str | None] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
-    documents: Mapped[list[Any]]
+    #: The pipeline the job runs (``documents`` is built in).
+    pipeline: Mapped[str] = mapped_column(String(64), index=True, default="documents", server_default="documents")
+    #: The job's items, as submitted (JSON). The column keeps its first name, ``documents``.
+    inputs: Mapped[list[Any]] = mapped_column("documents", JSON)
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     total_items: Mapped[int] = mapped_column(Integer)
     completed_items: Mapped[int] = mapped_column(Integer, default=0)
@@ -82,7 +85,6 @@ class Job(Base):
     cancel_requested_at: Mapped[datetime | None]
     cancel_observed_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    heartbeat_at: Mapped[datetime | None]
 
     items: Mapped[list[JobItem]] = relationship(back_populates="job", order_by="JobItem.index")
     tag_rows: Mapped[list[JobTag]] = relationship(order_by="JobTag.tag", cascade="all, delete-orphan")
@@ -94,7 +96,9 @@ class Job(Base):
 
 
 class JobItem(Base):
-    """One finished item: written (and committed) the moment the item is done or has failed."""
+    """One item that ended: written (and committed) the moment it is done, has failed, or was
+    interrupted in flight by a cancel (then ``stage`` is the stage it reached and ``result`` what it
+    had produced, if anything). Interrupted items are not counted as failed, and resume runs them."""
 
     __tablename__ = "job_items"
     __table_args__ = (UniqueConstraint("job_id", "index", name="uq_job_items_job_index"),)
@@ -102,9 +106,9 @@ class JobItem(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column(Integer)
-    stage: Mapped[str] = mapped_column(String(16))  # last stage reached
-    status: Mapped[str] = mapped_column(String(16))  # done / failed
-    result: Mapped[dict[str, Any] | None]
+    stage: Mapped[str] = mapped_column(String(64))  # last stage reached
+    status: Mapped[str] = mapped_column(String(16))  # done / failed / interrupted
+    result: Mapped[Any | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     #: On a cold shutdown, how long running jobs get to reach a checkpoint before Celery's SIGTERM.
     cold_shutdown_grace_s: float = 3.0
 
+    #: Comma-separated modules that register user pipelines (imported by the worker and the API).
+    pipelines: str | None = None
+    #: A worker that doesn't know a job's pipeline sends the job back this many times (with backoff)
+    #: for a worker that does, then fails it with a clear error.
+    unknown_pipeline_retries: int = 60
+
     llm_base_url: str = "http://127.0.0.1:11434/v1"
     llm_model: str = "llama3.2"
     llm_api_key: str = "not-needed"

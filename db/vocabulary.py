@@ -48,14 +48,6 @@ class JobStatus(StrEnum):
 TERMINAL_STATUSES = frozenset({JobStatus.CANCELLED, JobStatus.COMPLETED, JobStatus.FAILED})
 
 
-class Stage(StrEnum):
-    """Pipeline stages, in order. A checkpoint runs before each one, for every item."""
-
-    PARSE = "parse"
-    EMBED = "embed"
-    ANALYZE = "analyze"
-
-
 class EventKind(StrEnum):
     """What a ``job_events`` row records. A cancel is *requested*, then *observed* at a checkpoint,
     then the job is *cancelled* (its terminal row committed) — three moments, three events."""
@@ -77,6 +69,8 @@ class EventKind(StrEnum):
 class ItemStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
+    #: In flight when a cancel came: not done, not failed; resume runs it again from its first stage.
+    INTERRUPTED = "interrupted"
 
 
 #: Cancelled for these reasons, a job is worth resuming: nothing was wrong with the job itself.

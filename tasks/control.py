@@ -6,9 +6,8 @@ Like rq's ``send_stop_job_command``: one function to request a cancel, whoever a
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from typing import Any
 
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
@@ -16,18 +15,18 @@ from sqlalchemy import select, update
 from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
-from db.settings import get_settings
-from db.vocabulary import (
-    RESUMABLE_REASONS,
-    TERMINAL_STATUSES,
-    CancellationReason,
-    CancellationSource,
-    EventKind,
-    JobStatus,
-)
-from tasks.errors import AndonError, JobAlreadyTerminal, JobNotFound
-from tasks.store import get_store
-from tasks.token import CancelRequest
+from db.vocabulary import TERMINAL_STATUSES, CancellationReason, CancellationSource, EventKind, JobStatus
+from tasks import lifecycle
+from tasks.cancellation import CancelRequest
+from tasks.celery_app import RUN_PIPELINE, app
+from tasks.errors import AndonError
+from tasks.paths import job_scratch_dir, remove_tree
+from tasks.process import get_store
+
+__all__ = [
+    "BulkCancelOutcome", "CancelOutcome", "cancel_children", "cancel_matching", "enqueue", "finalize_stopped",
+    "job_signature", "request_cancel", "settle_children", "task_routing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def request_cancel(
     # The row decides which request wins (one conditional UPDATE does), and only the winner sets the
     # token, so Redis can never hold a different first reason than the row.
     with session_scope() as session:
-        status, winner = _mark_requested(session, job_id, requested)
+        status, winner = lifecycle.mark_requested(session, job_id, requested)
         won = winner is requested
         job_rows.add_event(
             session, job_id, EventKind.CANCEL_REQUESTED, reason=reason.value, source=source.value,
@@ -81,50 +80,6 @@ def request_cancel(
     return CancelOutcome(job_id, status, won, winner)
 
 
-def requested_cancels(job_ids: list[str], session=None) -> dict[str, CancelRequest]:
-    """The winning cancel requests the job rows hold (status ``cancelling``) — the durable copy of a
-    token, and the arbiter of which request came first."""
-    query = (select(Job.id, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source,
-                    Job.cancel_requested_at)
-             .where(Job.id.in_(job_ids), Job.status == JobStatus.CANCELLING.value))
-    if session is None:
-        with session_scope() as own:
-            rows = own.execute(query).all()
-    else:
-        rows = session.execute(query).all()
-    return {
-        job_id: CancelRequest(CancellationReason(reason), message, CancellationSource(source) if source else None,
-                              at or datetime.now(UTC))
-        for job_id, reason, message, source, at in rows if reason
-    }
-
-
-def _mark_requested(session, job_id: str, request: CancelRequest) -> tuple[JobStatus, CancelRequest]:
-    """Queued → cancelled at once; running → cancelling. Returns the status and the winning request
-    (``request`` itself if this call won). Retries if a worker moves the row meanwhile."""
-    values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at}
-    # the common case first, without reading the row: a running job
-    if job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
-        return JobStatus.CANCELLING, request
-    for _ in range(5):
-        status_value = session.scalar(select(Job.status).where(Job.id == job_id))
-        if status_value is None:
-            raise JobNotFound(job_id)
-        status = JobStatus(status_value)
-        if status.is_terminal:
-            raise JobAlreadyTerminal(job_id, status.value)
-        if status is JobStatus.CANCELLING:
-            return status, requested_cancels([job_id], session).get(job_id, request)
-        if status is JobStatus.PENDING and job_rows.transition(
-            session, job_id, JobStatus.CANCELLED, only_from=JobStatus.PENDING, cancelled_at_item=0,
-            resumable=request.reason in RESUMABLE_REASONS, **values,
-        ):
-            return JobStatus.CANCELLED, request
-        if status is JobStatus.RUNNING and job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
-            return JobStatus.CANCELLING, request
-    raise JobAlreadyTerminal(job_id, "changing too fast to cancel")
-
-
 def finalize_stopped(
     job_id: str,
     reason: CancellationReason,
@@ -141,8 +96,7 @@ def finalize_stopped(
     or ``failed`` when ``fail_with`` is given. Its temp dir is removed. Returns True if this call
     ended the job (a concurrent finalizer may have been first).
     """
-    now = datetime.now(UTC)
-    first = requested_cancels([job_id]).get(job_id)
+    first = lifecycle.requested_cancels([job_id]).get(job_id)
     if first is None:
         try:
             first = get_store().read([job_id]).get(job_id)
@@ -152,21 +106,17 @@ def finalize_stopped(
         job = session.get(Job, job_id)
         if job is None or JobStatus(job.status).is_terminal:
             return False
-        # tidy before the terminal row is committed: whoever sees the job ended sees it cleaned up
-        shutil.rmtree(get_settings().jobs_tmp_dir / job_id, ignore_errors=True)
         finished = job_rows.finished_indexes(session, job_id)
         at_item = next((i for i in range(job.total_items) if i not in finished), None)
-        if fail_with is not None and first is None:
-            won = job_rows.transition(session, job_id, JobStatus.FAILED, error=fail_with)
-        else:
-            request = first or CancelRequest(reason, message, source)
-            job_rows.add_event(session, job_id, EventKind.CANCEL_OBSERVED, reason=request.reason.value,
-                               source=source.value, actor=actor, detail={"item": at_item, "by": "finalizer"}, at=now)
-            won = job_rows.transition(
-                session, job_id, JobStatus.CANCELLED, **job_rows.cancel_values(request),
-                cancel_requested_at=job.cancel_requested_at or request.at, cancel_observed_at=now,
-                cancelled_at_item=at_item, resumable=request.reason in RESUMABLE_REASONS,
-            )
+        requested_at = job.cancel_requested_at
+    # tidy before the terminal row is committed: whoever sees the job ended sees it cleaned up
+    remove_tree(job_scratch_dir(job_id))
+    if fail_with is not None and first is None:
+        won = lifecycle.end_failed(job_id, fail_with)
+    else:
+        request = first or CancelRequest(reason, message, source)
+        won = lifecycle.end_cancelled(job_id, request, at_item=at_item, by="finalizer", actor=actor,
+                                      requested_at=requested_at or request.at, observed_source=source)
     if won:
         settle_children(job_id)
     return won
@@ -174,10 +124,13 @@ def finalize_stopped(
 
 def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) -> None:
     """Send the pipeline task for a job whose row is committed (the worker must find it)."""
-    from tasks.app import app
-    from tasks.jobs import TASK_NAME
+    app.send_task(RUN_PIPELINE, args=[job_id], task_id=job_id, **task_routing(options or {}, queue))
 
-    app.send_task(TASK_NAME, args=[job_id], task_id=job_id, **task_routing(options or {}, queue))
+
+def job_signature(job_id: str, options: dict[str, Any], queue: str | None):
+    """The pipeline task for one job row, as a Celery signature (chains and chords)."""
+    return app.signature(RUN_PIPELINE, args=[job_id], immutable=True).set(task_id=job_id,
+                                                                          **task_routing(options, queue))
 
 
 def task_routing(options: dict, queue: str | None) -> dict:
@@ -264,17 +217,11 @@ def cancel_matching(
         rows = session.execute(select(Job.id, Job.status).where(*filters)).all()
     queued = [job_id for job_id, s in rows if s == JobStatus.PENDING.value]
     request = CancelRequest(reason, message, source)
-    values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at, "cancelled_at_item": 0,
-              "status": JobStatus.CANCELLED.value, "finished_at": request.at,
-              "resumable": reason in RESUMABLE_REASONS}
     cancelled: list[str] = []
     for start in range(0, len(queued), batch):
         chunk = queued[start:start + batch]
         with session_scope() as session:
-            ended = list(session.scalars(
-                update(Job).where(Job.id.in_(chunk), Job.status == JobStatus.PENDING.value)
-                .values(**values).returning(Job.id).execution_options(synchronize_session=False)
-            ))
+            ended = lifecycle.cancel_queued(session, chunk, request)
             job_rows.add_events(session, [
                 {"job_id": job_id, "kind": kind.value, "reason": reason.value, "source": source.value,
                  "actor": actor, "detail": {"message": message, "bulk": True}, "at": request.at}

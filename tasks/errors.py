@@ -1,55 +1,21 @@
-"""Every exception andon raises on purpose, in one place."""
+"""Every exception andon raises on purpose, in one place (the cancellations themselves live with the
+cancellation core and are re-exported here)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from typing import Any
 
-from db.vocabulary import CancellationReason, CancellationSource
+from tasks.cancellation.errors import CancellationError, ForcedCancellation
+
+__all__ = [
+    "AndonError", "BrokerUnavailable", "CancellationError", "ForcedCancellation", "InvalidInput", "InvalidJobId",
+    "InvalidParent", "InvalidTag", "JobAlreadyTerminal", "JobNotFound", "NotResumable", "PipelineError",
+    "UnknownPipeline",
+]
 
 
 class AndonError(Exception):
     """Base class: a problem andon can explain in one line to a user."""
-
-
-class CancellationError(AndonError):
-    """Raised at a checkpoint once a job's token is cancelled.
-
-    It carries the winning cancel (first one wins), so whoever catches it can record why the job
-    stopped without asking Redis again.
-    """
-
-    def __init__(
-        self,
-        job_id: str,
-        reason: CancellationReason,
-        message: str | None = None,
-        source: CancellationSource | None = None,
-        cancelled_at: datetime | None = None,
-    ) -> None:
-        self.job_id = job_id
-        self.reason = CancellationReason(reason)
-        self.message = message
-        self.source = CancellationSource(source) if source else None
-        self.cancelled_at = cancelled_at
-        text = f"job {job_id} cancelled: {self.reason.value}"
-        super().__init__(f"{text} - {message}" if message else text)
-
-    def __reduce__(self):  # survive pickling between pool processes
-        return (type(self), (self.job_id, self.reason, self.message, self.source, self.cancelled_at))
-
-
-class ForcedCancellation(CancellationError):
-    """Raised *into* a job's thread by the escalation ladder when it ignored its token.
-
-    Python instantiates it with no arguments; whoever catches it takes the reason from the token.
-    """
-
-    def __init__(self, *args: object) -> None:
-        if args:
-            super().__init__(*args)
-        else:
-            Exception.__init__(self, "cancellation forced into a job that ignored its token")
-            self.job_id, self.reason, self.message, self.source, self.cancelled_at = "", None, None, None, None
 
 
 class JobNotFound(AndonError):
@@ -79,3 +45,30 @@ class InvalidTag(AndonError):
 
 class NotResumable(AndonError):
     """The job can't be resumed (still running, completed, or stopped for a reason we don't resume)."""
+
+
+class PipelineError(AndonError):
+    """A pipeline definition or an ``ANDON_PIPELINES`` module is wrong: found at start, not at the first job."""
+
+
+class UnknownPipeline(AndonError):
+    """No pipeline of that name is registered here; the message names the known ones."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(f"unknown pipeline {name!r} (known: {', '.join(known) or 'none'})")
+
+
+class InvalidInput(AndonError):
+    """Submitted items or options that a pipeline's models reject. ``errors`` are pydantic-style
+    ``{"loc", "msg", "type"}`` entries naming the field (and the item's index)."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        first = errors[0] if errors else {"loc": (), "msg": "invalid input"}
+        super().__init__(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+
+
+class InvalidJobId(AndonError):
+    """A job id from outside the API (a broker message, Flower, ``send_task``) that is not one andon accepts."""

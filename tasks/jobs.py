@@ -1,11 +1,13 @@
-"""The Celery task: thin. It takes a job id, the pipeline does the rest.
+"""The Celery tasks: thin. They take a job id (or make the job from a message), the runner does the rest.
 
-Registered by a stable name so other services can enqueue without importing andon::
+Registered by stable names (:mod:`tasks.celery_app`) so other services can enqueue without importing
+andon::
 
+    app.send_task("andon.run_pipeline", kwargs={"pipeline": "summarize", "items": [...]})
     app.send_task("andon.analyze_documents", kwargs={"documents": ["...", "..."]})
 
-(the job row is then created from the task id), or, for a job made through the API,
-``send_task("andon.analyze_documents", args=[job_id], task_id=job_id)``.
+(the job row is then made from the task id, which must look like an id), or, for a job made through
+the API, ``send_task("andon.run_pipeline", args=[job_id], task_id=job_id)``.
 
 How a job ends in Celery's terms: completed → SUCCESS; failed → FAILURE; cancelled → REVOKED in the
 result backend *and* a ``task-revoked`` event, so Flower shows REVOKED with the reason instead of
@@ -14,6 +16,7 @@ the SUCCESS plain Celery would report for a revoked task that returned.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -21,18 +24,25 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery import Task, states
-from celery.exceptions import Ignore, TaskRevokedError
+from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, TaskRevokedError
 
 from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
+from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
-from tasks.app import app
+from tasks import lifecycle
+from tasks.cancellation import CancellationError
 from tasks.control import request_cancel, settle_children
-from tasks.errors import AndonError
-from tasks.pipeline import JobOutcome, run_job
+from tasks.errors import AndonError, InvalidJobId, UnknownPipeline
+from tasks.intake import check_submission
+from tasks.lifecycle import JobOutcome
+from tasks.paths import check_job_id
+from tasks.runner import run_job
 
-TASK_NAME = "andon.analyze_documents"
+__all__ = ["JobFailed", "PipelineTask", "analyze_documents", "run_pipeline"]
+
+log = logging.getLogger(__name__)
 
 
 class JobFailed(AndonError):
@@ -71,25 +81,63 @@ def soft_time_limit_as_cancel(job_id: str) -> Iterator[None]:
         signal.signal(signal.SIGUSR1, previous)
 
 
-@app.task(name=TASK_NAME, bind=True, base=PipelineTask)
-def analyze_documents(
-    self, job_id: str | None = None, documents: list[str] | None = None, options: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    job_id = job_id or self.request.id
-    if documents is not None:
-        with session_scope() as session:
-            if session.get(Job, job_id) is None:
-                job_rows.create_job(session, job_id, documents, options or {}, actor="send_task")
-    with soft_time_limit_as_cancel(job_id):
-        try:
-            outcome = run_job(job_id)
-        finally:
-            settle_children(job_id)  # enqueue waiting children, or cancel them if this didn't complete
+def run_pipeline(self: Task, job_id: str | None = None, pipeline: str | None = None, items: list[Any] | None = None,
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one job. With ``items``, the job row is made first from this message (``send_task``)."""
+    try:
+        job_id = check_job_id(job_id or self.request.id)
+    except InvalidJobId as exc:
+        log.error("andon: refused a job message: %s", exc)
+        raise Reject(str(exc), requeue=False) from None
+    if items is not None:
+        _adopt(job_id, pipeline or "documents", items, options)
+    try:
+        with soft_time_limit_as_cancel(job_id):
+            try:
+                outcome = run_job(job_id)
+            finally:
+                settle_children(job_id)  # enqueue waiting children, or cancel them if this didn't complete
+    except UnknownPipeline as exc:
+        _send_back(self, job_id, exc)
+    except CancellationError:  # a BaseException: Celery's tracer would re-raise it without a state
+        outcome = lifecycle.outcome_of(job_id, ran=True)
     if outcome.status is JobStatus.CANCELLED:
         _end_as_revoked(self, outcome)
     if outcome.status is JobStatus.FAILED:
         raise JobFailed(outcome.error or f"job {job_id} failed")
     return outcome.as_dict()
+
+
+def analyze_documents(self: Task, job_id: str | None = None, documents: list[str] | None = None,
+                      options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The first door, kept: the built-in ``documents`` pipeline over ``documents``."""
+    return run_pipeline(self, job_id, "documents", documents, options)
+
+
+def _adopt(job_id: str, pipeline: str, items: Any, options: Any) -> None:
+    """Make the row for a job sent as a message (``send_task`` with items), unless it exists."""
+    with session_scope() as session:
+        if session.get(Job, job_id) is not None:
+            return
+    submission = check_submission(pipeline, items, options)  # AndonError → FAILURE with the reason
+    with session_scope() as session:
+        job_rows.create_job(session, job_id, submission.items, submission.options,
+                            pipeline=submission.pipeline.name, actor="send_task")
+
+
+def _send_back(task: Task, job_id: str, error: UnknownPipeline) -> None:
+    """This worker doesn't know the job's pipeline (a rolling deploy, a queue served by mixed
+    workers): send the message back for one that does, with backoff; after the last try, fail the
+    job with the reason. Never drop it silently."""
+    retries = task.request.retries or 0
+    try:
+        raise task.retry(countdown=min(2 ** retries, 30), max_retries=get_settings().unknown_pipeline_retries,
+                         exc=error)
+    except MaxRetriesExceededError:
+        message = f"no worker knows this job's pipeline: {error}"
+        lifecycle.end_failed(job_id, message)
+        settle_children(job_id)
+        raise JobFailed(message) from None
 
 
 def _end_as_revoked(task: Task, outcome: JobOutcome) -> None:

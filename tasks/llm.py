@@ -14,9 +14,9 @@ import threading
 import time
 from typing import Any
 
+from tasks.cancellation import CancellationToken
 from tasks.errors import AndonError, CancellationError
 from tasks.stages import analyze_local
-from tasks.token import CancellationToken
 
 CANCELLED_MARKER = "\n\n[Response cancelled]"
 SYSTEM_PROMPT = "Summarise the document the user sends in two or three sentences. Reply with the summary only."

@@ -23,24 +23,24 @@ from redis.exceptions import RedisError
 from db import jobs as job_rows
 from db.session import session_scope
 from db.vocabulary import CancellationReason, CancellationSource, EventKind
-from tasks.errors import AndonError, ForcedCancellation
-from tasks.store import get_redis
-from tasks.token import CancellationToken
+from tasks.cancellation import CancellationToken, ForcedCancellation
+from tasks.cancellation.keys import heartbeat_key
+from tasks.control import request_cancel
+from tasks.errors import AndonError
+from tasks.process import get_redis
+
+__all__ = ["JobMonitor", "Ladder"]
 
 log = logging.getLogger(__name__)
-
-
-def heartbeat_key(job_id: str) -> str:
-    return f"andon:heartbeat:{job_id}"
 
 
 @dataclass(frozen=True)
 class Ladder:
     """How hard to push a job that ignores its cancel, counted from the cancel request.
 
-    1. ``raise_after_s``: raise :class:`ForcedCancellation` into the job's thread. Stops a Python
-       loop that never checks; can't interrupt a blocking system or C call (the exception only lands
-       when control returns to Python).
+    1. ``raise_after_s``: raise :class:`ForcedCancellation` into the threads running the job's stages
+       (and cancel its async tasks again). Stops a Python loop that never checks; can't interrupt a
+       blocking system or C call (the exception only lands when control returns to Python).
     2. ``kill_after_s``: SIGKILL this child. The worker's main process finalizes the row with the
        token's reason; the item in progress is lost, every finished item is kept.
     """
@@ -62,9 +62,13 @@ class JobMonitor:
         self.ladder = ladder
         #: (item index, stage) the job is at; written by the job thread, published with each beat.
         self.position: tuple[int, str] | None = None
-        #: Set by the job thread once it has seen the cancel: no escalation after that.
+        #: Set by the job thread on its exit path (:meth:`disarm`): no escalation after that.
         self.observed = threading.Event()
         self._job_thread = threading.get_ident()
+        #: The ladder's first step; the runner points it at the job's item run.
+        self.force = self._raise_into_job_thread
+        self._ladder_lock = threading.Lock()
+        self._forced_job_thread = False
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"andon-monitor-{job_id[:8]}", daemon=True)
@@ -93,6 +97,25 @@ class JobMonitor:
         item, stage = self.position or (None, None)
         value = json.dumps({"pid": os.getpid(), "item": item, "stage": stage})
         get_redis().set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
+
+    def disarm(self) -> None:
+        """Called by the job thread as its exit path begins: no forced cancel can land after this, so
+        none can interrupt the commits that end the job. One sent to this thread but not yet
+        delivered is withdrawn (``PyThreadState_SetAsyncExc`` with NULL)."""
+        while True:
+            try:
+                with self._ladder_lock:
+                    self.observed.set()
+                    if self._forced_job_thread:
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._job_thread), None)
+                return
+            except ForcedCancellation:  # delivered while we were getting here: it is spent now
+                continue
+
+    def _raise_into_job_thread(self) -> None:
+        self._forced_job_thread = True
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._job_thread),
+                                                   ctypes.py_object(ForcedCancellation))
 
     def _on_cancel(self, _token: CancellationToken) -> None:
         self._cancelled_at = time.monotonic()
@@ -126,8 +149,6 @@ class JobMonitor:
         rss_mb = psutil.Process().memory_info().rss / 2**20
         if rss_mb <= self.max_rss_mb or self.token.is_cancelled:
             return
-        from tasks.control import request_cancel
-
         try:
             request_cancel(self.job_id, CancellationReason.RESOURCE_LIMIT,
                            f"RSS {rss_mb:.0f} MiB above the {self.max_rss_mb:g} MiB ceiling",
@@ -141,9 +162,11 @@ class JobMonitor:
         waited = time.monotonic() - self._cancelled_at
         if self._step == 0 and waited >= self.ladder.raise_after_s:
             self._step = 1
-            self._record("raise CancellationError into the job thread", waited)
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._job_thread),
-                                                       ctypes.py_object(ForcedCancellation))
+            with self._ladder_lock:
+                if self.observed.is_set():
+                    return
+                self.force()
+            self._record("raise CancellationError into the job's stages", waited)
         elif self._step == 1 and waited >= self.ladder.kill_after_s:
             self._step = 2
             self._record("kill the worker child", waited)

@@ -1,256 +1,206 @@
-"""Running one job: every item through parse → embed → analyze, a checkpoint before each stage.
+"""The public pipeline API: a pipeline is a name, stages in order, and how many items run at once.
 
-This is the worker's service layer; the Celery task only hands it a job id. Each finished item is
-committed as its own row at once, so a later cancel, crash or kill loses nothing already done.
+```python
+from tasks import JobContext, Pipeline, stage
+
+def clean(text: str) -> str:
+    return " ".join(text.split())
+
+async def summarize(text: str, ctx: JobContext) -> dict:
+    return {"summary": await call_my_model(text)}      # a cancel interrupts this await at once
+
+Pipeline("summarize", stages=[clean, stage(summarize, name="llm")], concurrency=4)
+```
+
+Whoever wrote the stages, andon runs a checkpoint before each one, commits each item the moment it
+is done, and keeps every promise about stopping (see :mod:`tasks.runner`). A pipeline registers
+itself by name when it is made; the worker and the API import the modules named in
+``ANDON_PIPELINES`` at start (:mod:`tasks.registry`).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from db import jobs as job_rows
-from db.models import Job
-from db.session import session_scope, transaction
-from db.settings import get_settings
-from db.vocabulary import (
-    RESUMABLE_REASONS,
-    CancellationReason,
-    CancellationSource,
-    EventKind,
-    ItemStatus,
-    JobStatus,
-    Stage,
-)
-from tasks import stages
-from tasks.cleanup import CleanupManager
-from tasks.control import request_cancel
-from tasks.errors import AndonError, CancellationError, ForcedCancellation, JobNotFound
-from tasks.llm import StreamCancelled, analyze_llm
-from tasks.monitor import JobMonitor, Ladder
-from tasks.store import get_watcher
-from tasks.token import CancellationToken
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-log = logging.getLogger(__name__)
+from tasks import registry
+from tasks.cancellation import CancellationToken
+from tasks.context import JobContext
+from tasks.engine import LocalRun, run_local
+from tasks.errors import InvalidInput, PipelineError
+
+__all__ = ["JobContext", "LocalRun", "Pipeline", "Stage", "stage"]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
+MAX_CONCURRENCY = 256
 
 
 @dataclass(frozen=True)
-class JobOutcome:
-    job_id: str
-    status: JobStatus
-    ran: bool  # False when the job was already terminal (e.g. cancelled while queued)
-    reason: CancellationReason | None = None
-    error: str | None = None
+class Stage:
+    """One step of a pipeline: ``fn(value)`` or ``fn(value, ctx)``, sync or async."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "status": self.status.value, "ran": self.ran,
-                "reason": self.reason.value if self.reason else None, "error": self.error}
+    fn: Callable[..., Any]
+    name: str
+    takes_context: bool
+    is_async: bool
 
-
-StageFn = Callable[[Any], Any]
+    def call(self, value: Any, ctx: JobContext) -> Any:
+        return self.fn(value, ctx) if self.takes_context else self.fn(value)
 
 
-def stage_functions(options: dict[str, Any], token: CancellationToken) -> list[tuple[Stage, StageFn]]:
-    analyzer = options.get("analyzer", "local")
-    if analyzer == "local":
-        analyze: StageFn = stages.analyze_local
-    elif analyzer == "llm":
-        settings = get_settings()
-        analyze = functools.partial(analyze_llm, token=token, base_url=settings.llm_base_url,
-                                    model=settings.llm_model, api_key=settings.llm_api_key,
-                                    timeout_s=settings.llm_timeout_s)
-    else:
-        raise AndonError(f"unknown analyzer {analyzer!r}")
-    return [(Stage.PARSE, stages.parse), (Stage.EMBED, stages.embed), (Stage.ANALYZE, analyze)]
+def stage(fn: Callable[..., Any] | Stage, *, name: str | None = None) -> Stage:
+    """Make ``fn`` a stage, named ``name`` (default: the function's name, ≤ 64 characters)."""
+    if isinstance(fn, Stage):
+        return fn if name is None else Stage(fn.fn, _stage_name(name), fn.takes_context, fn.is_async)
+    if not callable(fn):
+        raise PipelineError(f"stage {fn!r} is not callable")
+    return Stage(fn, _stage_name(name or getattr(fn, "__name__", type(fn).__name__)), _takes_context(fn),
+                 _is_async(fn))
 
 
-def _finish_cancelled(job_id: str, error: CancellationError, at_item: int | None, stage: Stage | None) -> bool:
-    now = datetime.now(UTC)
-    with session_scope() as session:
-        job_rows.add_event(
-            session, job_id, EventKind.CANCEL_OBSERVED,
-            reason=error.reason.value, source=error.source.value if error.source else None,
-            detail={"item": at_item, "stage": stage.value if stage else None}, at=now,
-        )
-        return job_rows.transition(
-            session, job_id, JobStatus.CANCELLED,
-            cancellation_reason=error.reason.value,
-            cancellation_message=error.message,
-            cancellation_source=error.source.value if error.source else None,
-            cancel_observed_at=now,
-            cancelled_at_item=at_item,
-            resumable=error.reason in RESUMABLE_REASONS,
-        )
+def _stage_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise PipelineError(f"invalid stage name {name!r}: 1-64 letters, digits, '_', '.', ':' or '-'")
+    return name
 
 
-def _start(job_id: str) -> Job | None:
-    """Load the job and move it to running; None if it must not run (terminal, or unknown)."""
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        status = JobStatus(job.status)
-        if status.is_terminal:
-            return None
-        redelivered = status is not JobStatus.PENDING  # acks_late: the last worker died mid-job
-        if not redelivered and not job_rows.transition(
-            session, job_id, JobStatus.RUNNING, started_at=datetime.now(UTC)
-        ):
-            return None
-        job_rows.add_event(session, job_id, EventKind.STARTED, detail={"redelivered": redelivered})
-        session.expunge(job)
-        return job
+def _is_async(fn: Callable[..., Any]) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
-def _start_deadline(job: Job) -> threading.Timer | None:
-    if not job.deadline_s:
-        return None
-    remaining = job.deadline_s - (datetime.now(UTC) - job.created_at).total_seconds()
-
-    def expire() -> None:
-        try:
-            request_cancel(job.id, CancellationReason.TIMEOUT, f"deadline of {job.deadline_s:g}s passed",
-                           CancellationSource.DEADLINE, actor="worker")
-        except AndonError:
-            pass  # the job ended in the meantime
-
-    timer = threading.Timer(max(remaining, 0.0), expire)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
-def run_job(job_id: str) -> JobOutcome:
-    """Run a job to exactly one terminal state, keeping every finished item, cleaning up always.
-
-    If the process is being torn down under the job (``SystemExit`` from a SIGTERM sent by Celery's
-    terminate, hard time limit or cold shutdown) and no cancel was requested, the row is left for the
-    worker's main process to finalize: only it knows which of those it was.
-    """
-    watcher = get_watcher()
-    token = watcher.watch(job_id)
-    job = _start(job_id)
-    if job is None:
-        watcher.unwatch(job_id)
-        with session_scope() as session:
-            row = session.get(Job, job_id)
-        return JobOutcome(job_id, JobStatus(row.status), ran=False,
-                          reason=CancellationReason(row.cancellation_reason) if row.cancellation_reason else None)
-
-    settings = get_settings()
-    cleanup = CleanupManager()  # what the job acquired: released before its terminal row is committed
-    ladder = Ladder(float(job.options.get("escalate_after_s") or settings.escalate_after_s),
-                    float(job.options.get("kill_after_s") or settings.kill_after_s))
-    monitor = JobMonitor(job_id, token, settings.heartbeat_s,
-                         job.options.get("max_rss_mb") or settings.max_job_rss_mb, ladder)
-    monitor.start()
-    deadline = _start_deadline(job)
-    cleanup.temp_dir(settings.jobs_tmp_dir / job_id)  # the job's scratch space, gone on every exit path
-    delay = float(job.options.get("stage_delay_s") or 0)
-    block = float(job.options.get("stage_block_s") or 0)
-    spin = float(job.options.get("stage_spin_s") or 0)
-    index: int | None = None
-    stage: Stage | None = None
-
-    def release() -> None:
-        """Clean up *before* the terminal row is committed: whoever sees a job ended sees it tidy."""
-        if cleanup.done:
-            return
-        errors = cleanup.run()
-        errors += [f"token callback: {e!r}" for e in token.callback_errors]
-        if errors:
-            log.warning("cleanup of job %s: %s", job_id, errors)
-            with session_scope() as session:
-                job_rows.add_event(session, job_id, EventKind.CLEANUP_FAILED, detail={"errors": errors})
-
+def _takes_context(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` accepts two positional arguments (the value and the context)."""
     try:
-        with session_scope() as session:
-            finished = job_rows.finished_indexes(session, job_id)
-        pipeline = stage_functions(job.options, token)
-        for index, document in enumerate(job.documents):
-            if index in finished:
-                continue
-            started_at = datetime.now(UTC)
-            value: Any = document
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"stage {fn!r}: can't read its signature ({exc})") from None
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return True
+    required = [p for p in positional if p.default is p.empty]
+    if not positional or len(required) > 2:
+        raise PipelineError(f"stage {getattr(fn, '__name__', fn)!r} must take (value) or (value, ctx)")
+    return len(positional) >= 2
+
+
+@dataclass(eq=False)
+class Pipeline:
+    """A named list of stages every item goes through, in order; registered by name when made.
+
+    ``concurrency``: up to this many items of one job in flight, on the worker process's event loop
+    (sync stages then run in threads). ``item_model`` / ``options_model``: pydantic models (or any
+    type pydantic validates) checking each item / the pipeline's own options at submit. ``queue``:
+    the Celery queue its jobs go to (workers serving it must import the pipeline's module).
+    """
+
+    name: str
+    stages: list[Stage]
+    concurrency: int = 1
+    description: str | None = None
+    item_model: Any = None
+    options_model: type[BaseModel] | None = None
+    queue: str | None = None
+    _item_adapter: TypeAdapter | None = field(default=None, repr=False)
+
+    def __init__(self, name: str, stages: Iterable[Callable[..., Any] | Stage], *, concurrency: int = 1,
+                 description: str | None = None, item_model: Any = None,
+                 options_model: type[BaseModel] | None = None, queue: str | None = None,
+                 register: bool = True) -> None:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise PipelineError(f"invalid pipeline name {name!r}: 1-64 letters, digits, '_', '.', ':' or '-'")
+        self.name = name
+        self.stages = [stage(fn) for fn in stages]
+        if not self.stages:
+            raise PipelineError(f"pipeline {name!r} has no stages")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise PipelineError(f"pipeline {name!r}: stage names must be unique, got {names}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise PipelineError(f"pipeline {name!r}: concurrency must be an integer from 1 to {MAX_CONCURRENCY}")
+        if options_model is not None and not (isinstance(options_model, type) and issubclass(options_model, BaseModel)):
+            raise PipelineError(f"pipeline {name!r}: options_model must be a pydantic model class")
+        if queue is not None and (not isinstance(queue, str) or not _NAME.fullmatch(queue)):
+            raise PipelineError(f"pipeline {name!r}: invalid queue name {queue!r}")
+        self.concurrency = concurrency
+        self.description = description
+        self.item_model = item_model
+        self.options_model = options_model
+        self.queue = queue
+        try:
+            self._item_adapter = TypeAdapter(item_model) if item_model is not None else None
+        except Exception as exc:
+            raise PipelineError(f"pipeline {name!r}: item_model {item_model!r} is not a type pydantic knows") from exc
+        if register:
+            registry.register(self)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    @property
+    def uses_loop(self) -> bool:
+        """Runs on the event loop: it has an async stage, or more than one item in flight."""
+        return self.concurrency > 1 or any(s.is_async for s in self.stages)
+
+    # --- validation at the doors -------------------------------------------------------------
+
+    def check_items(self, items: list[Any], field_name: str = "items") -> list[Any]:
+        """The items as JSON, each validated by ``item_model``; InvalidInput names index and field."""
+        if self._item_adapter is None:
+            return items
+        errors: list[dict[str, Any]] = []
+        checked = []
+        for index, item in enumerate(items):
             try:
-                for stage, run_stage in pipeline:
-                    token.check()  # the checkpoint: before every stage of every item
-                    monitor.position = (index, stage.value)
-                    if delay and token.wait(delay):
-                        token.check()
-                    if block:
-                        time.sleep(block)  # deaf to the token, like a blocking C call
-                    if spin:
-                        _spin(spin)  # deaf to the token, like a stuck Python loop
-                    value = run_stage(value)
-            except StreamCancelled as cancelled:  # keep what the model had said, marked as cut short
-                with transaction() as conn:
-                    job_rows.record_item(conn, job_id, index, stage.value, ItemStatus.FAILED,
-                                         result=cancelled.partial, error="cancelled mid-stream",
-                                         started_at=started_at)
-                raise
-            except CancellationError:
-                raise
-            except Exception as exc:
-                with transaction() as conn:
-                    job_rows.record_item(conn, job_id, index, stage.value, ItemStatus.FAILED,
-                                         error=f"{type(exc).__name__}: {exc}", started_at=started_at)
-                continue
-            with transaction() as conn:
-                job_rows.record_item(conn, job_id, index, stage.value, ItemStatus.DONE,
-                                     result=value, started_at=started_at)
-        release()
-        return _finish_ran_through(job_id)
-    except CancellationError as error:
-        monitor.observed.set()
-        if isinstance(error, ForcedCancellation):
-            error = token.error()
-        release()
-        _finish_cancelled(job_id, error, index, stage)
-        return JobOutcome(job_id, JobStatus.CANCELLED, ran=True, reason=error.reason)
-    except BaseException as exc:
-        monitor.observed.set()
-        release()
-        if token.is_cancelled:  # torn down after a cancel was requested: that cancel is why
-            _finish_cancelled(job_id, token.error(), index, stage)
-        elif not isinstance(exc, SystemExit):
-            with session_scope() as session:
-                job_rows.transition(session, job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        release()  # a no-op when an exit path above already ran it
-        # the job's own machinery stops only now: its heartbeat lives until the row is terminal,
-        # so the reaper never mistakes a job that is finishing for a lost one
-        if deadline is not None:
-            deadline.cancel()
-        monitor.stop()
-        watcher.unwatch(job_id)
+                checked.append(self._item_adapter.dump_python(self._item_adapter.validate_python(item), mode="json"))
+            except ValidationError as exc:
+                errors += [{"loc": ["body", field_name, index, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                           for e in exc.errors(include_url=False, include_input=False)]
+            if len(errors) >= 20:
+                break
+        if errors:
+            raise InvalidInput(errors)
+        return checked
 
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The pipeline's own options, validated by ``options_model`` (none allowed without one)."""
+        if self.options_model is None:
+            if options:
+                raise InvalidInput([{"loc": ["body", "options", key], "msg": f"pipeline {self.name!r} takes no "
+                                     "option of this name", "type": "extra_forbidden"} for key in options])
+            return {}
+        try:
+            return self.options_model.model_validate(options).model_dump(mode="json", exclude_unset=True)
+        except ValidationError as exc:
+            raise InvalidInput([{"loc": ["body", "options", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                                for e in exc.errors(include_url=False, include_input=False)]) from None
 
-def _spin(seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        pass
+    def item_value(self, raw: Any) -> Any:
+        """What the first stage receives: the stored JSON, as ``item_model`` if there is one."""
+        return raw if self._item_adapter is None else self._item_adapter.validate_python(raw)
 
+    def options_value(self, options: dict[str, Any]) -> Any:
+        """What ``ctx.options`` holds: the ``options_model`` instance, or ``{}``."""
+        return self.options_model.model_validate(options) if self.options_model is not None else {}
 
-def _finish_ran_through(job_id: str) -> JobOutcome:
-    """Every item was tried: completed, unless not a single one succeeded."""
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job.total_items and job.completed_items == 0:
-            error = f"all {job.total_items} items failed"
-            if job_rows.transition(session, job_id, JobStatus.FAILED, error=error):
-                return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
-        elif job_rows.transition(session, job_id, JobStatus.COMPLETED):
-            return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
-        # someone else ended it first (a finalizer): report what the row says, not what we hoped
-        session.expire_all()
-        row = session.get(Job, job_id)
-        reason = CancellationReason(row.cancellation_reason) if row.cancellation_reason else None
-        return JobOutcome(job_id, JobStatus(row.status), ran=True, reason=reason, error=row.error)
+    def run_local(self, items: list[Any], *, options: dict[str, Any] | None = None,
+                  token: CancellationToken | None = None) -> LocalRun:
+        """Run every item in this process with a real token: for users' own unit tests.
+
+        Returns a :class:`~tasks.engine.LocalRun` (results, failed and interrupted items, and the
+        cancellation if ``token`` was cancelled meanwhile). Nothing touches Redis or a database.
+        """
+        return run_local(self, items, options=options, token=token)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "stages": self.stage_names, "concurrency": self.concurrency,
+                "description": self.description, "queue": self.queue}

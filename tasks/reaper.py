@@ -17,9 +17,9 @@ from db.models import Job
 from db.session import session_scope
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from tasks.cancellation.keys import heartbeat_key
 from tasks.control import finalize_stopped
-from tasks.monitor import heartbeat_key
-from tasks.store import get_redis
+from tasks.process import get_redis
 
 
 def reap_lost_jobs(actor: str = "reaper") -> list[str]:

@@ -10,22 +10,19 @@ hooks are usable.)
 from __future__ import annotations
 
 import logging
-import shutil
 
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
-from db import jobs as job_rows
-from db.session import session_scope
-from db.settings import get_settings
-from db.vocabulary import (
-    CancellationReason,
-    CancellationSource,
-    EventKind,
-    JobStatus,
-)
+from db.vocabulary import CancellationReason, CancellationSource
+from tasks import lifecycle
+from tasks.cancellation.keys import lost_key
 from tasks.control import finalize_stopped
-from tasks.store import get_redis, get_store
+from tasks.errors import InvalidJobId
+from tasks.paths import job_scratch_dir, remove_tree
+from tasks.process import get_redis, get_store
+
+__all__ = ["JobRequest", "on_worker_lost"]
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +63,15 @@ def on_worker_lost(job_id: str, hostname: str | None = None) -> None:
         finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.WORKER_LOST,
                          "worker process lost after a cancel was requested", actor=hostname)
         return
-    key = f"andon:lost:{job_id}"
+    key = lost_key(job_id)
     losses = get_redis().incr(key)
     get_redis().expire(key, 7 * 24 * 3600)
     if losses >= MAX_LOSSES:
         finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.WORKER_LOST,
                          fail_with=f"worker process lost {losses} times", actor=hostname)
         return
-    with session_scope() as session:
-        if job_rows.transition(session, job_id, JobStatus.PENDING):
-            job_rows.add_event(session, job_id, EventKind.REQUEUED, source=CancellationSource.WORKER_LOST.value,
-                               actor=hostname, detail={"losses": losses})
-    # the dead child's scratch space: the next run makes its own
-    shutil.rmtree(get_settings().jobs_tmp_dir / job_id, ignore_errors=True)
+    lifecycle.requeue(job_id, CancellationSource.WORKER_LOST, hostname, {"losses": losses})
+    try:  # the dead child's scratch space: the next run makes its own
+        remove_tree(job_scratch_dir(job_id))
+    except InvalidJobId:
+        pass

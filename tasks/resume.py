@@ -13,9 +13,9 @@ from db import jobs as job_rows
 from db.models import Job, JobEvent, JobItem
 from db.session import session_scope
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
+from tasks import registry
 from tasks.control import enqueue
-from tasks.errors import AndonError, BrokerUnavailable, JobNotFound, NotResumable
-from tasks.store import get_store
+from tasks.errors import AndonError, BrokerUnavailable, JobNotFound, NotResumable, UnknownPipeline
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
             existing = session.scalar(select(Job.id).where(Job.resumed_from == job_id))
             if existing:
                 raise NotResumable(f"job {job_id} was already resumed as {existing}")
-            job_rows.create_job(session, new_id, job.documents, job.options, deadline_s=job.deadline_s,
+            job_rows.create_job(session, new_id, job.inputs, job.options, pipeline=job.pipeline,
+                                deadline_s=job.deadline_s,
                                 parent_job_id=job.parent_job_id, resumed_from=job_id, tenant=job.tenant,
                                 tags=job.tags, actor=actor)
             reused = job_rows.copy_done_items(session, job_id, new_id)
@@ -54,8 +55,7 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
     except IntegrityError as exc:  # lost the race to another resumer
         raise NotResumable(f"job {job_id} was already resumed") from exc
     try:
-        get_store().create(new_id)
-        enqueue(new_id, job.options, queue)
+        enqueue(new_id, job.options, queue or _pipeline_queue(job.pipeline))
     except Exception as exc:
         # nothing was queued: take the new job back, so the old one can still be resumed later
         with session_scope() as session:
@@ -96,3 +96,10 @@ def auto_resume_after_shutdown(hostname: str, within_s: float = 24 * 3600) -> tu
             log.warning("auto-resume of %s failed, left resumable: %s", job_id, exc)
             left += 1
     return resumed, left
+
+
+def _pipeline_queue(name: str) -> str | None:
+    try:
+        return registry.get(name).queue
+    except UnknownPipeline:
+        return None  # a worker that knows it will pick it up from the default queue, or send it back

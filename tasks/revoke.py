@@ -73,7 +73,6 @@ def cancel_for_revoke(state: Any, task_ids: list[str], reason: str | None, messa
     return cancelled
 
 
-@control_command(variadic="task_id", signature="[id1 [id2 [... [idN]]]]")
 def revoke(state, task_id, terminate=False, signal=None, reason=None, message=None, grace=None, **kwargs):
     """Revoke a task by id: cancel its andon token, and (terminate) signal it after a grace period."""
     task_ids = list(maybe_list(task_id) or [])
@@ -90,13 +89,11 @@ def revoke(state, task_id, terminate=False, signal=None, reason=None, message=No
     return ok(f"tasks {', '.join(task_ids)} cancelled; signal in {grace_s:g}s if still running")
 
 
-@control_command(variadic="task_id", args=[("signal", str)], signature="<signal> [id1 [id2 [... [idN]]]]")
 def terminate(state, signal, task_id, **kwargs):
     """Terminate by id (``celery control terminate``): the same graceful path as revoke+terminate."""
     return revoke(state, task_id, terminate=True, signal=signal, **kwargs)
 
 
-@control_command(variadic="headers", signature="[key1=value1 [key2=value2 [... [keyN=valueN]]]]")
 def revoke_by_stamped_headers(state, headers, terminate=False, signal=None, **kwargs):
     """Revoke by stamp: cancel the tokens of active jobs whose stamps match, then let Celery act."""
     wanted = headers if isinstance(headers, dict) else {h.split("=")[0]: h.split("=")[1] for h in headers}
@@ -112,3 +109,13 @@ def revoke_by_stamped_headers(state, headers, terminate=False, signal=None, **kw
                                         {"terminate": True, "signal": signal})
         return _celery_revoke_by_stamped_headers(state, headers, terminate=False, signal=signal)
     return _celery_revoke_by_stamped_headers(state, headers, terminate=terminate, signal=signal)
+
+
+def install_control_commands() -> None:
+    """Put andon's revoke, terminate and revoke_by_stamped_headers in place of Celery's (the
+    originals are kept above and still run after andon's cancel)."""
+    control_command(variadic="task_id", signature="[id1 [id2 [... [idN]]]]")(revoke)
+    control_command(variadic="task_id", args=[("signal", str)],
+                    signature="<signal> [id1 [id2 [... [idN]]]]")(terminate)
+    control_command(variadic="headers",
+                    signature="[key1=value1 [key2=value2 [... [keyN=valueN]]]]")(revoke_by_stamped_headers)

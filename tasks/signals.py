@@ -1,4 +1,4 @@
-"""Worker signal wiring: what a worker does at the moments Celery tells it about.
+"""What a worker does at the moments Celery tells it about (connected by :mod:`tasks.wiring`).
 
 Named after the moment they run. Everything here runs in the worker's main process except
 ``after_child_fork``.
@@ -11,17 +11,15 @@ import signal
 import threading
 import time
 
-from celery import signals
 from celery.worker import state as worker_state
 
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource
-from tasks import revoke  # noqa: F401  (registers the wrapped remote-control commands)
 from tasks.control import finalize_stopped, request_cancel
 from tasks.errors import AndonError
+from tasks.process import reset_process_state
 from tasks.reaper import reap_lost_jobs
 from tasks.resume import auto_resume_after_shutdown
-from tasks.store import reset_process_state
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +27,6 @@ log = logging.getLogger(__name__)
 _shutdown_jobs: set[str] = set()
 
 
-@signals.worker_process_init.connect
 def after_child_fork(**_: object) -> None:
     """A prefork child must not share its parent's Redis sockets or watcher thread."""
     reset_process_state()
@@ -54,7 +51,6 @@ def cancel_active_jobs_for_shutdown(how: str, hostname: str | None) -> list[str]
     return job_ids
 
 
-@signals.worker_shutting_down.connect
 def on_worker_shutting_down(sig: str, how: str, exitcode: int, sender: str | None = None, **_: object) -> None:
     """Warm: cancel every running job now; Celery then waits for them, and they end at once.
 
@@ -77,7 +73,6 @@ def _finalize_shutdown_jobs(hostname: str | None) -> None:
             log.exception("andon: could not finalize %s at shutdown", job_id)
 
 
-@signals.worker_ready.connect
 def after_worker_ready(sender=None, **_: object) -> None:
     hostname = getattr(sender, "hostname", None)
     _cancel_before_cold_shutdown(sender)
@@ -135,7 +130,6 @@ def _start_reaper(hostname: str | None) -> None:
     threading.Thread(target=loop, name="andon-reaper", daemon=True).start()
 
 
-@signals.task_revoked.connect
 def on_task_revoked(request=None, terminated: bool = False, signum=None, expired: bool = False, **_: object) -> None:
     """Celery discarded or terminated a job (main process). If its child was killed, the job could
     not record its own end; do it here with the reason of the cancel that preceded the signal."""

@@ -21,6 +21,16 @@ for var in ("ANDON_API_TOKEN", "ANDON_API_URL"):
     os.environ.pop(var, None)
 
 import shutil  # noqa: E402
+import sys  # noqa: E402
+
+# The test pipelines, loaded as a user's are: a module in a temp dir on PYTHONPATH, named in
+# ANDON_PIPELINES, so the workers, the API (in-process and uvicorn) and the CLI all know them.
+USER_PIPELINES = HOME / "userpipes"
+USER_PIPELINES.mkdir()
+shutil.copy(Path(__file__).parent / "fixtures" / "andon_test_pipelines.py", USER_PIPELINES)
+sys.path.insert(0, str(USER_PIPELINES))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(USER_PIPELINES), os.environ.get("PYTHONPATH")]))
+os.environ["ANDON_PIPELINES"] = "andon_test_pipelines"
 
 import pytest  # noqa: E402
 
@@ -120,14 +130,14 @@ def api_server(worker):
 
 @pytest.fixture
 def redis_client(redis_server):
-    from tasks.store import get_redis
+    from tasks.process import get_redis
 
     return get_redis()
 
 
 @pytest.fixture
 def store(redis_server):
-    from tasks.store import get_store
+    from tasks.process import get_store
 
     return get_store()
 

@@ -17,10 +17,15 @@ def docs(n: int, prefix: str = "Doc") -> list[str]:
     return [f"{prefix} {i}. The quick brown fox jumps over the lazy dog. Foxes are quick." for i in range(n)]
 
 
+#: The pipelines stop-path tests run against: the built-in one, and users' (tests/fixtures).
+PIPELINES = ["documents", "user-sync", "user-async"]
+
+
 def submit(n: int = 5, stage_delay_s: float = 0.0, documents: list[str] | None = None, options=None,
-           **kwargs) -> str:
+           pipeline: str = "documents", **kwargs) -> str:
     options = {"stage_delay_s": stage_delay_s, **(options or {})}
-    return service.submit_job(documents or docs(n), options, **kwargs).job_id
+    items = documents or (docs(n) if pipeline == "documents" else [f"item {i}" for i in range(n)])
+    return service.submit_job(items, options, pipeline=pipeline, **kwargs).job_id
 
 
 def job_row(job_id: str) -> Job:

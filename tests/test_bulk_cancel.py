@@ -40,7 +40,7 @@ def _count(condition, job_ids) -> int:
 
 
 def _drained(worker) -> bool:
-    from tasks.store import get_redis
+    from tasks.process import get_redis
 
     return get_redis().llen(worker.queue) == 0
 

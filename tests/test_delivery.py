@@ -16,7 +16,7 @@ import redis
 
 from api.stack import free_port, start_redis, stop_process
 from db.vocabulary import CancellationReason
-from tasks.store import CancellationStore, TokenWatcher
+from tasks.cancellation import CancellationStore, TokenWatcher
 from tests.jobs_helpers import (
     assert_one_terminal,
     items,

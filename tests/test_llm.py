@@ -16,7 +16,7 @@ from db.vocabulary import CancellationReason, CancellationSource
 from tasks.errors import CancellationError
 from tasks.llm import CANCELLED_MARKER, LLMError, StreamCancelled, analyze_llm
 from tasks.stages import embed, parse
-from tasks.token import CancellationToken
+from tasks.cancellation import CancellationToken
 from tests.llm_server import LLMServer
 
 DOC = embed(parse("Cancellation tokens stop pipelines. Pipelines stream tokens from models. Models cost money."))

@@ -12,8 +12,8 @@ import redis
 
 from db.vocabulary import CancellationReason, CancellationSource
 from tasks.errors import CancellationError
-from tasks.store import CancellationStore, TokenWatcher
-from tasks.token import CancellationToken
+from tasks.cancellation import CancellationStore, TokenWatcher
+from tasks.cancellation import CancellationToken
 from tests.procs import wait_for
 
 
@@ -80,7 +80,6 @@ def test_wait_returns_early_on_cancel():
 def test_store_first_cancel_wins_atomically_across_clients(redis_client):
     job = str(uuid.uuid4())
     stores = [CancellationStore(redis.Redis.from_url(os.environ["ANDON_REDIS_URL"])) for _ in range(8)]
-    stores[0].create(job)
     reasons = list(CancellationReason) * 2
     outcomes = []
     barrier = threading.Barrier(len(stores))
@@ -96,20 +95,15 @@ def test_store_first_cancel_wins_atomically_across_clients(redis_client):
     assert len(winners) == 1
     assert {w.reason for _, w in outcomes} == {winners[0].reason}
     assert redis_client.llen(f"andon:cancel:{job}:requests") == len(stores)
-    assert stores[0].get(job).reason is winners[0].reason
+    assert stores[0].read([job])[job].reason is winners[0].reason
 
 
-def test_store_get_unknown_and_cleanup(store):
+def test_store_read_unknown_and_ttl(store):
     job = str(uuid.uuid4())
-    assert store.get(job) is None
-    store.create(job)
-    assert store.get(job).is_cancelled is False
-    assert store.redis.ttl(f"andon:token:{job}") > 0
+    assert store.read([job]) == {}
     store.cancel(job, "timeout", "late", "deadline")
-    assert store.get(job).reason is CancellationReason.TIMEOUT
+    assert store.read([job])[job].reason is CancellationReason.TIMEOUT
     assert store.redis.ttl(f"andon:cancel:{job}") > 0
-    store.cleanup(job)
-    assert store.get(job) is None
 
 
 def test_watcher_delivers_a_cancel_from_another_client_by_push(store):

@@ -34,9 +34,12 @@ BAD_BODY = {400: {"model": ErrorResponse, "description": "the body could not be 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SubmitResponse,
              responses={**BAD_BODY, 422: {"description": "malformed body, or parent_job_id names no job"}})
 def submit(body: SubmitRequest, caller: WriterDep) -> SubmitResponse:
-    return service.submit_job(body.documents, body.options.model_dump(exclude_none=True), body.deadline_s,
-                              actor=caller.actor, parent_job_id=body.parent_job_id, tenant=caller.tenant,
-                              tags=body.tags)
+    """Submit a job: 422 names the field (and the item's index) a pipeline's models reject, or the
+    known pipelines when the name is unknown."""
+    items, field = body.inputs
+    return service.submit_job(items, body.options, body.deadline_s, actor=caller.actor,
+                              parent_job_id=body.parent_job_id, tenant=caller.tenant, tags=body.tags,
+                              pipeline=body.pipeline, items_field=field)
 
 
 @router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse, responses=BAD_BODY)

@@ -1,8 +1,8 @@
 """The in-process cancellation token a running job checks before every stage.
 
 A token lives in one process and is cheap to check (an ``Event`` lookup, no network). The durable
-truth lives in Redis (:mod:`tasks.store`); a :class:`~tasks.store.TokenWatcher` copies it into the
-local token, so the API cancelling in one process stops a job running in another.
+truth lives in Redis (:mod:`.store`) and in the job row; a :class:`~.watcher.TokenWatcher` copies it
+into the local token, so the API cancelling in one process stops a job running in another.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from db.vocabulary import CancellationReason, CancellationSource
-from tasks.errors import CancellationError
+from tasks.cancellation.errors import CancellationError
+
+__all__ = ["CancelRequest", "CancellationToken"]
 
 
 @dataclass(frozen=True)

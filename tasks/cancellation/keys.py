@@ -1,0 +1,34 @@
+"""Every Redis key and channel andon uses, in one place (compare rq's ``keys.py``).
+
+All keys carry a TTL, so an abandoned job never leaks.
+"""
+
+from __future__ import annotations
+
+__all__ = ["cancel_key", "cancel_requests_key", "cancellations_channel", "heartbeat_key", "lost_key"]
+
+
+def cancel_key(job_id: str) -> str:
+    """The *winning* cancel request of a job, JSON; set with ``SET NX`` so the first cancel wins."""
+    return f"andon:cancel:{job_id}"
+
+
+def cancel_requests_key(job_id: str) -> str:
+    """Every cancel request of a job, winners and losers, for the record (a list)."""
+    return f"andon:cancel:{job_id}:requests"
+
+
+def heartbeat_key(job_id: str) -> str:
+    """Beaten by the process running a job (its pid, item and stage); lives three beats."""
+    return f"andon:heartbeat:{job_id}"
+
+
+def lost_key(job_id: str) -> str:
+    """How many times a job's worker process was lost (a poison job is failed, not requeued forever)."""
+    return f"andon:lost:{job_id}"
+
+
+def cancellations_channel(db: int) -> str:
+    """Where winning cancels are published. Pub/sub ignores database numbers, so the channel carries
+    the store's: two deployments on one Redis server (different ``/db``) never hear each other."""
+    return f"andon:cancellations:{db}"

@@ -1,0 +1,86 @@
+"""The durable side of cancellation: cancel states in Redis (keys in :mod:`.keys`).
+
+The winning request is written with ``SET NX`` inside one Lua script, so the first cancel wins
+atomically across processes, and published on the cancellations channel in the same script, where
+each worker's :class:`~tasks.cancellation.watcher.TokenWatcher` hears it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+from db.vocabulary import CancellationReason, CancellationSource
+from tasks.cancellation.keys import cancel_key, cancel_requests_key, cancellations_channel
+from tasks.cancellation.token import CancelRequest
+
+__all__ = ["CancellationStore"]
+
+_CANCEL_SCRIPT = """
+local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+local winner = redis.call('GET', KEYS[1])
+if won then redis.call('PUBLISH', ARGV[3], winner) end
+return {won and 1 or 0, winner}
+"""
+
+
+
+class CancellationStore:
+    """Create, read, cancel and clean up job tokens in Redis."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._cancel = client.register_script(_CANCEL_SCRIPT)
+        self.channel = cancellations_channel(client.connection_pool.connection_kwargs.get("db", 0))
+
+    def cancel(
+        self,
+        job_id: str,
+        reason: CancellationReason | str = CancellationReason.USER_REQUESTED,
+        message: str | None = None,
+        source: CancellationSource | str | None = None,
+    ) -> tuple[bool, CancelRequest]:
+        """Request cancellation. Returns (won, winning request): later requests don't change the reason."""
+        request = CancelRequest(
+            reason=CancellationReason(reason),
+            message=message,
+            source=CancellationSource(source) if source else None,
+        )
+        return self.apply(job_id, request)
+
+    def apply(self, job_id: str, request: CancelRequest) -> tuple[bool, CancelRequest]:
+        """Set the token with this request (``SET NX``: a token already set keeps its reason) and
+        publish it to the workers. Returns (won, winning request)."""
+        won, winner = self._cancel(
+            keys=[cancel_key(job_id), cancel_requests_key(job_id)],
+            args=[json.dumps(request.to_json(job_id)), self.ttl_s, self.channel],
+        )
+        return bool(won), CancelRequest.from_json(json.loads(winner))
+
+    def cancel_many(
+        self, job_ids: list[str], reason: CancellationReason, message: str | None, source: CancellationSource
+    ) -> None:
+        """Cancel many *queued* jobs in one pipelined round trip, first cancel still winning.
+
+        Nothing is published: no worker watches a job that hasn't started, and it reads the state
+        when it does start (and the row is already ``cancelled``).
+        """
+        request = CancelRequest(reason=reason, message=message, source=source)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                payload = json.dumps(request.to_json(job_id))
+                pipe.set(cancel_key(job_id), payload, nx=True, ex=self.ttl_s)
+                pipe.rpush(cancel_requests_key(job_id), payload)
+                pipe.expire(cancel_requests_key(job_id), self.ttl_s)
+            pipe.execute()
+
+    def read(self, job_ids: list[str]) -> dict[str, CancelRequest]:
+        """The winning cancel request of each cancelled job among ``job_ids``."""
+        if not job_ids:
+            return {}
+        raws = self.redis.mget([cancel_key(j) for j in job_ids])
+        return {j: CancelRequest.from_json(json.loads(r)) for j, r in zip(job_ids, raws) if r is not None}

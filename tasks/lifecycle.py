@@ -1,0 +1,174 @@
+"""The one writer of a job's status: the only module that moves a job between states.
+
+Every move is a conditional UPDATE in :func:`db.jobs.transition` (two writers racing: exactly one
+wins, the loser changes nothing), and reaching a terminal state stamps ``finished_at`` and records
+its event in the same transaction. Who calls: the job's own run (start, finish), a cancel request
+(queued → cancelled, running → cancelling), and finalizers for a process that died under its job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db import jobs as job_rows
+from db.models import Job
+from db.session import session_scope
+from db.vocabulary import RESUMABLE_REASONS, CancellationReason, CancellationSource, EventKind, JobStatus
+from tasks.cancellation import CancellationError, CancelRequest
+from tasks.errors import JobAlreadyTerminal, JobNotFound
+
+__all__ = [
+    "JobOutcome", "cancel_queued", "end_cancelled", "end_failed", "finish_ran_through", "mark_requested",
+    "outcome_of", "requeue", "requested_cancels", "start",
+]
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: str
+    status: JobStatus
+    ran: bool  # False when the job was already terminal (e.g. cancelled while queued)
+    reason: CancellationReason | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "status": self.status.value, "ran": self.ran,
+                "reason": self.reason.value if self.reason else None, "error": self.error}
+
+
+def outcome_of(job_id: str, ran: bool) -> JobOutcome:
+    """What the row says now (someone else may have ended the job first)."""
+    with session_scope() as session:
+        row = session.get(Job, job_id)
+        reason = CancellationReason(row.cancellation_reason) if row.cancellation_reason else None
+        return JobOutcome(job_id, JobStatus(row.status), ran=ran, reason=reason, error=row.error)
+
+
+def start(job_id: str) -> Job | None:
+    """Load the job and move it to running; None if it must not run (already terminal)."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        status = JobStatus(job.status)
+        if status.is_terminal:
+            return None
+        redelivered = status is not JobStatus.PENDING  # acks_late: the last worker died mid-job
+        if not redelivered and not job_rows.transition(
+            session, job_id, JobStatus.RUNNING, started_at=datetime.now(UTC)
+        ):
+            return None
+        job_rows.add_event(session, job_id, EventKind.STARTED, detail={"redelivered": redelivered})
+        session.expunge(job)
+        return job
+
+
+def finish_ran_through(job_id: str) -> JobOutcome:
+    """Every item was tried: completed, unless not a single one succeeded."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job.total_items and job.completed_items == 0:
+            error = f"all {job.total_items} items failed"
+            if job_rows.transition(session, job_id, JobStatus.FAILED, error=error):
+                return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
+        elif job_rows.transition(session, job_id, JobStatus.COMPLETED):
+            return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
+    return outcome_of(job_id, ran=True)  # a finalizer ended it first: report what the row says
+
+
+def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_item: int | None,
+                  stage: str | None = None, observed_at: datetime | None = None, by: str | None = None,
+                  actor: str | None = None, requested_at: datetime | None = None,
+                  observed_source: CancellationSource | None = None) -> bool:
+    """The cancel was observed (by the job at a checkpoint, or by a finalizer): record it and end the
+    job ``cancelled`` with the winning request's reason. True if this call ended it."""
+    now = observed_at or datetime.now(UTC)
+    source = (observed_source or error.source).value if (observed_source or error.source) else None
+    detail: dict[str, Any] = {"item": at_item, "stage": stage}
+    if by:
+        detail["by"] = by
+    with session_scope() as session:
+        job_rows.add_event(session, job_id, EventKind.CANCEL_OBSERVED, reason=error.reason.value, source=source,
+                           actor=actor, detail=detail, at=now)
+        values: dict[str, Any] = {}
+        if requested_at is not None:
+            values["cancel_requested_at"] = requested_at
+        return job_rows.transition(
+            session, job_id, JobStatus.CANCELLED, **job_rows.cancel_values(error), **values,
+            cancel_observed_at=now, cancelled_at_item=at_item, resumable=error.reason in RESUMABLE_REASONS,
+        )
+
+
+def end_failed(job_id: str, error: str) -> bool:
+    with session_scope() as session:
+        return job_rows.transition(session, job_id, JobStatus.FAILED, error=error)
+
+
+def requeue(job_id: str, source: CancellationSource, actor: str | None, detail: dict[str, Any]) -> bool:
+    """Back to ``pending``: the job's process was lost and the broker redelivers its message."""
+    with session_scope() as session:
+        if job_rows.transition(session, job_id, JobStatus.PENDING):
+            job_rows.add_event(session, job_id, EventKind.REQUEUED, source=source.value, actor=actor, detail=detail)
+            return True
+    return False
+
+
+def requested_cancels(job_ids: list[str], session: Session | None = None) -> dict[str, CancelRequest]:
+    """The winning cancel requests the job rows hold (status ``cancelling``) — the durable copy of a
+    token, and the arbiter of which request came first."""
+    query = (select(Job.id, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source,
+                    Job.cancel_requested_at)
+             .where(Job.id.in_(job_ids), Job.status == JobStatus.CANCELLING.value))
+    if session is None:
+        with session_scope() as own:
+            rows = own.execute(query).all()
+    else:
+        rows = session.execute(query).all()
+    return {
+        job_id: CancelRequest(CancellationReason(reason), message, CancellationSource(source) if source else None,
+                              at or datetime.now(UTC))
+        for job_id, reason, message, source, at in rows if reason
+    }
+
+
+def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tuple[JobStatus, CancelRequest]:
+    """Queued → cancelled at once; running → cancelling. Returns the status and the winning request
+    (``request`` itself if this call won). Retries if a worker moves the row meanwhile."""
+    values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at}
+    # the common case first, without reading the row: a running job
+    if job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
+        return JobStatus.CANCELLING, request
+    for _ in range(5):
+        status_value = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status_value is None:
+            raise JobNotFound(job_id)
+        status = JobStatus(status_value)
+        if status.is_terminal:
+            raise JobAlreadyTerminal(job_id, status.value)
+        if status is JobStatus.CANCELLING:
+            return status, requested_cancels([job_id], session).get(job_id, request)
+        if status is JobStatus.PENDING and job_rows.transition(
+            session, job_id, JobStatus.CANCELLED, only_from=JobStatus.PENDING, cancelled_at_item=0,
+            resumable=request.reason in RESUMABLE_REASONS, **values,
+        ):
+            return JobStatus.CANCELLED, request
+        if status is JobStatus.RUNNING and job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
+            return JobStatus.CANCELLING, request
+    raise JobAlreadyTerminal(job_id, "changing too fast to cancel")
+
+
+def cancel_queued(session: Session, job_ids: list[str], request: CancelRequest) -> list[str]:
+    """End many queued jobs ``cancelled`` in one conditional UPDATE (only rows still ``pending``
+    change, so a job a worker just started is left to the per-job path); returns the ended ids."""
+    values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at, "cancelled_at_item": 0,
+              "status": JobStatus.CANCELLED.value, "finished_at": request.at,
+              "resumable": request.reason in RESUMABLE_REASONS}
+    return list(session.scalars(
+        update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.PENDING.value)
+        .values(**values).returning(Job.id).execution_options(synchronize_session=False)
+    ))

@@ -1,0 +1,84 @@
+"""What each process holds once: its Redis client, cancellation store, token watcher and event loop.
+
+A prefork child must not reuse its parent's sockets, threads or loop, so each is keyed by pid and
+made on first use — after the fork. :func:`reset_process_state` forgets them (a new child, or tests
+that change settings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+
+from db.settings import get_settings
+from tasks.cancellation import CancellationStore, TokenWatcher
+from tasks.lifecycle import requested_cancels
+
+__all__ = ["get_loop", "get_redis", "get_store", "get_watcher", "reset_process_state"]
+
+T = TypeVar("T")
+_process: dict[str, Any] = {}
+_lock = threading.RLock()
+
+
+def _per_process(name: str, factory: Callable[[], T]) -> T:
+    key = f"{name}:{os.getpid()}"
+    with _lock:
+        if key not in _process:
+            _process[key] = factory()
+        return _process[key]
+
+
+def get_redis() -> redis.Redis:
+    url = get_settings().resolved_redis_url
+    return _per_process("redis", lambda: redis.Redis.from_url(url, socket_connect_timeout=2,
+                                                              health_check_interval=10))
+
+
+def get_store() -> CancellationStore:
+    return _per_process("store", lambda: CancellationStore(get_redis(), get_settings().token_ttl_s))
+
+
+def get_watcher() -> TokenWatcher:
+    """The watcher; it reads cancels from the job rows when Redis has lost or never had them."""
+    return _per_process("watcher", lambda: TokenWatcher(get_store(), get_settings().token_reconcile_s,
+                                                        durable=requested_cancels))
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """This process's one long-lived event loop, running in a daemon thread of its own.
+
+    Async stages of every job run here: a loop per job would break clients a user's module made at
+    import (an ``httpx.AsyncClient`` is bound to the loop it first ran on).
+    """
+    return _per_process("loop", _start_loop)
+
+
+def _start_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        loop.run_forever()
+
+    threading.Thread(target=run, name="andon-loop", daemon=True).start()
+    ready.wait()
+    return loop
+
+
+def reset_process_state() -> None:
+    """Forget clients built from old settings (tests and the embedded stack change URLs)."""
+    with _lock:
+        objects = [_process.pop(key) for key in list(_process)]
+    for obj in objects:
+        if isinstance(obj, TokenWatcher):
+            obj.stop()
+        elif isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running():
+            obj.call_soon_threadsafe(obj.stop)
