@@ -16,10 +16,12 @@ import pytest
 from api.stack import free_port
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource
+from tasks.embeddings import EmbeddingError, embed_texts
+from tasks.errors import CancellationError
 from tasks.llm import ChatReply, LLMError, StreamCancelled, analyze_llm, stream_chat
 from tasks.stages import embed, parse
 from tasks.token import CancellationToken
-from tests.llm_server import LLMServer, count_words
+from tests.llm_server import LLMServer, count_words, fake_embedding
 
 WORDS = [f"word{i}" for i in range(50)]
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why cancel streams?"}]
@@ -184,3 +186,108 @@ def cancel_when(token: CancellationToken, condition, timeout: float = 10.0) -> f
     at = time.monotonic()
     token.cancel(CancellationReason.USER_REQUESTED, "stop please", CancellationSource.API)
     return at
+
+
+# --- embed_texts ------------------------------------------------------------------------------------
+
+
+def embed(server_or_url: LLMServer | str, texts: list[str], **kwargs) -> list[list[float]]:
+    url = server_or_url if isinstance(server_or_url, str) else server_or_url.base_url
+    kwargs.setdefault("timeout_s", 10.0)
+    return embed_texts(texts, base_url=url, model="embed-model", api_key="test-key", **kwargs)
+
+
+def test_embeddings_come_back_in_input_order_with_the_servers_dimension():
+    texts = ["alpha", "beta gamma", "delta", "", "alpha"]
+    with LLMServer(dim=16) as server:  # the server lists vectors in reverse: order comes from "index"
+        vectors = embed(server, texts)
+    assert vectors == [fake_embedding(text, 16) for text in texts]
+    assert all(len(vector) == 16 for vector in vectors) and vectors[0] == vectors[4] != vectors[2]
+    [record] = server.requests
+    assert record.path == "/v1/embeddings" and record.completed
+    assert record.body == {"model": "embed-model", "input": texts, "encoding_format": "float"}
+
+
+def test_a_batch_is_one_request():
+    texts = [f"document number {i}" for i in range(300)]
+    with LLMServer(dim=4) as server:
+        vectors = embed(server, texts, token=CancellationToken("job-batch"))
+    assert vectors == [fake_embedding(text, 4) for text in texts]
+    assert len(server.requests) == 1
+
+
+def test_no_texts_sends_nothing():
+    with LLMServer() as server:
+        assert embed(server, []) == []
+        assert server.requests == []
+
+
+def test_embeddings_defaults_come_from_the_embeddings_settings(monkeypatch):
+    with LLMServer(dim=3) as server:
+        monkeypatch.setenv("ANDON_EMBEDDINGS_BASE_URL", server.base_url)
+        monkeypatch.setenv("ANDON_EMBEDDINGS_MODEL", "settings-embedder")
+        get_settings.cache_clear()
+        try:
+            assert embed_texts(["x"]) == [fake_embedding("x", 3)]
+        finally:
+            get_settings.cache_clear()
+    assert server.requests[0].body["model"] == "settings-embedder"
+
+
+@pytest.mark.parametrize(("mode", "match"), [
+    ("error500", "answered HTTP 500: simulated server failure"),
+    ("error400", "answered HTTP 400: simulated bad request"),
+    ("malformed", "answered malformed data: "),
+    ("truncate", "answered 2 vectors for 3 inputs"),
+])
+def test_embeddings_endpoint_failures_are_one_line_embedding_errors(mode, match):
+    with LLMServer(mode=mode) as server:
+        with pytest.raises(EmbeddingError, match=match) as caught:
+            embed(server, ["a", "b", "c"])
+        assert len(server.requests) == 1  # no retries
+    message = str(caught.value)
+    assert message.startswith(f"embeddings endpoint {server.base_url} ") and "\n" not in message
+
+
+def test_silent_embeddings_endpoint_times_out():
+    with LLMServer(mode="hang") as server:
+        started = time.monotonic()
+        with pytest.raises(EmbeddingError, match=r"timed out \(no data for 0.5s\)"):
+            embed(server, ["a"], timeout_s=0.5)
+        assert time.monotonic() - started < 3
+
+
+def test_embeddings_connection_refused_is_an_embedding_error():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(EmbeddingError, match=f"embeddings endpoint {url} connection failed: Connection refused"):
+        embed(url, ["a"])
+
+
+def test_a_cancel_mid_request_hangs_up_and_raises_the_tokens_error():
+    token = CancellationToken("job-embed")
+    fired: dict = {}
+    with LLMServer(embed_delay_s=5.0) as server:  # a slow batch: the answer is 5 s away
+        thread = threading.Thread(target=lambda: fired.update(at=cancel_when(token, lambda: bool(server.requests))),
+                                  daemon=True)
+        thread.start()
+        with pytest.raises(CancellationError) as caught:
+            embed(server, ["a", "b"], token=token)
+        raised_at = time.monotonic()
+        record = server.wait_for_disconnect(timeout=1.0)
+    thread.join(timeout=5)
+    assert raised_at - fired["at"] < 0.2, f"raised {raised_at - fired['at']:.3f}s after cancel"
+    assert (caught.value.job_id, caught.value.reason) == ("job-embed", CancellationReason.USER_REQUESTED)
+    assert caught.value.message == "stop please" and caught.value.source is CancellationSource.API
+    assert record is not None and not record.completed, "server never saw the client disconnect"
+    assert record.disconnected_at - fired["at"] < 0.2
+    assert not token.callback_errors
+
+
+def test_an_already_cancelled_token_sends_nothing():
+    token = CancellationToken("job-embed-pre")
+    token.cancel(CancellationReason.TIMEOUT, source=CancellationSource.DEADLINE)
+    with LLMServer() as server:
+        with pytest.raises(CancellationError) as caught:
+            embed(server, ["a"], token=token)
+        assert server.requests == []
+    assert caught.value.reason is CancellationReason.TIMEOUT
