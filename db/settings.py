@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     #: Longest wait for the next streamed token before the item fails.
     llm_timeout_s: float = 60.0
 
+    #: An OpenAI-compatible /v1/embeddings endpoint (Ollama, vLLM, OpenAI), for tasks.embeddings.
+    embeddings_base_url: str = "http://127.0.0.1:11434/v1"
+    embeddings_model: str = "nomic-embed-text"
+    embeddings_api_key: str = "not-needed"
+    #: Longest wait for the embeddings response before the request fails.
+    embeddings_timeout_s: float = 60.0
 
     def tenant_for(self, token: str | None) -> str | None:
         """The tenant an API token belongs to (None if it belongs to none)."""

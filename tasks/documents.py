@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from db.settings import get_settings
 from tasks import stages
 from tasks.context import JobContext
+from tasks.embeddings import embed_texts
 from tasks.llm import analyze_llm
 from tasks.pipeline import Pipeline
 
@@ -49,8 +50,6 @@ def embed(parsed: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     _work(ctx)
     if ctx.options.embedder == "local":
         return stages.embed(parsed)
-    from tasks.embeddings import embed_texts  # the openai client takes a second to import
-
     settings = get_settings()
     vectors = embed_texts([parsed["text"], *parsed["sentences"]], base_url=settings.embeddings_base_url,
                           model=settings.embeddings_model, api_key=settings.embeddings_api_key,

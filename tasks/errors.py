@@ -8,7 +8,7 @@ from typing import Any
 from tasks.cancellation.errors import CancellationError, ForcedCancellation
 
 __all__ = [
-    "AndonError", "BrokerUnavailable", "CancellationError", "ForcedCancellation", "InvalidInput", "InvalidJobId",
+    "AndonError", "BrokerUnavailable", "CancellationError", "EmbeddingError", "LLMError", "ForcedCancellation", "InvalidInput", "InvalidJobId",
     "InvalidParent", "InvalidTag", "JobAlreadyTerminal", "JobNotFound", "NotResumable", "PipelineError",
     "UnknownPipeline",
 ]
@@ -72,3 +72,11 @@ class InvalidInput(AndonError):
 
 class InvalidJobId(AndonError):
     """A job id from outside the API (a broker message, Flower, ``send_task``) that is not one andon accepts."""
+
+
+class LLMError(AndonError):
+    """An LLM endpoint failed (unreachable, HTTP error status, timeout): this item fails, the job goes on."""
+
+
+class EmbeddingError(AndonError):
+    """The embeddings endpoint failed, or answered something other than one vector per input."""

@@ -1,17 +1,23 @@
-"""A small OpenAI-compatible streaming server for tests: real HTTP and SSE on 127.0.0.1.
+"""A small OpenAI-compatible server for tests: real HTTP and SSE on 127.0.0.1.
 
-It implements only ``POST /v1/chat/completions`` with ``stream: true``, sending ``words`` one chunk
-each, ``delay_s`` apart, in OpenAI's chunk format over chunked HTTP/1.1 (as Ollama and vLLM do).
-Each request is recorded (``server.requests``), with how many tokens were written and whether, and
-when, the client went away mid-stream — which is what a cancel must cause.
+``POST /v1/chat/completions`` with ``stream: true`` sends ``words`` one chunk each, ``delay_s``
+apart, in OpenAI's chunk format over chunked HTTP/1.1 (as Ollama and vLLM do); when the request
+asks for ``stream_options.include_usage`` a last chunk with no choices carries ``usage``, as OpenAI
+sends it. ``POST /v1/embeddings`` answers after ``embed_delay_s`` with :func:`fake_embedding`
+vectors of ``dim`` floats, one per input. Each request is recorded (``server.requests``), with how
+many tokens were written and whether, and when, the client went away mid-request — which is what a
+cancel must cause.
 
 ``mode`` simulates a broken endpoint: ``"error500"``, ``"error400"``, ``"hang"`` (never answer,
-so the client times out) or ``"truncate"`` (end the body cleanly but with no finish chunk and no
-``[DONE]``, as a cut close-delimited stream looks). Bounded: it listens on 127.0.0.1 only and stops when the context exits.
+so the client times out) or ``"truncate"`` (chat: end the body cleanly but with no finish chunk and
+no ``[DONE]``, as a cut close-delimited stream looks; embeddings: one vector fewer than inputs);
+``"malformed"`` answers embeddings with 200 and a body cut off mid-JSON (chat ignores it).
+Bounded: it listens on 127.0.0.1 only and stops when the context exits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import select
 import socket
@@ -21,12 +27,26 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MODES = ("stream", "truncate", "error500", "error400", "hang")
+MODES = ("stream", "truncate", "error500", "error400", "hang", "malformed")
+
+
+def fake_embedding(text: str, dim: int) -> list[float]:
+    """A deterministic vector for ``text``: ``dim`` floats in [-1, 1) from its SHA-256."""
+    digest = b""
+    while len(digest) < 2 * dim:
+        digest += hashlib.sha256(digest[-32:] + text.encode()).digest()
+    return [int.from_bytes(digest[2 * i:2 * i + 2], "big") / 32768 - 1 for i in range(dim)]
+
+
+def count_words(messages: list[dict[str, Any]]) -> int:
+    """The server's "tokenizer": one token per whitespace-separated word of the messages."""
+    return sum(len(str(m.get("content") or "").split()) for m in messages)
 
 
 @dataclass
 class RequestRecord:
     body: dict[str, Any]
+    path: str = "/v1/chat/completions"
     started_at: float = field(default_factory=time.monotonic)
     tokens_sent: int = 0
     completed: bool = False
@@ -52,11 +72,12 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
         owner = self.server.owner
-        record = RequestRecord(body=body)
+        path = self.path.rstrip("/")
+        record = RequestRecord(body=body, path=path)
         with owner.lock:
             owner.requests.append(record)
         mode = owner.mode
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        if path not in ("/v1/chat/completions", "/v1/embeddings"):
             return self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
         if mode == "error500":
             return self._json(500, {"error": {"message": "simulated server failure", "type": "server_error"}})
@@ -67,14 +88,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return None
         try:
-            self._stream(record, body.get("model", "test-model"))
+            if path == "/v1/embeddings":
+                self._embeddings(record, body)
+            else:
+                self._stream(record, body)
         except _Disconnected as gone:
             record.disconnected, record.disconnected_at = True, time.monotonic()
             record.disconnect_seen_by = gone.how
             self.close_connection = True
 
     def _json(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
+        self._raw(status, json.dumps(payload).encode())
+
+    def _raw(self, status: int, data: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -82,8 +108,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _stream(self, record: RequestRecord, model: str) -> None:
+    def _embeddings(self, record: RequestRecord, body: dict[str, Any]) -> None:
         owner = self.server.owner
+        self._wait(owner.embed_delay_s)
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        if owner.mode == "malformed":
+            return self._raw(200, b'{"object": "list", "data": [{"embedding": [0.1, ')
+        if owner.mode == "truncate":
+            texts = texts[:-1]
+        data = [{"object": "embedding", "index": i, "embedding": fake_embedding(text, owner.dim)}
+                for i, text in enumerate(texts)]
+        data.reverse()  # clients must order by "index", not by position
+        usage = {"prompt_tokens": sum(len(t.split()) for t in texts), "total_tokens": sum(len(t.split()) for t in texts)}
+        self._json(200, {"object": "list", "data": data, "model": body.get("model", "test-model"), "usage": usage})
+        record.completed = True
+
+    def _stream(self, record: RequestRecord, body: dict[str, Any]) -> None:
+        owner = self.server.owner
+        model = body.get("model", "test-model")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -103,6 +147,12 @@ class _Handler(BaseHTTPRequestHandler):
             record.tokens_sent += 1
         if owner.mode != "truncate":
             self._send_event(chunk({}, "stop"))
+            if include_usage:
+                prompt_tokens = count_words(body.get("messages") or [])
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": record.tokens_sent,
+                         "total_tokens": prompt_tokens + record.tokens_sent}
+                self._send_event({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": created,
+                                  "model": model, "choices": [], "usage": usage})
             self._send(b"data: [DONE]\n\n")
         self._send(b"")  # the last, empty chunk ends the body
         record.completed = True
@@ -143,9 +193,12 @@ class _Server(ThreadingHTTPServer):
 class LLMServer:
     """``with LLMServer(words=[...], delay_s=0.05) as server: server.base_url`` → http://127.0.0.1:PORT/v1"""
 
-    def __init__(self, words: list[str] | None = None, delay_s: float = 0.05, mode: str = "stream") -> None:
+    def __init__(self, words: list[str] | None = None, delay_s: float = 0.05, mode: str = "stream", *,
+                 dim: int = 8, embed_delay_s: float = 0.0) -> None:
         self.words = list(words) if words is not None else "the quick brown fox jumps over the lazy dog".split()
         self.delay_s = delay_s
+        self.dim = dim
+        self.embed_delay_s = embed_delay_s
         self.mode = mode
         self.requests: list[RequestRecord] = []
         self.lock = threading.Lock()

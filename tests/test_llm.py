@@ -13,10 +13,10 @@ import pytest
 
 from api.stack import free_port
 from db.vocabulary import CancellationReason, CancellationSource
+from tasks.cancellation import CancellationToken
 from tasks.errors import CancellationError
 from tasks.llm import CANCELLED_MARKER, LLMError, StreamCancelled, analyze_llm
 from tasks.stages import embed, parse
-from tasks.cancellation import CancellationToken
 from tests.llm_server import LLMServer
 
 DOC = embed(parse("Cancellation tokens stop pipelines. Pipelines stream tokens from models. Models cost money."))
@@ -177,9 +177,10 @@ def test_a_job_cancelled_mid_stream_keeps_the_partial_answer(start_worker):
         assert (job.status, job.cancellation_reason) == ("cancelled", "user_requested")
         assert server.wait_for_disconnect(timeout=2.0) is not None
         partial = service.partial_results(job_id)
-        assert partial.completed_items == 0 and len(partial.failed_items) == 1
-        cut = partial.failed_items[0]
-        assert cut.error == "cancelled mid-stream" and cut.partial["summary"].endswith("[Response cancelled]")
+        assert partial.completed_items == 0 and partial.failed_items == [] and len(partial.interrupted_items) == 1
+        cut = partial.interrupted_items[0]  # in flight when cancelled: not failed, resumable, answer kept
+        assert cut.stage == "analyze" and cut.partial["summary"].endswith("[Response cancelled]")
+        assert cut.partial["usage"]["cut_short"] is True
         assert 10 <= cut.partial["tokens_received"] < 200 and cut.partial["elapsed_s"] > 0
 
 

@@ -11,9 +11,8 @@ import pytest
 import redis
 
 from db.vocabulary import CancellationReason, CancellationSource
+from tasks.cancellation import CancellationStore, CancellationToken, TokenWatcher
 from tasks.errors import CancellationError
-from tasks.cancellation import CancellationStore, TokenWatcher
-from tasks.cancellation import CancellationToken
 from tests.procs import wait_for
 
 
