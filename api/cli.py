@@ -6,12 +6,13 @@ bad reason, job already finished, stack not running) prints one line on stderr a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -24,6 +25,7 @@ from db.settings import (
     get_settings,
 )
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from tasks import registry
 from tasks.errors import AndonError
 
 cli = typer.Typer(
@@ -73,6 +75,7 @@ def up(
     """Run the embedded stack in the foreground (Redis, worker, API, Flower); Ctrl-C stops it all."""
     from api.stack import Stack
 
+    registry.load_configured()  # a bad ANDON_PIPELINES is one line here, before anything starts
     stack = Stack(api_port=api_port, flower_port=flower_port, redis_port=redis_port, concurrency=concurrency)
     stopping = threading.Event()
 
@@ -120,27 +123,66 @@ def demo(
 
 @cli.command()
 def submit(
-    documents: Annotated[Optional[list[str]], typer.Argument(help="Documents (text).")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="One document per line ('-': stdin).")] = None,
-    stage_delay: Annotated[float, typer.Option(min=0.0, help="Simulated seconds per stage.")] = 0.0,
+    items: Annotated[Optional[list[str]], typer.Argument(help="Items (each a string; see --json-items).")] = None,
+    pipeline: Annotated[str, typer.Option(help="The pipeline to run (see `andon pipelines`).")] = "documents",
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="One item per line ('-': stdin).")] = None,
+    items_file: Annotated[Optional[Path], typer.Option(help="One JSON item per line (JSON Lines).")] = None,
+    json_items: Annotated[bool, typer.Option("--json-items", help="Parse each ITEM as JSON.")] = False,
+    option: Annotated[Optional[list[str]], typer.Option(help="A job option KEY=VALUE (VALUE as JSON if it parses; "
+                                                                "repeatable).")] = None,
+    stage_delay: Annotated[float, typer.Option(min=0.0, help="Simulated seconds per stage (documents).")] = 0.0,
     deadline: Annotated[Optional[float], typer.Option(min=0.001, help="Cancel with 'timeout' after this many seconds.")] = None,
     parent: Annotated[Optional[str], typer.Option(help="Run after this job completes.")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="A label to find or cancel the job by (repeatable).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Submit a pipeline job over DOCUMENTS (or a file)."""
-    docs = list(documents or [])
+    """Submit a job: a pipeline over ITEMS (or a file of them)."""
+    values: list[Any] = [_json_item(item, f"item {i + 1}") for i, item in enumerate(items or [])] if json_items \
+        else list(items or [])
     if file is not None:
         text = sys.stdin.read() if str(file) == "-" else _read(file)
-        docs += [line for line in text.splitlines() if line.strip()]
-    if not docs:
-        raise UsageMistake("no documents: pass them as arguments or with --file")
-    answer = service.submit_job(docs, {"stage_delay_s": stage_delay}, deadline, actor="cli", parent_job_id=parent,
-                                tenant=_tenant(), tags=tag)
+        values += [line for line in text.splitlines() if line.strip()]
+    if items_file is not None:
+        values += [_json_item(line, f"{items_file} line {n}")
+                   for n, line in enumerate(_read(items_file).splitlines(), 1) if line.strip()]
+    if not values:
+        raise UsageMistake("no items: pass them as arguments, with --file or with --items-file")
+    options = dict(_option(text) for text in option or [])
+    if stage_delay:
+        options["stage_delay_s"] = stage_delay
+    answer = service.submit_job(values, options, deadline, actor="cli", parent_job_id=parent, tenant=_tenant(),
+                                tags=tag, pipeline=pipeline)
     if json_out:
         views.print_json(answer)
     else:
         print(answer.job_id)
+
+
+def _json_item(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageMistake(f"{where} is not JSON: {exc}") from None
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageMistake(f"--option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+@cli.command()
+def pipelines(json_out: JsonOpt = False) -> None:
+    """List the pipelines this installation can run (built-in and ANDON_PIPELINES)."""
+    known = service.list_pipelines()
+    if json_out:
+        views.print_json(known)
+    else:
+        views.print_pipelines(console, known)
 
 
 def _read(path: Path) -> str:
@@ -302,7 +344,7 @@ def main() -> None:
         print(f"andon: {exc.format_message()}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
     except AndonError as exc:
-        print(f"andon: {exc}", file=sys.stderr)
+        print(f"andon: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 1))
     except RedisConnectionError as exc:
         print(f"andon: cannot reach Redis ({exc}); is `andon up` running?", file=sys.stderr)

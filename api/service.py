@@ -141,8 +141,9 @@ def submit_job(
 
 def _fail_unsent(job_id: str, exc: Exception) -> NoReturn:
     """The row exists but the job can't be queued: end it ``failed`` (never ``pending`` forever)."""
-    lifecycle.end_failed(job_id, f"could not enqueue: {exc}")
-    raise BrokerUnavailable(f"could not enqueue job {job_id}: {exc}") from exc
+    why = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the broker client said
+    lifecycle.end_failed(job_id, f"could not enqueue: {why}")
+    raise BrokerUnavailable(f"could not enqueue job {job_id}: {why}") from exc
 
 
 def submit_chain(item_sets: list[list[Any]], options: dict[str, Any] | None = None,

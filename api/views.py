@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 STATUS_STYLE = {"completed": "green", "cancelled": "yellow", "failed": "red", "cancelling": "magenta",
@@ -65,6 +66,14 @@ def print_jobs(console: Console, jobs: list[Any]) -> None:
     console.print(table)
 
 
+def print_pipelines(console: Console, pipelines: list[Any]) -> None:
+    table = Table("pipeline", "stages", "concurrency", "queue", "description")
+    for p in (as_data(p) for p in pipelines):
+        table.add_row(escape(p["name"]), escape(" → ".join(p["stages"])), str(p["concurrency"]),
+                      escape(p["queue"] or "-"), escape(p["description"] or ""))
+    console.print(table)
+
+
 def print_partial_results(console: Console, results: Any) -> None:
     results = as_data(results)
     console.print(f"Partial results: [bold]{results['status']}[/] — {results['completed_items']} of "
@@ -73,11 +82,13 @@ def print_partial_results(console: Console, results: Any) -> None:
                      if results.get("cancelled_at_item") is not None else ""))
     rows = []
     for item in results["results"]:
-        summary = item.get("summary", "")
+        summary = item.get("summary", "") if "result" not in item else json.dumps(item["result"])
         rows.append((item["index"], ", ".join(item.get("keywords", [])),
                      summary if len(summary) <= 70 else summary[:67] + "..."))
     for item in results["failed_items"]:
-        rows.append((item["index"], "[red]failed[/]", f"[red]{item['stage']}: {item['error']}[/]"))
+        rows.append((item["index"], "[red]failed[/]", f"[red]{escape(item['stage'])}: {escape(item['error'] or '')}[/]"))
+    for item in results.get("interrupted_items", []):
+        rows.append((item["index"], "[yellow]interrupted[/]", f"[yellow]at {escape(item['stage'])}[/]"))
     table = Table("#", "keywords", "summary")
     for index, keywords, summary in sorted(rows, key=lambda row: row[0]):
         table.add_row(str(index), keywords, summary)

@@ -89,9 +89,9 @@ def run_pipeline(self: Task, job_id: str | None = None, pipeline: str | None = N
     except InvalidJobId as exc:
         log.error("andon: refused a job message: %s", exc)
         raise Reject(str(exc), requeue=False) from None
-    if items is not None:
-        _adopt(job_id, pipeline or "documents", items, options)
     try:
+        if items is not None:
+            _adopt(job_id, pipeline or "documents", items, options)
         with soft_time_limit_as_cancel(job_id):
             try:
                 outcome = run_job(job_id)
@@ -135,8 +135,8 @@ def _send_back(task: Task, job_id: str, error: UnknownPipeline) -> None:
                          exc=error)
     except MaxRetriesExceededError:
         message = f"no worker knows this job's pipeline: {error}"
-        lifecycle.end_failed(job_id, message)
-        settle_children(job_id)
+        if lifecycle.end_failed(job_id, message):
+            settle_children(job_id)
         raise JobFailed(message) from None
 
 

@@ -89,7 +89,8 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
     required = [p for p in positional if p.default is p.empty]
     if not positional or len(required) > 2:
         raise PipelineError(f"stage {getattr(fn, '__name__', fn)!r} must take (value) or (value, ctx)")
-    return len(positional) >= 2
+    # two required positional parameters, or a second one named for the context (``ctx=None``)
+    return len(required) == 2 or (len(positional) >= 2 and positional[1].name in ("ctx", "context"))
 
 
 @dataclass(eq=False)

@@ -24,6 +24,8 @@ PIPELINES = ["documents", "user-sync", "user-async"]
 def submit(n: int = 5, stage_delay_s: float = 0.0, documents: list[str] | None = None, options=None,
            pipeline: str = "documents", **kwargs) -> str:
     options = {"stage_delay_s": stage_delay_s, **(options or {})}
+    if pipeline == "user-async":
+        n *= 4  # four items in flight: as many rounds of stages as the others
     items = documents or (docs(n) if pipeline == "documents" else [f"item {i}" for i in range(n)])
     return service.submit_job(items, options, pipeline=pipeline, **kwargs).job_id
 

@@ -15,6 +15,7 @@ from celery.result import AsyncResult
 from db.settings import get_settings
 from tasks.app import app
 from tests.jobs_helpers import (
+    PIPELINES,
     assert_one_terminal,
     events,
     items,
@@ -49,8 +50,9 @@ def assert_stopped(job_id, reason, source, *, min_items=0, celery_state="REVOKED
 # --- revoke: control.revoke, `celery control revoke`, Flower's Revoke button -----------------------
 
 
-def test_control_revoke_stops_a_running_job_at_its_next_checkpoint(worker):
-    job_id = submit(30, stage_delay_s=0.03)
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_control_revoke_stops_a_running_job_at_its_next_checkpoint(worker, pipeline):
+    job_id = submit(30, stage_delay_s=0.03, pipeline=pipeline)
     wait_items(job_id, 3)
     app.control.revoke(job_id)
     assert_stopped(job_id, "user_requested", "revoke", min_items=3)
@@ -109,8 +111,9 @@ def test_flower_needs_its_basic_auth(flower):
 # --- terminate: cooperative first, the signal only after a grace period -----------------------------
 
 
-def test_flower_terminate_keeps_finished_items(flower):
-    job_id = submit(30, stage_delay_s=0.03)
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_flower_terminate_keeps_finished_items(flower, pipeline):
+    job_id = submit(30, stage_delay_s=0.03, pipeline=pipeline)
     wait_items(job_id, 3)
     answer = flower.post(f"/api/task/revoke/{job_id}", data={"terminate": "true", "signal": "SIGTERM"})
     assert answer.status_code == 200, answer.text
@@ -132,7 +135,7 @@ def test_terminate_stops_a_cooperative_job_without_killing_its_process(start_wor
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_terminate_signals_a_stuck_job_after_the_grace_period(start_worker, sig):
     w = start_worker(concurrency=1, ANDON_TERMINATE_GRACE_S="1")
-    job_id = submit(1, queue=w.queue, options={"stage_block_s": 30})  # deaf to its token
+    job_id = submit(1, queue=w.queue, pipeline="user-sync", options={"block_s": 30})  # deaf to its token
     wait_status(job_id, "running")
     time.sleep(0.3)
     started = time.monotonic()
@@ -145,21 +148,23 @@ def test_terminate_signals_a_stuck_job_after_the_grace_period(start_worker, sig)
 # --- timeouts: job deadline, Celery soft and hard time limits -----------------------------------
 
 
-def test_job_deadline_cancels_with_timeout(worker):
-    job_id = submit(40, stage_delay_s=0.03, deadline_s=0.8)
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_job_deadline_cancels_with_timeout(worker, pipeline):
+    job_id = submit(40, stage_delay_s=0.03, deadline_s=0.8, pipeline=pipeline)
     job = assert_stopped(job_id, "timeout", "deadline", min_items=1)
     assert job.resumable is True
 
 
-def test_soft_time_limit_becomes_a_timeout_cancel_at_a_checkpoint(worker):
-    job_id = submit(40, stage_delay_s=0.03, options={"soft_time_limit_s": 0.8, "time_limit_s": 30})
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_soft_time_limit_becomes_a_timeout_cancel_at_a_checkpoint(worker, pipeline):
+    job_id = submit(40, stage_delay_s=0.03, pipeline=pipeline, options={"soft_time_limit_s": 0.8, "time_limit_s": 30})
     job = assert_stopped(job_id, "timeout", "time_limit", min_items=1)
     assert job.resumable is True and "soft time limit" in job.cancellation_message
 
 
 def test_hard_time_limit_finalizes_the_row_from_the_main_process(start_worker):
     w = start_worker(concurrency=1)
-    job_id = submit(3, queue=w.queue, options={"stage_block_s": 0.4, "time_limit_s": 2})
+    job_id = submit(3, queue=w.queue, pipeline="user-sync", options={"block_s": 0.4, "time_limit_s": 2})
     job = assert_stopped(job_id, "timeout", "time_limit", min_items=1, celery_state="FAILURE")
     assert "hard time limit" in job.cancellation_message
 
@@ -167,9 +172,10 @@ def test_hard_time_limit_finalizes_the_row_from_the_main_process(start_worker):
 # --- worker shutdown: warm (SIGTERM) and cold (SIGQUIT) --------------------------------------------
 
 
-def test_warm_shutdown_cancels_running_jobs_resumably_and_exits_promptly(start_worker):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_warm_shutdown_cancels_running_jobs_resumably_and_exits_promptly(start_worker, pipeline):
     w = start_worker(concurrency=1)
-    job_id = submit(100, stage_delay_s=0.03, queue=w.queue)
+    job_id = submit(100, stage_delay_s=0.03, queue=w.queue, pipeline=pipeline)
     wait_items(job_id, 3)
     started = time.monotonic()
     w.send_signal(signal.SIGTERM)
@@ -179,9 +185,10 @@ def test_warm_shutdown_cancels_running_jobs_resumably_and_exits_promptly(start_w
     assert job.resumable is True
 
 
-def test_cold_shutdown_ends_in_the_same_state_within_a_bounded_time(start_worker):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_cold_shutdown_ends_in_the_same_state_within_a_bounded_time(start_worker, pipeline):
     w = start_worker(concurrency=1, ANDON_COLD_SHUTDOWN_GRACE_S="1")
-    job_id = submit(100, stage_delay_s=0.03, queue=w.queue)
+    job_id = submit(100, stage_delay_s=0.03, queue=w.queue, pipeline=pipeline)
     wait_items(job_id, 3)
     started = time.monotonic()
     w.send_signal(signal.SIGQUIT)
@@ -194,15 +201,16 @@ def test_cold_shutdown_ends_in_the_same_state_within_a_bounded_time(start_worker
 # --- lost workers: SIGKILLed child, whole worker gone ---------------------------------------------
 
 
-def test_a_sigkilled_child_is_requeued_once_and_resumes_where_it_stopped(start_worker):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_a_sigkilled_child_is_requeued_once_and_resumes_where_it_stopped(start_worker, pipeline):
     w = start_worker(concurrency=1)
-    job_id = submit(20, stage_delay_s=0.03, queue=w.queue)
+    job_id = submit(20, stage_delay_s=0.03, queue=w.queue, pipeline=pipeline)
     wait_items(job_id, 3)
     os.kill(w.child_pids()[0], signal.SIGKILL)
     job = wait_terminal(job_id, timeout=60)
-    assert job.status == "completed" and job.completed_items == 20
+    assert job.status == "completed" and job.completed_items == job.total_items
     rows = items(job_id)
-    assert sorted(r.index for r in rows) == list(range(20))  # no item ran twice
+    assert sorted(r.index for r in rows) == list(range(job.total_items))  # no item ran twice
     kinds = [e.kind for e in events(job_id)]
     assert kinds.count("requeued") == 1 and kinds.count("started") == 2
     assert_one_terminal(job_id)
@@ -242,28 +250,30 @@ def test_the_reaper_finalizes_a_job_whose_whole_worker_vanished(start_worker):
 # --- memory: the RSS watchdog ---------------------------------------------------------------------
 
 
-def test_rss_watchdog_cancels_with_resource_limit(start_worker):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_rss_watchdog_cancels_with_resource_limit(start_worker, pipeline):
     w = start_worker(concurrency=1, ANDON_HEARTBEAT_S="0.3")
-    job_id = submit(100, stage_delay_s=0.03, queue=w.queue, options={"max_rss_mb": 1})
+    job_id = submit(100, stage_delay_s=0.03, queue=w.queue, pipeline=pipeline, options={"max_rss_mb": 1})
     job = assert_stopped(job_id, "resource_limit", "memory_watchdog")
     assert "MiB" in job.cancellation_message
 
 
 def test_rss_watchdog_then_the_ladder_kill_a_job_blocked_in_a_system_call(start_worker):
     w = start_worker(concurrency=1, ANDON_HEARTBEAT_S="0.3")
-    job_id = submit(1, queue=w.queue, options={"max_rss_mb": 1, "stage_block_s": 30, "escalate_after_s": 0.3,
-                                               "kill_after_s": 0.8})
+    job_id = submit(1, queue=w.queue, pipeline="user-sync", options={"max_rss_mb": 1, "block_s": 30,
+                                                                      "escalate_after_s": 0.3, "kill_after_s": 0.8})
     assert_stopped(job_id, "resource_limit", "memory_watchdog", celery_state=None, timeout=20)
     steps = [e.detail["step"] for e in events(job_id) if e.kind == "escalated"]
-    assert steps == ["raise CancellationError into the job thread", "kill the worker child"]
+    assert steps == ["raise CancellationError into the job's stages", "kill the worker child"]
 
 
 # --- the escalation ladder: for work that ignores its token ---------------------------------------
 
 
-def test_the_ladder_raises_into_a_stuck_loop_and_the_job_ends_cancelled(worker):
-    job_id = submit(3, stage_delay_s=0.01, options={"stage_spin_s": 30, "escalate_after_s": 0.5,
-                                                    "kill_after_s": 10})
+@pytest.mark.parametrize("pipeline", ["user-sync", "user-mixed"])  # in the job's thread; in a stage thread
+def test_the_ladder_raises_into_a_stuck_loop_and_the_job_ends_cancelled(worker, pipeline):
+    job_id = submit(3, stage_delay_s=0.01, pipeline=pipeline, options={"spin_s": 30, "escalate_after_s": 0.5,
+                                                                       "kill_after_s": 10})
     wait_status(job_id, "running")
     time.sleep(0.3)
     requested = time.monotonic()
@@ -271,7 +281,7 @@ def test_the_ladder_raises_into_a_stuck_loop_and_the_job_ends_cancelled(worker):
     job = assert_stopped(job_id, "user_requested", "revoke", timeout=15)
     assert time.monotonic() - requested < 5
     escalations = [e for e in events(job_id) if e.kind == "escalated"]
-    assert [e.detail["step"] for e in escalations] == ["raise CancellationError into the job thread"]
+    assert [e.detail["step"] for e in escalations] == ["raise CancellationError into the job's stages"]
     assert 0.5 <= escalations[0].detail["after_s"] < 2
     assert job.cancel_observed_at is not None
 
@@ -283,7 +293,6 @@ def test_revoke_by_stamped_headers_stops_matching_running_jobs(worker):
 
     from db import jobs as job_rows
     from db.session import session_scope
-    from tasks.jobs import analyze_documents
     from tests.jobs_helpers import docs
 
     class Campaign(StampingVisitor):
@@ -293,7 +302,7 @@ def test_revoke_by_stamped_headers_stops_matching_running_jobs(worker):
     stamped = str(uuid.uuid4())
     with session_scope() as session:
         job_rows.create_job(session, stamped, docs(30), {"stage_delay_s": 0.03})
-    signature = analyze_documents.si(stamped)
+    signature = app.signature("andon.run_pipeline", args=[stamped], immutable=True)
     signature.stamp(visitor=Campaign())
     signature.apply_async(task_id=stamped)
     wait_items(stamped, 2)
