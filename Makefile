@@ -24,10 +24,10 @@ up: $(STAMP)
 	$(BIN)/andon up
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(ARGS)
 
 chaos: $(STAMP)
-	$(BIN)/python chaos/run.py
+	$(BIN)/python chaos/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .andon .pytest_cache

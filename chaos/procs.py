@@ -1,8 +1,8 @@
 """The embedded stack the chaos run drives: its own Redis, migrations, two (or more) prefork workers
 with stable node names, the API (uvicorn) and Flower (basic auth) — all on 127.0.0.1, all children
-of this process in their own sessions, and all stopped at the end.
+of this process in their own sessions (started by ``api.supervisor``), and all stopped at the end.
 
-Import only after the environment is set (run.py does): andon's settings are read once.
+``configure_env`` runs before any andon module reads its settings (they are read once).
 """
 
 from __future__ import annotations
@@ -13,19 +13,31 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
-import httpx
 import psutil
 
-from api.stack import start_redis, stop_process, wait_until
+from api.supervisor import Service, api_service, flower_service, redis_service, stop_process, worker_service
+from chaos.console import now
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
+def configure_env(home: Path, redis_port: int, flower_auth: str) -> None:
+    """Before any andon import: its settings are read once (lru_cache)."""
+    from db.settings import embedded_env
+
+    os.environ.update(
+        embedded_env(home, redis_port),
+        ANDON_FLOWER_BASIC_AUTH=flower_auth,
+        ANDON_AUTO_RESUME="1",
+    )
+    for var in ("ANDON_API_TOKEN", "ANDON_API_TOKENS", "ANDON_API_URL", "ANDON_JOB_TIME_LIMIT_S",
+                "ANDON_JOB_SOFT_TIME_LIMIT_S", "ANDON_MAX_JOB_RSS_MB", "ANDON_HEARTBEAT_S",
+                "ANDON_TERMINATE_GRACE_S", "ANDON_ESCALATE_AFTER_S", "ANDON_KILL_AFTER_S"):
+        os.environ.pop(var, None)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 @dataclass
@@ -46,15 +58,11 @@ class Worker:
 
     def start(self, timeout: float = 90.0) -> None:
         self.starts += 1
-        cmd = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "prefork",
-               "-c", str(self.concurrency), "-E", "-n", f"{self.name}@%h", "--without-mingle",
-               "--without-gossip", "-l", "INFO"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=str(ROOT),
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        service = worker_service(f"{self.name}@%h", self.log, self.concurrency, cwd=ROOT,
+                                 name=f"worker {self.name}").start(wait=False)
+        self.proc = service.proc
         self.pids.add(self.proc.pid)
-        log = self.log
-        wait_until(lambda: " ready." in log.read_text(errors="replace"), timeout, f"worker {self.name}",
-                   self.proc, log)
+        service.wait_ready(timeout)
         self.remember_children()
 
     def children(self) -> list[int]:
@@ -89,6 +97,7 @@ class ChaosStack:
         self.api: subprocess.Popen | None = None
         self.flower: subprocess.Popen | None = None
         self.spawned: set[int] = set()
+        self.services: dict[str, Service] = {}
 
     @property
     def api_url(self) -> str:
@@ -98,36 +107,31 @@ class ChaosStack:
     def flower_url(self) -> str:
         return f"http://127.0.0.1:{self.flower_port}"
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, stdout=(self.logs / f"{name}.log").open("ab"), stderr=subprocess.STDOUT,
-                                cwd=str(ROOT), env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                start_new_session=True)
-        self.spawned.add(proc.pid)
-        return proc
+    def _spawn(self, service: Service) -> subprocess.Popen:
+        self.services[service.name] = service.start(wait=False)
+        self.spawned.add(service.pid)
+        return service.proc
 
     def start(self) -> None:
         self.start_redis()
-        done = subprocess.run([sys.executable, "-c", "from db.migrate import upgrade; upgrade()"], cwd=str(ROOT),
-                              stdout=(self.logs / "migrate.log").open("ab"), stderr=subprocess.STDOUT, timeout=120)
+        migrate_log = self.logs / "migrate.log"
+        with migrate_log.open("ab") as log:
+            done = subprocess.run([sys.executable, "-c", "from db.migrate import upgrade; upgrade()"], cwd=str(ROOT),
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"migrations failed (see {self.logs / 'migrate.log'})")
-        py = sys.executable
-        self.api = self._spawn("api", [py, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",
-                                       "--port", str(self.api_port), "--log-level", "warning"])
-        self.flower = self._spawn("flower", [py, "-m", "celery", "-A", "tasks.app", "flower",
-                                             f"--port={self.flower_port}", "--address=127.0.0.1",
-                                             f"--basic-auth={self.flower_auth}"])
+            raise RuntimeError(f"migrations failed (see {migrate_log})")
+        self.api = self._spawn(api_service(self.api_port, self.logs / "api.log", "warning", cwd=ROOT))
+        self.flower = self._spawn(flower_service(self.flower_port, self.logs / "flower.log", self.flower_auth,
+                                                 cwd=ROOT))
         for worker in self.workers:
             worker.start()
-        wait_until(lambda: httpx.get(f"{self.api_url}/healthz", timeout=2).status_code == 200, 60, "api",
-                   self.api, self.logs / "api.log")
-        user, password = self.flower_auth.split(":", 1)
-        wait_until(lambda: httpx.get(f"{self.flower_url}/healthcheck", auth=(user, password),
-                                     timeout=2).status_code == 200, 60, "flower", self.flower,
-                   self.logs / "flower.log")
+        self.services["api"].wait_ready(60)
+        self.services["flower"].wait_ready(60)
 
     def start_redis(self) -> None:
-        self.redis = start_redis(self.redis_port, self.home / "redis", self.logs / "redis.log")
+        service = redis_service(self.redis_port, self.home / "redis", self.logs / "redis.log")
+        self.services["redis"] = service.start()
+        self.redis = service.proc
         self.spawned.add(self.redis.pid)
 
     def restart_redis(self, down_s: float = 0.0) -> tuple[datetime, datetime]:

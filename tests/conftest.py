@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from api.stack import free_port
+from api.supervisor import free_port
 from db.settings import embedded_env
 
 HOME = Path(tempfile.mkdtemp(prefix="andon-test-"))
@@ -34,15 +34,15 @@ os.environ["ANDON_PIPELINES"] = "andon_test_pipelines"
 
 import pytest  # noqa: E402
 
-from api.stack import start_redis, stop_process  # noqa: E402
+from api.supervisor import redis_service  # noqa: E402
 from tests.procs import WorkerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def redis_server():
-    proc = start_redis(REDIS_PORT, HOME / "redis", HOME / "redis.log")
-    yield proc
-    stop_process(proc)
+    service = redis_service(REDIS_PORT, HOME / "redis", HOME / "redis.log").start()
+    yield service.proc
+    service.stop(timeout=15)
 
 
 @pytest.fixture(scope="session")
@@ -83,49 +83,27 @@ def start_worker(database):
 @pytest.fixture(scope="session")
 def flower(worker):
     """A real Flower process with basic auth, watching the session's workers."""
-    import subprocess
-    import sys
-
     import httpx
 
-    from api.stack import wait_until
+    from api.supervisor import flower_service
 
     port, auth = free_port(), ("ops", "flower-pass")
-    log = HOME / "logs" / "flower.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={port}", "--address=127.0.0.1",
-         f"--basic-auth={auth[0]}:{auth[1]}"],
-        stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/healthcheck", auth=auth, timeout=1).status_code == 200, 60, "flower",
-               proc, log)
-    client = httpx.Client(base_url=url, auth=auth, timeout=20)
+    service = flower_service(port, HOME / "logs" / "flower.log", ":".join(auth), ready_timeout=60).start()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=auth, timeout=20)
     yield client
     client.close()
-    stop_process(proc)
+    service.stop(timeout=15)
 
 
 @pytest.fixture(scope="session")
 def api_server(worker):
     """The API as a real uvicorn process (for streaming and CLI clients); yields its base URL."""
-    import subprocess
-    import sys
-
-    import httpx
-
-    from api.stack import wait_until
+    from api.supervisor import api_service
 
     port = free_port()
-    log = HOME / "logs" / "api.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 30, "api", proc, log)
-    yield url
-    stop_process(proc)
+    service = api_service(port, HOME / "logs" / "api.log").start()
+    yield f"http://127.0.0.1:{port}"
+    service.stop(timeout=15)
 
 
 @pytest.fixture

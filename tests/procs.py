@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from api.stack import stop_process
+from api.supervisor import ServiceError, worker_service
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
@@ -25,32 +23,29 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str
 
 
 class WorkerProcess:
-    """``celery -A tasks.app worker -P prefork -E`` as a real subprocess with its own log file."""
+    """``celery -A tasks.app worker -P prefork -E`` as a real subprocess with its own log file
+    (``api.supervisor.worker_service``; its log is emptied at each start)."""
 
     def __init__(self, name: str, log_dir: Path, concurrency: int = 2, env: dict[str, str] | None = None,
                  extra_args: list[str] | None = None) -> None:
         self.name = name
         self.log = log_dir / f"worker-{name}.log"
         self.concurrency = concurrency
-        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        self.extra_args = extra_args or []
-        self.proc: subprocess.Popen | None = None
+        self.service = worker_service(f"{name}@%h", self.log, concurrency, extra=extra_args or [], env=env,
+                                      name=f"worker {name}")
+
+    @property
+    def proc(self):
+        return self.service.proc
 
     def start(self, timeout: float = 60) -> WorkerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.log.write_text("")
-        cmd = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "prefork",
-               "-c", str(self.concurrency), "-E", "-n", f"{self.name}@%h", "--without-mingle",
-               "--without-gossip", "-l", "INFO", *self.extra_args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        wait_for(self._ready, timeout, 0.1, f"worker {self.name} ready (log {self.log})")
+        try:
+            self.service.start(wait=False).wait_ready(timeout)
+        except ServiceError as exc:
+            raise AssertionError(f"worker {self.name} did not start (log {self.log}): {exc}") from exc
         return self
-
-    def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"worker {self.name} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        return " ready." in self.log.read_text()
 
     def child_pids(self) -> list[int]:
         import psutil
@@ -61,10 +56,7 @@ class WorkerProcess:
         os.kill(self.proc.pid, sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
-        if self.proc is None:
-            return None
-        stop_process(self.proc, sig, timeout)
-        return self.proc.returncode
+        return self.service.stop(sig, timeout)
 
     def logs(self) -> str:
         return self.log.read_text()

@@ -1,0 +1,56 @@
+"""How big each phase of the benchmark is, the goals its figures are held to, and its documents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+# Every phase is bounded; the whole run takes about four minutes on 2 cores.
+@dataclass
+class Sizes:
+    check_number: int = 1_000_000  # calls per repeat for the in-process check()
+    net_number: int = 3_000  # calls per repeat for the two network checks
+    repeat: int = 5
+    cancels: int = 200  # andon cancels of running jobs
+    abortable_cancels: int = 60  # AbortableTask baseline aborts
+    cancel_items: int = 30
+    cancel_stage_delay_s: float = 0.05
+    cancel_ahead: int = 3  # jobs in flight: two running (one per pool process), one queued behind
+    cancel_poll_s: float = 0.001  # how often the job rows are read while cancels are in flight
+    slow_jobs: int = 8  # 100 ms items
+    slow_items: int = 20
+    noop_jobs: int = 30  # no-op items
+    noop_items: int = 50
+    rounds: int = 2  # throughput: bare, andon, andon, bare, ... best of each
+    bulk_jobs: int = 10_000
+    drain_timeout_s: float = 180.0
+    breakdown_items: int = 200
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(check_number=200_000, net_number=1_000, repeat=3, cancels=40, abortable_cancels=20,
+                   slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, bulk_jobs=1_000,
+                   drain_timeout_s=60.0, breakdown_items=50)
+
+
+GOAL_CHECK_RATIO = 100.0
+GOAL_CHECK_NS = 1_000.0
+GOAL_OBSERVE_P99_MS = 10.0
+GOAL_TERMINAL_P99_MS = 50.0
+GOAL_SLOW_RATIO = 0.98
+GOAL_NOOP_RATIO = 0.5
+GOAL_BULK_S = 2.0
+ITEM_S = 0.1  # the "100 ms item", spread over the three stages
+CONCURRENCY = 2
+
+def documents(count: int) -> list[str]:
+    """Deterministic documents of ~35 words (the demo's, without its blank one), the same for andon
+    and for the baselines."""
+    from api.demo import TOPICS
+
+    return [f"Document {i + 1} about {TOPICS[i % len(TOPICS)][0]}. {TOPICS[i % len(TOPICS)][1]}"
+            for i in range(count)]
+
+
+#: the job statuses a job never leaves
+TERMINAL = {"cancelled", "completed", "failed"}

@@ -1,0 +1,67 @@
+"""3. Throughput: the same pipeline as andon jobs and as bare Celery tasks, on the same worker."""
+
+from __future__ import annotations
+
+import time
+
+from bench.report import Report, Row, say
+from bench.sizes import CONCURRENCY, GOAL_NOOP_RATIO, GOAL_SLOW_RATIO, ITEM_S, Sizes, documents
+
+
+def run_batch(kind: str, jobs: int, docs: list[str], stage_delay_s: float) -> float:
+    """Submit ``jobs`` jobs of ``docs``; seconds from the first submit to the last result."""
+    from celery.result import AsyncResult
+
+    from api import service
+    from db.models import Job
+    from db.session import session_scope
+    from tasks.app import app
+
+    start = time.perf_counter()
+    if kind == "andon":
+        ids = [service.submit_job(docs, {"stage_delay_s": stage_delay_s}, actor="bench").job_id
+               for _ in range(jobs)]
+    else:
+        ids = [app.send_task("bench.bare_pipeline", args=[docs, stage_delay_s]).id for _ in range(jobs)]
+    values = [AsyncResult(i, app=app).get(timeout=300) for i in ids]
+    elapsed = time.perf_counter() - start
+    if kind == "andon":
+        with session_scope() as session:
+            for job_id in ids:
+                job = session.get(Job, job_id)
+                if job.status != "completed" or job.completed_items != len(docs):
+                    raise RuntimeError(f"andon job {job_id} ended {job.status} with {job.completed_items} items")
+    elif any(len(v) != len(docs) or any("error" in item for item in v) for v in values):
+        raise RuntimeError("a bare pipeline returned errors")
+    return elapsed
+
+
+def bench_throughput(sizes: Sizes, report: Report) -> None:
+    run_batch("bare", CONCURRENCY, documents(3), 0.0)  # warm both pool processes for both task kinds
+    run_batch("andon", CONCURRENCY, documents(3), 0.0)
+    cases = [
+        ("100 ms items", sizes.slow_jobs, sizes.slow_items, ITEM_S / 3, GOAL_SLOW_RATIO),
+        ("no-op items", sizes.noop_jobs, sizes.noop_items, 0.0, GOAL_NOOP_RATIO),
+    ]
+    report.extra["throughput"] = {}
+    for label, jobs, items, delay, goal in cases:
+        docs = documents(items)
+        times: dict[str, list[float]] = {"bare": [], "andon": []}
+        order = []
+        for r in range(sizes.rounds):  # bare, andon, andon, bare, ...: neither side always goes first
+            order += ["bare", "andon"] if r % 2 == 0 else ["andon", "bare"]
+        say(f"throughput, {label}: {jobs} jobs × {items} items, {' → '.join(order)}")
+        for kind in order:
+            times[kind].append(run_batch(kind, jobs, docs, delay))
+        bare, andon = min(times["bare"]), min(times["andon"])
+        total = jobs * items
+        ratio = bare / andon  # = (items/s andon) ÷ (items/s bare)
+        best = f", best of {sizes.rounds}" if sizes.rounds > 1 else ""
+        report.rows.append(Row(
+            f"throughput, {label} ({jobs} jobs × {items} items, -c {CONCURRENCY}{best})",
+            f"{total / andon:,.1f} items/s ({andon:.2f} s)", f"bare Celery: {total / bare:,.1f} items/s ({bare:.2f} s)",
+            f"{ratio:.3f}×", f"≥ {goal}×", ratio >= goal))
+        # andon's extra time per item, per pool process
+        per_item_ms = (andon - bare) * CONCURRENCY / total * 1e3
+        report.extra["throughput"][label] = {"andon_s": times["andon"], "bare_s": times["bare"], "items": total,
+                                             "extra_ms_per_item": per_item_ms}

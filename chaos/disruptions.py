@@ -1,0 +1,62 @@
+"""Phase 1's disruptions: warm worker restarts (same node name) and a Redis restart, at set shares of
+the submits."""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+
+class Disruptions:
+    """Phase 1's disruptions: warm worker restarts (same node name) and a Redis restart, at set shares of Mixed into ``chaos.harness.Harness``, whose state it uses."""
+
+    def disruptor(self) -> None:
+        for share, what in self.plan.disruptions:
+            target = int(self.plan.jobs * share)
+            deadline = time.monotonic() + self.plan.budget_s * 0.5
+            while len(self.submitted("chaos")) < target and time.monotonic() < deadline:
+                time.sleep(0.1)
+            # only disrupt while something runs, so the disruption lands on jobs
+            until = time.monotonic() + (0 if what == "redis" else 10)
+            while time.monotonic() < until and not any(s == "running" for s in dict(self.active).values()):
+                time.sleep(0.05)
+            try:
+                if what == "redis":
+                    self.restart_redis()
+                else:
+                    self.restart_worker(what.split(":", 1)[1])
+            except Exception as exc:
+                self.note(f"disruption {what} failed: {exc}\n{traceback.format_exc()}")
+
+    def restart_worker(self, name: str) -> None:
+        worker = next(w for w in self.stack.workers if w.name == name)
+        with self.lock:
+            running = sum(1 for s in self.active.values() if s == "running")
+            self.restarting.add(name)
+        try:
+            info = self.stack.restart_worker(worker)
+        finally:
+            with self.lock:
+                self.restarting.discard(name)
+        info["share"] = len(self.submitted("chaos")) / self.plan.jobs
+        with self.lock:
+            self.record.restarts.append(info)
+        if not info["warm"]:
+            self.note(f"worker {name} did not exit within 60s of SIGTERM (killed)")
+        if info["exit_code"] not in (0, None):
+            self.note(f"worker {name} exited with code {info['exit_code']} on a warm shutdown")
+        if info["group_left_behind"]:
+            self.note(f"worker {name}'s process group outlived its warm shutdown")
+        self.mark(f"warm restart of {name}: exited in {info['exit_s']:.1f}s (code {info['exit_code']}), "
+                  f"ready again after {(info['ready'] - info['began']).total_seconds():.1f}s "
+                  f"({running} jobs were running on the stack)")
+
+    def restart_redis(self) -> None:
+        self.redis_down.set()
+        try:
+            down, up = self.stack.restart_redis(self.plan.redis_down_s)
+        finally:
+            self.redis_down.clear()
+        with self.lock:
+            self.record.redis_restart = (down, up)
+        self.mark(f"Redis restarted (SIGTERM, same port and data dir): down {(up - down).total_seconds():.1f}s")
