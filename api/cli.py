@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from api import service, views
+from api import service, supervisor, views
 from db.settings import (
     DEFAULT_API_PORT,
     DEFAULT_FLOWER_PORT,
@@ -301,22 +301,23 @@ def reap(json_out: JsonOpt = False) -> None:
         console.print(f"reaped {len(reaped)} lost job(s)" + "".join(f"\n  {j}" for j in reaped))
 
 
-def _exec(argv: list[str]) -> None:
+def _exec(argv: list[str], env: dict[str, str] | None = None) -> None:
     sys.stdout.flush()
-    os.execvp(argv[0], argv)
+    os.execvpe(argv[0], argv, {**os.environ, **(env or {})})
 
 
 @cli.command()
 def worker(concurrency: Annotated[int, typer.Option(min=1)] = 2, loglevel: str = "INFO") -> None:
     """Run a prefork Celery worker (with task events for Flower)."""
-    _exec([sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "prefork", "-c", str(concurrency),
-           "-E", "-l", loglevel])
+    registry.load_configured()  # a bad ANDON_PIPELINES is one line here, before Celery starts
+    _exec(supervisor.worker_argv("celery@%h", concurrency, extra=["-l", loglevel]))
 
 
 @cli.command()
 def api(host: str = "127.0.0.1", port: int = DEFAULT_API_PORT) -> None:
     """Run the HTTP API (uvicorn)."""
-    _exec([sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port)])
+    registry.load_configured()
+    _exec(supervisor.api_argv(port, host=host))
 
 
 @cli.command()
@@ -326,8 +327,7 @@ def flower(port: int = DEFAULT_FLOWER_PORT, address: str = "127.0.0.1") -> None:
     auth = settings.flower_basic_auth or settings._stack().get("flower_basic_auth")
     if not auth or ":" not in auth:
         raise UsageMistake("set ANDON_FLOWER_BASIC_AUTH=user:password (Flower is never run without auth)")
-    _exec([sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={port}", f"--address={address}",
-           f"--basic-auth={auth}"])
+    _exec(supervisor.flower_argv(port, address), env=supervisor.flower_env(auth))  # the password never in `ps`
 
 
 def main() -> None:

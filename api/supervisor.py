@@ -94,14 +94,14 @@ def worker_argv(node: str, concurrency: int, queues: Sequence[str] = (), extra: 
     return argv + list(extra)
 
 
-def api_argv(port: int, log_level: str | None = None) -> list[str]:
-    argv = [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)]
+def api_argv(port: int, log_level: str | None = None, host: str = "127.0.0.1") -> list[str]:
+    argv = [sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port)]
     return argv + (["--log-level", log_level] if log_level else [])
 
 
-def flower_argv(port: int) -> list[str]:
+def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
     """Flower without its password: that goes in the environment (``flower_env``), never on argv."""
-    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower", f"--port={port}", "--address=127.0.0.1"]
+    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower", f"--port={port}", f"--address={address}"]
 
 
 def flower_env(basic_auth: str) -> dict[str, str]:

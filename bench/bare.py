@@ -19,7 +19,7 @@ from celery.contrib.abortable import AbortableTask
 
 from tasks import stages
 from tasks.app import app
-from tasks.store import get_redis
+from tasks.process import get_redis
 
 STAGES = (stages.parse, stages.embed, stages.analyze_local)
 

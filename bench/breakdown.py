@@ -52,13 +52,12 @@ def profile_noop_job(items: int = 200) -> None:
 
     from db import jobs as job_rows
     from db.session import session_scope
-    from tasks.pipeline import run_job
-    from tasks.store import get_store, get_watcher
+    from tasks.process import get_watcher
+    from tasks.runner import run_job
 
     job_id = str(uuid.uuid4())
     with session_scope() as session:
         job_rows.create_job(session, job_id, documents(items), {"stage_delay_s": 0}, actor="bench-profile")
-    get_store().create(job_id)
     profiler = cProfile.Profile()
     t0 = time.perf_counter()
     profiler.enable()

@@ -14,17 +14,17 @@ def bench_checkpoint(sizes: Sizes, report: Report) -> None:
     from celery.contrib.abortable import AbortableAsyncResult
 
     from tasks.app import app
+    from tasks.cancellation.keys import cancel_key
     from tasks.errors import CancellationError
-    from tasks.store import get_redis, get_store, get_watcher
+    from tasks.process import get_redis, get_store, get_watcher
 
     job_id = str(uuid.uuid4())
-    get_store().create(job_id)
     watcher = get_watcher()
     token = watcher.watch(job_id)  # the live token a running job checks, its watcher thread subscribed
     watcher.connected.wait(5)
     app.backend.store_result(job_id, None, "STARTED")  # a running AbortableTask's state
     redis = get_redis()
-    key = f"andon:token:{job_id}"
+    key = cancel_key(job_id)
 
     def abortable() -> bool:  # exactly what AbortableTask.is_aborted() does on every call
         return AbortableAsyncResult(job_id, app=app).is_aborted()
@@ -32,7 +32,7 @@ def bench_checkpoint(sizes: Sizes, report: Report) -> None:
     def exists() -> int:
         return redis.exists(key)
 
-    assert abortable() is False and exists() == 1 and token.check() is None
+    assert abortable() is False and exists() == 0 and token.check() is None
 
     def best(fn, number: int) -> float:
         fn()

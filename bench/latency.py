@@ -107,7 +107,7 @@ def bench_abortable_latency(sizes: Sizes) -> list[float]:
 
     from bench.bare import progress_key
     from tasks.app import app
-    from tasks.store import get_redis
+    from tasks.process import get_redis
 
     rng = random.Random(2)
     item_s = 3 * sizes.cancel_stage_delay_s

@@ -23,6 +23,7 @@ def configure_env(home: Path, redis_port: int) -> None:
         os.environ.pop(var, None)
     # the worker subprocesses import bench.bare: the repo root must be importable there too
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    os.environ["ANDON_PIPELINES"] = "bench.pipelines"  # a user pipeline with async items (bench/async_cancel.py)
 
 
 class Worker:

@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python bench/run.py` puts bench/ first on the path, not the repo root
 
 from api.supervisor import free_port, redis_service  # noqa: E402
+from bench.async_cancel import bench_async_cancel  # noqa: E402
 from bench.breakdown import bench_breakdown, profile_noop_job  # noqa: E402
 from bench.bulk import bench_bulk_cancel  # noqa: E402
 from bench.checkpoint import bench_checkpoint  # noqa: E402
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         worker = Worker(f"bench-{redis_port}", logs, concurrency=CONCURRENCY).start()
         say(f"cancel latency: {sizes.cancels} andon cancels of running jobs")
         bench_cancel_latency(sizes, report)
+        say(f"cancel with async items in flight: {sizes.async_cancels} jobs")
+        bench_async_cancel(sizes, report)
         bench_throughput(sizes, report)
         worker.stop()
         worker = None

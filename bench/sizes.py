@@ -13,6 +13,7 @@ class Sizes:
     repeat: int = 5
     cancels: int = 200  # andon cancels of running jobs
     abortable_cancels: int = 60  # AbortableTask baseline aborts
+    async_cancels: int = 40  # cancels of jobs with four async items in flight
     cancel_items: int = 30
     cancel_stage_delay_s: float = 0.05
     cancel_ahead: int = 3  # jobs in flight: two running (one per pool process), one queued behind
@@ -30,7 +31,7 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(check_number=200_000, net_number=1_000, repeat=3, cancels=40, abortable_cancels=20,
                    slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, bulk_jobs=1_000,
-                   drain_timeout_s=60.0, breakdown_items=50)
+                   drain_timeout_s=60.0, breakdown_items=50, async_cancels=8)
 
 
 GOAL_CHECK_RATIO = 100.0

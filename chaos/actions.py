@@ -138,8 +138,8 @@ class Actions:
     def sigkill(self) -> None:
         """SIGKILL the pool child running a job (its heartbeat names the pid)."""
         from chaos.checks import Act
-        from tasks.monitor import heartbeat_key
-        from tasks.store import get_redis
+        from tasks.cancellation.keys import heartbeat_key
+        from tasks.process import get_redis
 
         if self.redis_down.is_set():
             return

@@ -49,7 +49,7 @@ class Evidence:
     def celery_states(self, jobs: list, settle_s: float = 20.0) -> dict[str, str | None]:
         """Each job's state in Celery's result backend, once the broker queue is drained (a job cancelled
         while queued gets its REVOKED when a worker takes its message off the queue)."""
-        from tasks.store import get_redis
+        from tasks.process import get_redis
 
         redis = get_redis()
         deadline = time.monotonic() + settle_s
@@ -73,7 +73,7 @@ class Evidence:
     def parked_messages(self) -> dict[str, datetime]:
         """Task messages in kombu's ``unacked`` hash once every job is done: delivered to a worker that
         never acked them, so Redis redelivers them only after the visibility timeout (12 h in andon)."""
-        from tasks.store import get_redis
+        from tasks.process import get_redis
 
         redis = get_redis()
         raw = self.retry("unacked", lambda: redis.hgetall("unacked"))

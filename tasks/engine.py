@@ -204,6 +204,8 @@ class ItemRun:
             # the thread runs on until its next checkpoint (the token is cancelled) or the ladder forces
             # it; the item ends only then, so nothing of it is left running after the job has ended
             await asyncio.wait([future])
+            if self.token.is_cancelled and not future.cancelled() and future.exception() is None:
+                return future.result()  # the stage finished its work: keep it; the next checkpoint stops the item
             raise
 
     def _call_in_thread(self, stage: Stage, value: Any, ctx: JobContext) -> Any:

@@ -7,7 +7,7 @@ and every 4xx must say what was wrong: a JSON ``detail`` that is a non-empty str
 422) a non-empty list of errors each with ``msg`` and ``loc``.
 
 Submitted jobs are real, so requests are kept cheap before they are sent: at most a few short
-documents, no simulated stage work (``stage_delay_s`` / ``stage_block_s`` / ``stage_spin_s``), no
+documents, no simulated stage work (``stage_delay_s``, the test pipelines' ``block_s`` / ``spin_s``), no
 LLM analyzer, no tiny time or memory limits that would make the worker kill its children. Path
 parameters are sometimes real job ids (a completed job, a cancelled one), so the 400 paths (already
 terminal, not resumable) are reached too, not only 404. ``GET /api/jobs/{id}/events`` streams until
@@ -43,7 +43,7 @@ REQUEST_TIMEOUT_S = 10
 MAX_DOCUMENTS = 3
 MAX_DOCUMENT_CHARS = 200
 #: Options that make a job (or the worker) slow when given large values: always sent as 0.
-WORK_OPTIONS = ("stage_delay_s", "stage_block_s", "stage_spin_s")
+WORK_OPTIONS = ("stage_delay_s", "block_s", "spin_s")
 #: Options that make the worker kill or recycle its child when tiny: dropped when positive.
 LIMIT_OPTIONS = ("soft_time_limit_s", "time_limit_s", "max_rss_mb", "escalate_after_s", "kill_after_s")
 EVENTS_PATH = "/api/jobs/{job_id}/events"

@@ -164,7 +164,7 @@ def test_soft_time_limit_becomes_a_timeout_cancel_at_a_checkpoint(worker, pipeli
 
 def test_hard_time_limit_finalizes_the_row_from_the_main_process(start_worker):
     w = start_worker(concurrency=1)
-    job_id = submit(3, queue=w.queue, pipeline="user-sync", options={"block_s": 0.4, "time_limit_s": 2})
+    job_id = submit(3, queue=w.queue, pipeline="user-sync", options={"block_s": 0.9, "time_limit_s": 2})
     job = assert_stopped(job_id, "timeout", "time_limit", min_items=1, celery_state="FAILURE")
     assert "hard time limit" in job.cancellation_message
 

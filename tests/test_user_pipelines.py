@@ -196,7 +196,7 @@ def test_a_bad_andon_pipelines_stops_the_worker_with_one_line(tmp_path):
                             ("andon_broken_pipes", "stage 42 is not callable")):
         worker = WorkerProcess(f"bad-{uuid.uuid4().hex[:6]}", home / "logs", 1,
                                env={"ANDON_PIPELINES": value, "PYTHONPATH": path})
-        with pytest.raises(AssertionError, match="exited 2"):
+        with pytest.raises(AssertionError, match="exited with code 2"):
             worker.start(timeout=30)
         lines = [line for line in worker.logs().splitlines() if line.startswith("andon worker:")]
         assert len(lines) == 1 and expected in lines[0], worker.logs()[-2000:]
@@ -251,13 +251,17 @@ def lambda_free_nan(value):
     return value
 
 
+def three_arguments(a, b, c):
+    return a
+
+
 def test_pipeline_definitions_fail_at_once_with_a_clear_error():
     with pytest.raises(PipelineError, match="registered twice"):
         Pipeline("user-sync", [lambda_free_nan])
     with pytest.raises(PipelineError, match="not callable"):
         Pipeline("x-1", ["not a function"], register=False)
     with pytest.raises(PipelineError, match=r"\(value\) or \(value, ctx\)"):
-        Pipeline("x-2", [lambda a, b, c: a], register=False)
+        Pipeline("x-2", [three_arguments], register=False)
     with pytest.raises(PipelineError, match="stage name"):
         stage(lambda_free_nan, name="x" * 65)
     with pytest.raises(PipelineError, match="concurrency"):
