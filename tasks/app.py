@@ -10,6 +10,7 @@ from __future__ import annotations
 from celery import Celery
 
 from db.settings import get_settings
+from tasks import notify
 
 #: Comfortably above any job's hard time limit (kombu's Redis transport redelivers unacked messages
 #: after this long: https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html).
@@ -51,3 +52,4 @@ def make_app() -> Celery:
 
 
 app = make_app()
+notify.install()  # every job event and item row this worker commits wakes the API's event streams

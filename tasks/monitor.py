@@ -24,6 +24,7 @@ from db import jobs as job_rows
 from db.session import session_scope
 from db.vocabulary import CancellationReason, CancellationSource, EventKind
 from tasks.errors import AndonError, ForcedCancellation
+from tasks.notify import notify
 from tasks.store import get_redis
 from tasks.token import CancellationToken
 
@@ -93,6 +94,7 @@ class JobMonitor:
         item, stage = self.position or (None, None)
         value = json.dumps({"pid": os.getpid(), "item": item, "stage": stage})
         get_redis().set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
+        notify(self.job_id, "heartbeat")
 
     def _on_cancel(self, _token: CancellationToken) -> None:
         self._cancelled_at = time.monotonic()
