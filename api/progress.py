@@ -130,10 +130,6 @@ class JobChanges:
             if not waiters:
                 del self._waiters[job_id]
 
-    @property
-    def open_streams(self) -> int:
-        return sum(len(w) for w in self._waiters.values())
-
     def _wake(self, job_id: str | None = None) -> None:
         groups = self._waiters.values() if job_id is None else [self._waiters.get(job_id, ())]
         for waiters in groups:

@@ -183,3 +183,18 @@ def test_the_stream_cap_answers_429_per_client_with_a_clear_detail(worker, monke
             assert progress.slots.open["testclient"] == 0
     finally:
         get_settings.cache_clear()
+
+
+def test_notify_never_raises_and_goes_quiet_while_redis_is_away(monkeypatch):
+    import redis
+
+    from tasks import notify, store
+
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    monkeypatch.setattr(store, "get_redis", lambda: dead)
+    monkeypatch.setattr(notify, "_quiet_until", 0.0)
+    notify.notify("some-job", "item")  # logged and swallowed
+    started = time.monotonic()
+    for _ in range(100):
+        notify.notify("some-job", "item")  # quiet: no connect timeout per row while Redis is away
+    assert time.monotonic() - started < 0.2
