@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import metrics
+from api import metrics, progress
 from api.routes import jobs, pipelines
 from db.settings import get_settings
-from tasks import registry
+from tasks import notify, registry
 from tasks.errors import (
     AndonError,
     BrokerUnavailable,
@@ -36,17 +40,129 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     if not get_settings().api_token:
         log.warning("ANDON_API_TOKEN is not set: anyone who can reach this API can submit and cancel jobs")
     yield
+    await progress.changes.close()
 
+
+DESCRIPTION = """Structured cancellation for Celery AI pipelines.
+
+**Limits.** Every request body is at most `ANDON_MAX_BODY_BYTES` (default 16 MiB), counted before
+it is parsed and before the token is checked: a larger one, with or without `Content-Length`, is
+answered **413**. A `POST` under `/api` that carries a body must say `Content-Type: application/json`
+(**415** otherwise); one without a body may leave it out, unless it comes from a browser page
+(`Origin` or `Sec-Fetch-Site` set) — so a cross-site form or no-cors fetch can't cancel a job.
+At most `ANDON_MAX_STREAMS` (default 100) event streams are open at once per tenant (per client
+address without tenants); one more is answered **429**.
+"""
 
 app = FastAPI(
     title="andon",
     version="0.1.0",
-    description="Structured cancellation for Celery AI pipelines.",
+    description=DESCRIPTION,
     lifespan=lifespan,
 )
 app.include_router(jobs.router)
 app.include_router(pipelines.router)
 metrics.register()
+notify.install()  # rows this process writes (API cancels, resumes) wake the event streams too
+
+
+def _json_type(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+async def _refuse(send: Send, code: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": code,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestLimits:
+    """Body size and write content type, checked before routing, parsing and auth (pure ASGI).
+
+    A declared ``Content-Length`` above the limit is refused before a byte of body is read; a body
+    without one (chunked) is read here, up to the limit, and handed on only if it fits. A request
+    the limits refuse is answered and its connection closed; the app never sees it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = get_settings().max_body_bytes
+        headers = Headers(scope=scope)
+        length, chunked = headers.get("content-length"), "transfer-encoding" in headers
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _refuse(send, 413, f"request body larger than {limit} bytes (ANDON_MAX_BODY_BYTES)"
+                          if length.isdigit() else "invalid Content-Length")
+            return
+        if scope["method"] == "POST" and scope["path"].startswith("/api/"):
+            has_body = chunked or (length is not None and int(length) > 0)
+            content_type = headers.get("content-type")
+            browser = "origin" in headers or "sec-fetch-site" in headers
+            if not _json_type(content_type or "") and (has_body or content_type is not None or browser):
+                await _refuse(send, 415, "a POST to /api must send Content-Type: application/json"
+                              + (f" (got {content_type!r})" if content_type else ""))
+                return
+        if chunked:
+            try:
+                receive = await self._read_whole(receive, limit)
+            except _BodyTooLarge:
+                await _refuse(send, 413, f"request body larger than {limit} bytes (ANDON_MAX_BODY_BYTES)")
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _read_whole(receive: Receive, limit: int) -> Receive:
+        """Read a body of unknown length up to ``limit`` bytes; a ``receive`` that replays it."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see that
+                replay: list[Message] = [message]
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                break
+
+        async def replayed() -> Message:
+            return replay.pop(0) if replay else await receive()
+
+        return replayed
+
+
+app.add_middleware(RequestLimits)
+
+
+def _openapi() -> dict[str, Any]:
+    """The generated schema, plus the answers RequestLimits gives on every write under /api."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                responses = operation.setdefault("responses", {})
+                responses.setdefault("413", {"description": "request body larger than ANDON_MAX_BODY_BYTES",
+                                             **error})
+                if method == "post" and path.startswith("/api/"):
+                    responses.setdefault("415", {"description": "Content-Type is not application/json", **error})
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 
 #: How each andon error reaches an HTTP client: a status and a one-line ``detail``.
 _ERROR_STATUS: dict[type[AndonError], int] = {

@@ -25,7 +25,7 @@ from db.settings import (
     get_settings,
 )
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
-from tasks import registry
+from tasks import notify, registry
 from tasks.errors import AndonError
 
 cli = typer.Typer(
@@ -335,6 +335,7 @@ def main() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from sqlalchemy.exc import OperationalError
 
+    notify.install()  # a cancel or submit from here wakes the API's open event streams at once
     try:
         code = cli(standalone_mode=False)
     except typer.Abort:

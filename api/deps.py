@@ -41,16 +41,22 @@ def _caller(credentials: HTTPAuthorizationCredentials | None, settings: Settings
     return Caller(actor="api:anonymous")
 
 
-def reader(
+async def current_settings() -> Settings:
+    """The settings, as a dependency. ``async`` on purpose, like the two below: they do no I/O, and a
+    sync dependency would take a worker thread for each request (each open event stream) just to run."""
+    return get_settings()
+
+
+async def reader(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    settings: Annotated[Settings, Depends(get_settings)],
+    settings: Annotated[Settings, Depends(current_settings)],
 ) -> Caller:
     return _caller(credentials, settings, write=False)
 
 
-def writer(
+async def writer(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    settings: Annotated[Settings, Depends(get_settings)],
+    settings: Annotated[Settings, Depends(current_settings)],
 ) -> Caller:
     return _caller(credentials, settings, write=True)
 

@@ -20,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from api.views import literal, printable
 from db.settings import get_settings
 from tasks.errors import AndonError, JobNotFound
 
@@ -74,22 +75,24 @@ def watch_job(job_id: str, console: Console, json_lines: bool = False) -> dict[s
             if event == "end":
                 return data
         return None
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    # markup=False: the description carries stage names and reasons that pipelines and users wrote
+    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn()]
     end = None
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(f"job {job_id[:8]}", total=None)
+        task = bar.add_task(printable(f"job {job_id[:8]}"), total=None)
         for event, data in follow(job_id):
             if "total_items" in data:
                 bar.update(task, total=data["total_items"],
                            completed=data["completed_items"] + data.get("failed_items", 0))
             if event == "progress":
-                bar.update(task, description=f"job {job_id[:8]} item {data['item']} {data['stage']}")
+                bar.update(task, description=printable(f"job {job_id[:8]} item {data['item']} {data['stage']}"))
             elif event == "cancel_requested":
-                bar.update(task, description=f"job {job_id[:8]} cancelling ({data['reason']})")
+                bar.update(task, description=printable(f"job {job_id[:8]} cancelling ({data['reason']})"))
             elif event == "end":
                 end = data
                 break
     if end is not None:
         for line in summary_lines(end):
-            console.print(line, highlight=False, soft_wrap=True)
+            console.print(literal(line), highlight=False, soft_wrap=True)
     return end

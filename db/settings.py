@@ -73,6 +73,16 @@ class Settings(BaseSettings):
     #: Longest wait for the embeddings response before the request fails.
     embeddings_timeout_s: float = 60.0
 
+    #: Open event streams (``GET /api/jobs/{id}/events``) allowed at once per tenant, or per client
+    #: address when no tenants are set, in each API process; one more is answered 429.
+    max_streams: int = Field(100, ge=1)
+    #: How often an open event stream re-reads the database when no notification woke it (a lost
+    #: pub/sub message, or Redis away).
+    stream_poll_s: float = Field(2.0, gt=0)
+    #: Largest request body the API reads; a larger one is answered 413 before parsing or auth.
+    max_body_bytes: int = Field(16 * 2**20, ge=1)
+
+
     def tenant_for(self, token: str | None) -> str | None:
         """The tenant an API token belongs to (None if it belongs to none)."""
         if not token:

@@ -27,6 +27,7 @@ from tasks.cancellation import CancellationToken, ForcedCancellation
 from tasks.cancellation.keys import heartbeat_key
 from tasks.control import request_cancel
 from tasks.errors import AndonError
+from tasks.notify import notify
 from tasks.process import get_redis
 
 __all__ = ["JobMonitor", "Ladder"]
@@ -97,6 +98,7 @@ class JobMonitor:
         item, stage = self.position or (None, None)
         value = json.dumps({"pid": os.getpid(), "item": item, "stage": stage})
         get_redis().set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
+        notify(self.job_id, "heartbeat")
 
     def disarm(self) -> None:
         """Called by the job thread as its exit path begins: no forced cancel can land after this, so

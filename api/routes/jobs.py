@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from sse_starlette import EventSourceResponse
 
 from api import progress, service
 from api.deps import ReaderDep, WriterDep
@@ -22,6 +21,7 @@ from api.schemas import (
     SubmitRequest,
     SubmitResponse,
 )
+from db.settings import get_settings
 from db.vocabulary import CancellationSource, JobStatus
 from tasks.tags import TAG_PATTERN
 
@@ -92,16 +92,25 @@ def resume(job_id: str, caller: WriterDep, force: bool = False) -> ResumeRespons
 
 @router.get(
     "/{job_id}/events",
-    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+    response_class=EventSourceResponse,
+    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
+               429: {"model": ErrorResponse, "description": "too many open event streams for this tenant "
+                                                            "(or client address): ANDON_MAX_STREAMS"}},
 )
-def events(job_id: str, caller: ReaderDep) -> StreamingResponse:
+async def events(job_id: str, caller: ReaderDep, request: Request) -> EventSourceResponse:
     """Progress and state changes as Server-Sent Events, in order; the stream ends with `end` once
-    the job is terminal. Closing it only stops watching, never the job."""
-    service.check_visible(job_id, caller.tenant)
-    stream = progress.job_progress(job_id)
-    first = next(stream)  # raises JobNotFound (→ 404) before any byte is sent
-    return StreamingResponse(progress.as_sse(itertools.chain([first], stream)), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    the job is terminal. Closing it only stops watching, never the job. At most `ANDON_MAX_STREAMS`
+    streams are open at once per tenant (per client address without tenants); one more is 429."""
+    limit = get_settings().max_streams
+    who = caller.tenant or (request.client.host if request.client else "unknown")
+    release = progress.slots.take(who, limit)
+    if release is None:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                            f"too many open event streams: {limit} already open for "
+                            f"{'tenant ' + caller.tenant if caller.tenant else 'this client'} "
+                            f"(ANDON_MAX_STREAMS); close one and retry",
+                            headers={"Retry-After": "1"})
+    return await progress.open_events(job_id, caller.tenant, release)
 
 
 @router.get("/{job_id}/partial-results", response_model=PartialResultView, responses=NOT_FOUND)

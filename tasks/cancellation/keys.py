@@ -5,7 +5,9 @@ All keys carry a TTL, so an abandoned job never leaks.
 
 from __future__ import annotations
 
-__all__ = ["cancel_key", "cancel_requests_key", "cancellations_channel", "heartbeat_key", "lost_key"]
+__all__ = [
+    "cancel_key", "cancel_requests_key", "cancellations_channel", "heartbeat_key", "job_changes_channel", "lost_key",
+]
 
 
 def cancel_key(job_id: str) -> str:
@@ -32,3 +34,8 @@ def cancellations_channel(db: int) -> str:
     """Where winning cancels are published. Pub/sub ignores database numbers, so the channel carries
     the store's: two deployments on one Redis server (different ``/db``) never hear each other."""
     return f"andon:cancellations:{db}"
+
+
+def job_changes_channel(db: int) -> str:
+    """Where "job X changed" notifications go (:mod:`tasks.notify`), per database like the cancels."""
+    return f"andon:job-changes:{db}"
