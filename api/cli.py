@@ -7,6 +7,7 @@ bad reason, job already finished, stack not running) prints one line on stderr a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -336,6 +337,9 @@ def main() -> None:
     from sqlalchemy.exc import OperationalError
 
     notify.install()  # a cancel or submit from here wakes the API's open event streams at once
+    # the one line below is all a user sees of an error; library warnings (a notification that
+    # could not be sent, say) are not theirs to read on a terminal
+    logging.getLogger().addHandler(logging.NullHandler())
     try:
         code = cli(standalone_mode=False)
     except typer.Abort:

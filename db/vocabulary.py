@@ -60,7 +60,6 @@ class EventKind(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CLEANUP_FAILED = "cleanup_failed"
-    WORKER_LOST = "worker_lost"
     REQUEUED = "requeued"
     ESCALATED = "escalated"
     RESUMED = "resumed"

@@ -114,10 +114,7 @@ class ItemRun:
         try:
             value = self.pipeline.item_value(raw)
             for stage in self.pipeline.stages:
-                ctx.stage = stage.name
-                self.token.check()
-                started = True
-                self.on_position(index, stage.name)
+                started = self._checkpoint(index, ctx, stage)
                 value = stage.call(value, ctx)
                 if inspect.isawaitable(value):
                     _close(value)
@@ -181,10 +178,7 @@ class ItemRun:
         try:
             value = self.pipeline.item_value(raw)
             for stage in self.pipeline.stages:
-                ctx.stage = stage.name
-                self.token.check()
-                started = True
-                self.on_position(index, stage.name)
+                started = self._checkpoint(index, ctx, stage)
                 if stage.is_async:
                     value = await stage.call(value, ctx)
                 else:
@@ -217,6 +211,14 @@ class ItemRun:
         finally:
             with self._threads_lock:
                 self._threads.discard(ident)
+
+    def _checkpoint(self, index: int, ctx: JobContext, stage: Stage) -> bool:
+        """Before every stage of every item: raise if cancelled, else say where the job is. True
+        once the item has started (a cancel seen before its first stage leaves no record of it)."""
+        ctx.stage = stage.name
+        self.token.check()
+        self.on_position(index, stage.name)
+        return True
 
     # --- how an item ends ------------------------------------------------------------------------
 

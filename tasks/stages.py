@@ -1,4 +1,4 @@
-"""The three pipeline stages, offline and deterministic: parse → embed → analyze.
+"""The text work behind the built-in `documents` pipeline (tasks/documents.py), offline and deterministic.
 
 Real work on real text, small enough to run anywhere: text normalisation and sentence split, a
 hashing-trick embedding, and an extractive summary with keywords. The ``llm`` analyzer swaps the

@@ -72,7 +72,7 @@ def test_cancel_all_in_a_status(worker):
         (["ls", "--status", "sleeping"], 2, "unknown status 'sleeping'"),
         (["cancel"], 2, "no job to cancel"),
         (["cancel", "--status", "running"], 2, "with --all"),
-        (["submit"], 2, "no documents"),
+        (["submit"], 2, "no items"),
         (["submit", "--file", "/no/such/file"], 2, "cannot read /no/such/file"),
         (["frobnicate"], 2, "No such command"),
     ],

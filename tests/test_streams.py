@@ -188,10 +188,10 @@ def test_the_stream_cap_answers_429_per_client_with_a_clear_detail(worker, monke
 def test_notify_never_raises_and_goes_quiet_while_redis_is_away(monkeypatch):
     import redis
 
-    from tasks import notify, store
+    from tasks import notify
 
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
-    monkeypatch.setattr(store, "get_redis", lambda: dead)
+    monkeypatch.setattr(notify, "get_redis", lambda: dead)
     monkeypatch.setattr(notify, "_quiet_until", 0.0)
     notify.notify("some-job", "item")  # logged and swallowed
     started = time.monotonic()

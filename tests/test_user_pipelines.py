@@ -266,3 +266,12 @@ def test_pipeline_definitions_fail_at_once_with_a_clear_error():
         stage(lambda_free_nan, name="x" * 65)
     with pytest.raises(PipelineError, match="concurrency"):
         Pipeline("x-3", [lambda_free_nan], concurrency=0, register=False)
+
+
+def test_a_bad_andon_pipelines_stops_andon_up_before_anything_starts(tmp_path):
+    done = andon("up", "--api-port", "1", "--flower-port", "2", "--redis-port", "3",
+                 env={"ANDON_PIPELINES": "no_such_module", "ANDON_HOME": str(tmp_path / "home")})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "andon: ANDON_PIPELINES: cannot import 'no_such_module': No module named 'no_such_module'"]
+    assert not (tmp_path / "home" / "stack.json").exists()
