@@ -123,7 +123,7 @@ def submit_job(
                 raise InvalidParent(f"parent job {parent_job_id} not found") from None
             parent_status = JobStatus(parent.status)
         deferred = parent_status is not None and not parent_status.is_terminal
-        job_rows.create_job(session, job_id, submission.items, options, pipeline=submission.pipeline.name,
+        job_rows.create_job(session, job_id, submission.items, options, pipeline=submission.pipeline.name, queue=queue,
                             deadline_s=deadline_s, parent_job_id=parent_job_id, deferred=deferred, tenant=tenant,
                             tags=tags, actor=actor)
     if parent_status is not None and parent_status is not JobStatus.COMPLETED:
@@ -160,7 +160,8 @@ def submit_chain(item_sets: list[list[Any]], options: dict[str, Any] | None = No
     with session_scope() as session:
         for i, (job_id, step) in enumerate(zip(job_ids, steps)):
             job_rows.create_job(session, job_id, step.items, step.options, pipeline=step.pipeline.name, actor=actor,
-                                parent_job_id=job_ids[i - 1] if i else None, tenant=tenant)
+                                parent_job_id=job_ids[i - 1] if i else None, tenant=tenant,
+                                queue=queue or step.pipeline.queue)
     chain(job_signature(job_id, step.options, queue or step.pipeline.queue)
           for job_id, step in zip(job_ids, steps)).apply_async()
     return job_ids
@@ -182,9 +183,9 @@ def submit_chord(header_sets: list[list[Any]], body_items: list[Any], options: d
     with session_scope() as session:
         for job_id, step in zip(header_ids, headers):
             job_rows.create_job(session, job_id, step.items, step.options, pipeline=step.pipeline.name, actor=actor,
-                                tenant=tenant)
+                                tenant=tenant, queue=queue or step.pipeline.queue)
         job_rows.create_job(session, body_id, body.items, body.options, pipeline=body.pipeline.name,
-                            waits_for=header_ids, actor=actor, tenant=tenant)
+                            waits_for=header_ids, actor=actor, tenant=tenant, queue=queue or body.pipeline.queue)
     chord(job_signature(job_id, step.options, queue or step.pipeline.queue)
           for job_id, step in zip(header_ids, headers))(job_signature(body_id, body.options, queue or body.pipeline.queue))
     return header_ids, body_id

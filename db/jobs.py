@@ -38,11 +38,13 @@ _TERMINAL_EVENT = {
 
 
 def transition(session: Session, job_id: str, to: JobStatus, *, only_from: JobStatus | None = None,
-               **values: Any) -> bool:
+               fence: int | None = None, raise_fence: bool = False, **values: Any) -> bool:
     """Move a job to ``to`` if its current status allows it; True if this call won.
 
     ``only_from`` narrows the allowed statuses to one the caller has just seen (a cancel meant for a
-    queued job must not end one that started meanwhile). ``values`` are written in the same UPDATE.
+    queued job must not end one that started meanwhile); ``fence``: only if the caller's run still
+    owns the job; ``raise_fence``: a run taking the job raises it in the same UPDATE. ``values`` are
+    written in the same UPDATE.
     Reaching a terminal status stamps ``finished_at`` and records the matching event, in the
     caller's transaction.
     """
@@ -51,9 +53,12 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: JobSt
         values.setdefault("finished_at", utcnow())
     if to is JobStatus.COMPLETED:  # a cancel that lost to completion leaves no reason behind
         values.update(cancellation_reason=None, cancellation_message=None, cancellation_source=None)
+    owned = [Job.fence == fence] if fence is not None else []
+    if raise_fence:
+        values["fence"] = Job.fence + 1
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_([s.value for s in allowed]))
+        .where(Job.id == job_id, Job.status.in_([s.value for s in allowed]), *owned)
         .values(status=to.value, **values)
         .execution_options(synchronize_session=False)
     )
@@ -111,10 +116,18 @@ def add_events(session: Session, rows: list[dict[str, Any]]) -> None:
 
 _jobs, _items = Job.__table__, JobItem.__table__
 _INSERT_ITEM = insert(_items)
+_OWNED = (_jobs.c.id == bindparam("job")) & (_jobs.c.fence == bindparam("run_fence"))
+#: The first statement of every item write: bump the job's counter *if this run still owns the job*
+#: (on PostgreSQL it also locks the row, so a takeover and an item write are serialized).
 _BUMP = {
-    status: update(_jobs).where(_jobs.c.id == bindparam("job")).values({column: column + 1})
-    for status, column in ((ItemStatus.DONE, _jobs.c.completed_items), (ItemStatus.FAILED, _jobs.c.failed_items))
+    ItemStatus.DONE: update(_jobs).where(_OWNED).values(completed_items=_jobs.c.completed_items + 1),
+    ItemStatus.FAILED: update(_jobs).where(_OWNED).values(failed_items=_jobs.c.failed_items + 1),
+    ItemStatus.INTERRUPTED: update(_jobs).where(_OWNED).values(fence=_jobs.c.fence),
 }
+
+
+class NotOwner(Exception):
+    """The run writing an item no longer owns the job (another delivery took it over)."""
 
 
 def record_item(
@@ -128,18 +141,20 @@ def record_item(
     error: str | None = None,
     started_at: datetime | None = None,
     finished_at: datetime | None = None,
+    fence: int = 0,
 ) -> None:
     """Store one item that ended and bump the job's counter in the same transaction (interrupted
-    items count as neither done nor failed).
+    items count as neither done nor failed) — only while run ``fence`` owns the job, else
+    :class:`NotOwner` (and the caller's transaction rolls back).
 
     This runs once per item on the hot path, so it takes a plain connection (``db.session.transaction``)
     and executes two prebuilt Core statements: an ORM session costs several times the SQL itself.
     """
+    if conn.execute(_BUMP[status], {"job": job_id, "run_fence": fence}).rowcount != 1:
+        raise NotOwner(job_id)
     conn.execute(_INSERT_ITEM, {"job_id": job_id, "index": index, "stage": stage, "status": status.value,
                                 "result": result, "error": error, "started_at": started_at,
                                 "finished_at": finished_at or utcnow()})
-    if status in _BUMP:
-        conn.execute(_BUMP[status], {"job": job_id})
 
 
 def copy_done_items(session: Session, from_job: str, to_job: str) -> int:
@@ -179,6 +194,7 @@ def create_job(
     options: dict[str, Any],
     *,
     pipeline: str = "documents",
+    queue: str | None = None,
     deadline_s: float | None = None,
     parent_job_id: str | None = None,
     resumed_from: str | None = None,
@@ -194,6 +210,7 @@ def create_job(
         id=job_id,
         status=JobStatus.PENDING.value,
         pipeline=pipeline,
+        queue=queue,
         inputs=inputs,
         options=options,
         total_items=len(inputs),

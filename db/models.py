@@ -72,6 +72,13 @@ class Job(Base):
     cancelled_at_item: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     resumable: Mapped[bool] = mapped_column(default=False)
+    #: The run that owns the job: raised by one each time a run starts or takes over, and checked on
+    #: every item write, so a run that lost the job (a duplicate delivery took over from it) can't
+    #: write another item or end it. ``owner`` names that run (host:pid:nonce).
+    fence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    owner: Mapped[str | None] = mapped_column(String(128))
+    #: The Celery queue its message was sent to (None: the default queue), for re-sending it.
+    queue: Mapped[str | None] = mapped_column(String(64))
     #: Waiting for its parent to complete; enqueued then (or cancelled if the parent isn't completed).
     deferred: Mapped[bool] = mapped_column(default=False, server_default=false())
 

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.settings import get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _engines: dict[tuple[int, str], Engine] = {}
 
@@ -20,7 +28,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # WAL lets the API read while a worker writes; busy_timeout makes writers queue, not fail.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={int(get_settings().sqlite_busy_timeout_ms)}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -98,3 +106,28 @@ def _sqlite_writer_turn(engine: Engine) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error that says "not now" rather than "never": a lock held past SQLite's busy
+    timeout, a connection refused or dropped (a PostgreSQL restart). Constraint violations and bad
+    SQL are not."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def retry_transient(write: Callable[[], T], *, within_s: float, what: str = "database write") -> T:
+    """Run ``write`` (a whole transaction), again after a transient error, with exponential backoff
+    and jitter, for at most ``within_s`` seconds; then the last error is raised."""
+    deadline = time.monotonic() + within_s
+    delay = 0.05
+    while True:
+        try:
+            return write()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s); retrying in %.2fs", what, str(exc).splitlines()[0][:200], delay)
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 2.0)

@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     #: On a cold shutdown, how long running jobs get to reach a checkpoint before Celery's SIGTERM.
     cold_shutdown_grace_s: float = 3.0
 
+    #: How long a SQLite writer waits for another's lock before the write fails (and is retried).
+    sqlite_busy_timeout_ms: int = 10_000
+    #: Longest wait for one Redis reply (a paused server must not hang a cancel or a heartbeat).
+    redis_timeout_s: float = 5.0
+    #: How long a job's run retries a database write that failed for a passing reason (a lock held
+    #: past SQLite's busy timeout, a PostgreSQL restart) before it stops the job.
+    db_retry_s: float = 30.0
+    #: How long a stopped job waits for the database to come back to write its end (resumable).
+    db_outage_max_s: float = 3600.0
     #: Comma-separated modules that register user pipelines (imported by the worker and the API).
     pipelines: str | None = None
     #: A worker that doesn't know a job's pipeline sends the job back this many times (with backoff)

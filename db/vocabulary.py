@@ -30,6 +30,8 @@ class CancellationSource(StrEnum):
     WORKER_LOST = "worker_lost"
     MEMORY_WATCHDOG = "memory_watchdog"
     PARENT = "parent"
+    SUPERSEDED = "superseded"
+    DATABASE_UNAVAILABLE = "database_unavailable"
 
 
 class JobStatus(StrEnum):
@@ -63,6 +65,12 @@ class EventKind(StrEnum):
     REQUEUED = "requeued"
     ESCALATED = "escalated"
     RESUMED = "resumed"
+    #: A second delivery of a running job found its owner alive and did nothing.
+    DUPLICATE_SKIPPED = "duplicate_skipped"
+    #: A delivery found the job's owner gone and took over the items not done.
+    TAKEN_OVER = "taken_over"
+    #: A queued job whose message the broker lost was sent again.
+    RESENT = "resent"
 
 
 class ItemStatus(StrEnum):

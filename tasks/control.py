@@ -18,14 +18,15 @@ from db.session import session_scope
 from db.vocabulary import TERMINAL_STATUSES, CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import lifecycle
 from tasks.cancellation import CancelRequest
+from tasks.cancellation.keys import lost_key
 from tasks.celery_app import RUN_PIPELINE, app
-from tasks.errors import AndonError
+from tasks.errors import AndonError, InvalidJobId
 from tasks.paths import job_scratch_dir, remove_tree
 from tasks.process import get_store
 
 __all__ = [
-    "BulkCancelOutcome", "CancelOutcome", "cancel_children", "cancel_matching", "enqueue", "finalize_stopped",
-    "job_signature", "request_cancel", "settle_children", "task_routing",
+    "MAX_LOSSES", "BulkCancelOutcome", "CancelOutcome", "cancel_children", "cancel_matching", "enqueue",
+    "finalize_stopped", "job_signature", "recover_lost_run", "request_cancel", "settle_children", "task_routing",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,47 @@ def finalize_stopped(
     return won
 
 
+#: A job whose run is lost this many times is failed instead of requeued (a poison job).
+MAX_LOSSES = 2
+
+
+def recover_lost_run(job_id: str, actor: str | None, *, resend: bool) -> str:
+    """The process running ``job_id`` is gone (its child killed, or the whole worker lost).
+
+    If a cancel had been requested (the memory watchdog, a forced terminate...) the job ends
+    ``cancelled`` with that reason. Otherwise it goes back to ``pending`` to run again from its first
+    unfinished item (``resend``: with a new message, when the broker won't redeliver the old one
+    soon) — once; lost a second time, it is ``failed``. Returns what happened.
+    """
+    try:
+        requested = lifecycle.requested_cancels([job_id]) or get_store().read([job_id])
+    except RedisError:
+        requested = lifecycle.requested_cancels([job_id])
+    if requested:
+        finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.WORKER_LOST,
+                         "worker process lost after a cancel was requested", actor=actor)
+        return "cancelled"
+    redis = get_store().redis
+    losses = redis.incr(lost_key(job_id))
+    redis.expire(lost_key(job_id), 7 * 24 * 3600)
+    if losses >= MAX_LOSSES:
+        finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.WORKER_LOST,
+                         fail_with=f"worker process lost {losses} times", actor=actor)
+        return "failed"
+    if not lifecycle.requeue(job_id, CancellationSource.WORKER_LOST, actor, {"losses": losses, "resent": resend}):
+        return "ended"
+    try:  # the dead run's scratch space: the next run makes its own
+        remove_tree(job_scratch_dir(job_id))
+    except InvalidJobId:
+        pass
+    if resend:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            options, queue = job.options, job.queue
+        enqueue(job_id, options, queue)
+    return "requeued"
+
+
 def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) -> None:
     """Send the pipeline task for a job whose row is committed (the worker must find it)."""
     app.send_task(RUN_PIPELINE, args=[job_id], task_id=job_id, **task_routing(options or {}, queue))
@@ -176,7 +218,7 @@ def settle_children(job_id: str) -> None:
                 update(Job).where(Job.id == child.id, Job.deferred.is_(True)).values(deferred=False)
             ).rowcount == 1
         if claimed:  # exactly one caller enqueues each waiting child
-            enqueue(child.id, child.options)
+            enqueue(child.id, child.options, child.queue)
 
 
 @dataclass(frozen=True)

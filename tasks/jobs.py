@@ -17,6 +17,7 @@ the SUCCESS plain Celery would report for a revoked task that returned.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -25,12 +26,14 @@ from typing import Any
 
 from celery import Task, states
 from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, TaskRevokedError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
 from db.settings import get_settings
-from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import lifecycle
 from tasks.cancellation import CancellationError
 from tasks.control import request_cancel, settle_children
@@ -38,7 +41,7 @@ from tasks.errors import AndonError, InvalidJobId, UnknownPipeline
 from tasks.intake import check_submission
 from tasks.lifecycle import JobOutcome
 from tasks.paths import check_job_id
-from tasks.runner import run_job
+from tasks.runner import DuplicateDelivery, run_job
 
 __all__ = ["JobFailed", "PipelineTask", "analyze_documents", "run_pipeline"]
 
@@ -99,6 +102,13 @@ def run_pipeline(self: Task, job_id: str | None = None, pipeline: str | None = N
                 settle_children(job_id)  # enqueue waiting children, or cancel them if this didn't complete
     except UnknownPipeline as exc:
         _send_back(self, job_id, exc)
+    except DuplicateDelivery:
+        _skip_duplicate(job_id)
+    except (RedisError, OperationalError, InterfaceError) as exc:
+        # Redis away (nobody can tell whether the job's owner lives) or the database away before
+        # the job started: nothing was done; try this delivery again later, never fail the job
+        log.warning("andon: job %s delivery deferred: %s", job_id, str(exc).splitlines()[0][:200])
+        raise self.retry(countdown=5, max_retries=None, exc=exc) from None
     except CancellationError:  # a BaseException: Celery's tracer would re-raise it without a state
         outcome = lifecycle.outcome_of(job_id, ran=True)
     if outcome.status is JobStatus.CANCELLED:
@@ -123,6 +133,17 @@ def _adopt(job_id: str, pipeline: str, items: Any, options: Any) -> None:
     with session_scope() as session:
         job_rows.create_job(session, job_id, submission.items, submission.options,
                             pipeline=submission.pipeline.name, actor="send_task")
+
+
+def _skip_duplicate(job_id: str) -> None:
+    """A second delivery of a job whose owner is alive (Flower apply, ``send_task`` with the same id,
+    a redelivery after the visibility timeout): record it, store no state, ack the message."""
+    try:
+        with session_scope() as session:
+            job_rows.add_event(session, job_id, EventKind.DUPLICATE_SKIPPED, detail={"pid": os.getpid()})
+    except Exception:
+        log.exception("andon: could not record a duplicate delivery of %s", job_id)
+    raise Ignore()
 
 
 def _send_back(task: Task, job_id: str, error: UnknownPipeline) -> None:

@@ -24,7 +24,7 @@ from tasks.errors import JobAlreadyTerminal, JobNotFound
 
 __all__ = [
     "JobOutcome", "cancel_queued", "end_cancelled", "end_failed", "finish_ran_through", "mark_requested",
-    "outcome_of", "requeue", "requested_cancels", "start",
+    "outcome_of", "requeue", "requested_cancels", "start", "take_over",
 ]
 
 
@@ -49,34 +49,51 @@ def outcome_of(job_id: str, ran: bool) -> JobOutcome:
         return JobOutcome(job_id, JobStatus(row.status), ran=ran, reason=reason, error=row.error)
 
 
-def start(job_id: str) -> Job | None:
-    """Load the job and move it to running; None if it must not run (already terminal)."""
+def start(job_id: str, owner: str) -> Job | None:
+    """Queued → running, owned by this run (its fence is ``job.fence``); None if the job is not
+    queued any more (another delivery started it, or it ended)."""
+    with session_scope() as session:
+        if not job_rows.transition(session, job_id, JobStatus.RUNNING, only_from=JobStatus.PENDING,
+                                   started_at=datetime.now(UTC), raise_fence=True, owner=owner):
+            return None
+        job_rows.add_event(session, job_id, EventKind.STARTED, actor=owner, detail={"redelivered": False})
+    return _owned(job_id, owner)
+
+
+def take_over(job_id: str, seen_fence: int, owner: str) -> Job | None:
+    """A running job whose owner is gone: this run takes it over (a higher fence: the old run, if it
+    still runs somewhere, can't write another item). None if someone else moved first."""
+    with session_scope() as session:
+        won = session.execute(
+            update(Job).where(Job.id == job_id, Job.fence == seen_fence,
+                              Job.status.in_([JobStatus.RUNNING.value, JobStatus.CANCELLING.value]))
+            .values(fence=Job.fence + 1, owner=owner).execution_options(synchronize_session=False)
+        ).rowcount == 1
+        if not won:
+            return None
+        job_rows.add_event(session, job_id, EventKind.TAKEN_OVER, actor=owner, detail={"from_fence": seen_fence})
+        job_rows.add_event(session, job_id, EventKind.STARTED, actor=owner, detail={"redelivered": True})
+    return _owned(job_id, owner)
+
+
+def _owned(job_id: str, owner: str) -> Job | None:
     with session_scope() as session:
         job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        status = JobStatus(job.status)
-        if status.is_terminal:
+        if job is None or job.owner != owner:
             return None
-        redelivered = status is not JobStatus.PENDING  # acks_late: the last worker died mid-job
-        if not redelivered and not job_rows.transition(
-            session, job_id, JobStatus.RUNNING, started_at=datetime.now(UTC)
-        ):
-            return None
-        job_rows.add_event(session, job_id, EventKind.STARTED, detail={"redelivered": redelivered})
         session.expunge(job)
         return job
 
 
-def finish_ran_through(job_id: str) -> JobOutcome:
+def finish_ran_through(job_id: str, fence: int | None = None) -> JobOutcome:
     """Every item was tried: completed, unless not a single one succeeded."""
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job.total_items and job.completed_items == 0:
             error = f"all {job.total_items} items failed"
-            if job_rows.transition(session, job_id, JobStatus.FAILED, error=error):
+            if job_rows.transition(session, job_id, JobStatus.FAILED, fence=fence, error=error):
                 return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
-        elif job_rows.transition(session, job_id, JobStatus.COMPLETED):
+        elif job_rows.transition(session, job_id, JobStatus.COMPLETED, fence=fence):
             return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
     return outcome_of(job_id, ran=True)  # a finalizer ended it first: report what the row says
 
@@ -84,7 +101,7 @@ def finish_ran_through(job_id: str) -> JobOutcome:
 def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_item: int | None,
                   stage: str | None = None, observed_at: datetime | None = None, by: str | None = None,
                   actor: str | None = None, requested_at: datetime | None = None,
-                  observed_source: CancellationSource | None = None) -> bool:
+                  observed_source: CancellationSource | None = None, fence: int | None = None) -> bool:
     """The cancel was observed (by the job at a checkpoint, or by a finalizer): record it and end the
     job ``cancelled`` with the winning request's reason. True if this call ended it."""
     now = observed_at or datetime.now(UTC)
@@ -99,14 +116,14 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
         if requested_at is not None:
             values["cancel_requested_at"] = requested_at
         return job_rows.transition(
-            session, job_id, JobStatus.CANCELLED, **job_rows.cancel_values(error), **values,
+            session, job_id, JobStatus.CANCELLED, fence=fence, **job_rows.cancel_values(error), **values,
             cancel_observed_at=now, cancelled_at_item=at_item, resumable=error.reason in RESUMABLE_REASONS,
         )
 
 
-def end_failed(job_id: str, error: str) -> bool:
+def end_failed(job_id: str, error: str, fence: int | None = None) -> bool:
     with session_scope() as session:
-        return job_rows.transition(session, job_id, JobStatus.FAILED, error=error)
+        return job_rows.transition(session, job_id, JobStatus.FAILED, fence=fence, error=error)
 
 
 def requeue(job_id: str, source: CancellationSource, actor: str | None, detail: dict[str, Any]) -> bool:

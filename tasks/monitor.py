@@ -55,8 +55,9 @@ class JobMonitor:
     escalates along the :class:`Ladder` once the job is cancelled but hasn't stopped."""
 
     def __init__(self, job_id: str, token: CancellationToken, interval_s: float,
-                 max_rss_mb: float | None = None, ladder: Ladder = Ladder()) -> None:
+                 max_rss_mb: float | None = None, ladder: Ladder = Ladder(), owner: str | None = None) -> None:
         self.job_id = job_id
+        self.owner = owner
         self.token = token
         self.interval_s = interval_s
         self.max_rss_mb = max_rss_mb
@@ -96,7 +97,7 @@ class JobMonitor:
 
     def beat(self) -> None:
         item, stage = self.position or (None, None)
-        value = json.dumps({"pid": os.getpid(), "item": item, "stage": stage})
+        value = json.dumps({"pid": os.getpid(), "owner": self.owner, "item": item, "stage": stage})
         get_redis().set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
         notify(self.job_id, "heartbeat")
 

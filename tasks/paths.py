@@ -36,10 +36,14 @@ def contained(path: Path, root: Path) -> Path:
     return resolved
 
 
-def job_scratch_dir(job_id: str) -> Path:
-    """Where a job's scratch files live: removed on every exit path of the job."""
+def job_scratch_dir(job_id: str, run: int | None = None) -> Path:
+    """Where a job's scratch files live (``run``: one run's own part of it): removed on every exit
+    path of the job."""
     root = get_settings().jobs_tmp_dir
-    return contained(root / check_job_id(job_id), root)
+    path = root / check_job_id(job_id)
+    if run is not None:
+        path = path / f"run-{int(run)}"
+    return contained(path, root)
 
 
 def remove_tree(path: Path) -> None:

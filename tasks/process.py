@@ -35,9 +35,11 @@ def _per_process(name: str, factory: Callable[[], T]) -> T:
 
 
 def get_redis() -> redis.Redis:
-    url = get_settings().resolved_redis_url
-    return _per_process("redis", lambda: redis.Redis.from_url(url, socket_connect_timeout=2,
-                                                              health_check_interval=10))
+    settings = get_settings()
+    # a paused Redis must not hang a caller (a cancel request, a heartbeat) for longer than this
+    return _per_process("redis", lambda: redis.Redis.from_url(
+        settings.resolved_redis_url, socket_connect_timeout=2, socket_timeout=settings.redis_timeout_s,
+        health_check_interval=10))
 
 
 def get_store() -> CancellationStore:

@@ -15,20 +15,11 @@ from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
 from db.vocabulary import CancellationReason, CancellationSource
-from tasks import lifecycle
-from tasks.cancellation.keys import lost_key
-from tasks.control import finalize_stopped
-from tasks.errors import InvalidJobId
-from tasks.paths import job_scratch_dir, remove_tree
-from tasks.process import get_redis, get_store
+from tasks.control import finalize_stopped, recover_lost_run
 
 __all__ = ["JobRequest", "on_worker_lost"]
 
 log = logging.getLogger(__name__)
-
-#: A job whose worker is lost this many times is failed instead of requeued (a poison job).
-MAX_LOSSES = 2
-
 
 class JobRequest(Request):
     def on_timeout(self, soft: bool, timeout: float) -> None:
@@ -53,25 +44,6 @@ def _guard(fn, *args, **kwargs) -> None:
 
 
 def on_worker_lost(job_id: str, hostname: str | None = None) -> None:
-    """The child running ``job_id`` died. Celery requeues the message (acks_late + reject_on_worker_lost).
-
-    If a cancel had been requested (e.g. the memory watchdog, or a forced terminate) the job ends
-    ``cancelled`` with that reason. Otherwise it goes back to ``pending`` to run again from its first
-    unfinished item — once; lost a second time, it is ``failed``.
-    """
-    if get_store().read([job_id]):
-        finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.WORKER_LOST,
-                         "worker process lost after a cancel was requested", actor=hostname)
-        return
-    key = lost_key(job_id)
-    losses = get_redis().incr(key)
-    get_redis().expire(key, 7 * 24 * 3600)
-    if losses >= MAX_LOSSES:
-        finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.WORKER_LOST,
-                         fail_with=f"worker process lost {losses} times", actor=hostname)
-        return
-    lifecycle.requeue(job_id, CancellationSource.WORKER_LOST, hostname, {"losses": losses})
-    try:  # the dead child's scratch space: the next run makes its own
-        remove_tree(job_scratch_dir(job_id))
-    except InvalidJobId:
-        pass
+    """The child running ``job_id`` died; Celery requeues the message itself (acks_late +
+    reject_on_worker_lost), so the row goes back to ``pending`` without a new message."""
+    recover_lost_run(job_id, actor=hostname, resend=False)

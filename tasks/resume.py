@@ -32,6 +32,7 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
     auto-resuming after the same shutdown can't both do it. Returns the new job's id.
     """
     new_id = str(uuid.uuid4())
+    queue_for_new: str | None = queue
     try:
         with session_scope() as session:
             job = session.get(Job, job_id)
@@ -45,8 +46,9 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
             existing = session.scalar(select(Job.id).where(Job.resumed_from == job_id))
             if existing:
                 raise NotResumable(f"job {job_id} was already resumed as {existing}")
+            queue_for_new = queue or job.queue or _pipeline_queue(job.pipeline)
             job_rows.create_job(session, new_id, job.inputs, job.options, pipeline=job.pipeline,
-                                deadline_s=job.deadline_s,
+                                queue=queue_for_new, deadline_s=job.deadline_s,
                                 parent_job_id=job.parent_job_id, resumed_from=job_id, tenant=job.tenant,
                                 tags=job.tags, actor=actor)
             reused = job_rows.copy_done_items(session, job_id, new_id)
@@ -55,7 +57,7 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
     except IntegrityError as exc:  # lost the race to another resumer
         raise NotResumable(f"job {job_id} was already resumed") from exc
     try:
-        enqueue(new_id, job.options, queue or _pipeline_queue(job.pipeline))
+        enqueue(new_id, job.options, queue_for_new)
     except Exception as exc:
         # nothing was queued: take the new job back, so the old one can still be resumed later
         with session_scope() as session:

@@ -12,38 +12,46 @@ nothing already done.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
+import uuid
 from contextlib import ExitStack
 from datetime import UTC, datetime
 
 from db import jobs as job_rows
+from db.jobs import NotOwner
 from db.models import Job
-from db.session import session_scope, transaction
+from db.session import is_transient, retry_transient, session_scope, transaction
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, ItemStatus, JobStatus
 from tasks import lifecycle, registry
 from tasks.cancellation import CancellationError, CancellationToken, ForcedCancellation, cancellation_in
+from tasks.cancellation.keys import heartbeat_key
 from tasks.cleanup import CleanupManager
 from tasks.context import JobContext
 from tasks.control import request_cancel
 from tasks.engine import ItemRecord, ItemRun
 from tasks.errors import AndonError, JobNotFound
+from tasks.intake import ANDON_OPTIONS
 from tasks.lifecycle import JobOutcome
 from tasks.monitor import JobMonitor, Ladder
-from tasks.paths import check_job_id, job_scratch_dir
+from tasks.paths import check_job_id, job_scratch_dir, remove_tree
 from tasks.pipeline import Pipeline
-from tasks.process import get_watcher
+from tasks.process import get_redis, get_watcher
 
-__all__ = ["JobRun", "run_job"]
+__all__ = ["DuplicateDelivery", "JobRun", "owner_alive", "run_job"]
 
 log = logging.getLogger(__name__)
 
-#: Job options that are andon's own (limits and the ladder), not the pipeline's.
-ANDON_OPTIONS = ("time_limit_s", "soft_time_limit_s", "max_rss_mb", "escalate_after_s", "kill_after_s")
-
-
 def run_job(job_id: str) -> JobOutcome:
     """Run a job to exactly one terminal state, keeping every finished item, cleaning up always.
+
+    One owner at a time: a queued job is started by exactly one delivery; a second delivery of a
+    running job whose owner is alive does nothing (:class:`DuplicateDelivery`); one whose owner is
+    gone takes it over and runs the items not done (:func:`lifecycle.take_over`). The fence in the
+    job row, checked on every item write, keeps a run that lost the job from writing anything more.
 
     Raises :class:`~tasks.errors.UnknownPipeline` *before* touching the row when this worker doesn't
     know the job's pipeline (the task sends the job back for a worker that does). If the process is
@@ -52,52 +60,78 @@ def run_job(job_id: str) -> JobOutcome:
     only it knows which of those it was.
     """
     check_job_id(job_id)
+    settings = get_settings()
     with session_scope() as session:
         row = session.get(Job, job_id)
         if row is None:
             raise JobNotFound(job_id)
-        if JobStatus(row.status).is_terminal:
+        status, seen_fence = JobStatus(row.status), row.fence
+        if status.is_terminal:
             return lifecycle.outcome_of(job_id, ran=False)
         pipeline = registry.get(row.pipeline)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if status is JobStatus.PENDING:
+        job = retry_transient(lambda: lifecycle.start(job_id, owner), within_s=settings.db_retry_s)
+    elif owner_alive(job_id):
+        raise DuplicateDelivery(job_id)
+    else:
+        job = lifecycle.take_over(job_id, seen_fence, owner)
+    if job is None:  # another delivery moved first, or the job just ended
+        if lifecycle.outcome_of(job_id, ran=False).status.is_terminal:
+            return lifecycle.outcome_of(job_id, ran=False)
+        raise DuplicateDelivery(job_id)
     watcher = get_watcher()
     token = watcher.watch(job_id)
-    try:
-        job = lifecycle.start(job_id)
-    except BaseException:
-        watcher.unwatch(job_id)
-        raise
-    if job is None:
-        watcher.unwatch(job_id)
-        return lifecycle.outcome_of(job_id, ran=False)
-    return JobRun(job, pipeline, token).execute(watcher)
+    return JobRun(job, pipeline, token, owner).execute(watcher)
+
+
+def owner_alive(job_id: str) -> bool:
+    """Is the run that owns ``job_id`` alive? Its heartbeat says so. A missing beat is looked at
+    twice, a beat and a half apart (a Redis restart loses keys; a live owner beats again). Redis away
+    raises: without it, nobody can tell, and the delivery is tried again later."""
+    beats = get_redis()
+    key = heartbeat_key(job_id)
+    if beats.exists(key):
+        return True
+    time.sleep(get_settings().heartbeat_s * 1.5)
+    return bool(beats.exists(key))
+
+
+class DuplicateDelivery(AndonError):
+    """This delivery of a job found it owned by a live run: it does nothing (Celery acks it)."""
 
 
 class JobRun:
-    """One run of one job in this process."""
+    """One run of one job in this process, owning it (``fence``) until it ends or loses it."""
 
-    def __init__(self, job: Job, pipeline: Pipeline, token: CancellationToken) -> None:
+    def __init__(self, job: Job, pipeline: Pipeline, token: CancellationToken, owner: str) -> None:
         self.job = job
         self.pipeline = pipeline
         self.token = token
+        self.owner = owner
+        self.fence = job.fence
         self.cleanup = CleanupManager()  # what the job acquired: released before its terminal row
         self.finished: set[int] = set()
         self.reached: tuple[int, str] | None = None
+        self.lost = False  # another run took the job over: write nothing more
+        self.unwritten: list[ItemRecord] = []  # items that ended while the database was away
+        self.settings = get_settings()
 
     def execute(self, watcher) -> JobOutcome:
-        job, token, settings = self.job, self.token, get_settings()
+        job, token, settings = self.job, self.token, self.settings
         with ExitStack() as machinery:  # unwinds after the terminal row is committed
             machinery.callback(watcher.unwatch, job.id)
             options = job.options or {}
             ladder = Ladder(float(options.get("escalate_after_s") or settings.escalate_after_s),
                             float(options.get("kill_after_s") or settings.kill_after_s))
             monitor = JobMonitor(job.id, token, settings.heartbeat_s,
-                                 options.get("max_rss_mb") or settings.max_job_rss_mb, ladder)
+                                 options.get("max_rss_mb") or settings.max_job_rss_mb, ladder, owner=self.owner)
             monitor.start()
             machinery.callback(monitor.stop)
             deadline = _start_deadline(job)
             if deadline is not None:
                 machinery.callback(deadline.cancel)
-            scratch = self.cleanup.temp_dir(job_scratch_dir(job.id))
+            scratch = self.cleanup.temp_dir(job_scratch_dir(job.id, run=self.fence))
             pipeline_options = self.pipeline.options_value(
                 {k: v for k, v in options.items() if k not in ANDON_OPTIONS})
 
@@ -110,26 +144,86 @@ class JobRun:
             items = ItemRun(self.pipeline, token, context, self._commit, position)
             monitor.force = items.force
             try:
-                with session_scope() as session:
-                    self.finished = job_rows.finished_indexes(session, job.id)
+                self.finished = retry_transient(self._finished_indexes, within_s=settings.db_retry_s)
                 todo = [(i, raw) for i, raw in enumerate(job.inputs) if i not in self.finished]
                 items.run(todo)
             except BaseException as exc:
                 monitor.disarm()
                 return self._stopped(exc, items.observed_at)
             monitor.disarm()
+            if self.lost:
+                return self._lost()
             self._release()
-            return lifecycle.finish_ran_through(job.id)
+            outcome = self._durably(lambda: lifecycle.finish_ran_through(job.id, self.fence))
+            return outcome
+
+    def _finished_indexes(self) -> set[int]:
+        with session_scope() as session:
+            return job_rows.finished_indexes(session, self.job.id)
 
     def _commit(self, record: ItemRecord) -> None:
-        """Store one item the moment it ends (called in this thread, in order)."""
+        """Store one item the moment it ends (called in this thread, in order). A transient database
+        error is retried for ``db_retry_s``; if the database stays away, the item is kept in memory,
+        the job is stopped (``system_shutdown``, source ``database_unavailable``) and everything is
+        written once the database is back. A run that lost the job writes nothing more."""
+        if self.lost:
+            return
+        if self.unwritten:
+            self.unwritten.append(record)
+            return
+        try:
+            retry_transient(lambda: self._write(record), within_s=self.settings.db_retry_s, what="item write")
+        except NotOwner:
+            self._lose()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.error("job %s: the database is unavailable (%s); stopping the job", self.job.id, exc)
+            self.unwritten.append(record)
+            self.token.cancel(CancellationReason.SYSTEM_SHUTDOWN, "the database was unavailable",
+                              CancellationSource.DATABASE_UNAVAILABLE)
+
+    def _write(self, record: ItemRecord) -> None:
         with transaction() as conn:
             job_rows.record_item(conn, self.job.id, record.index, record.stage, record.status, result=record.result,
-                                 error=record.error, started_at=record.started_at, finished_at=record.finished_at)
+                                 error=record.error, started_at=record.started_at, finished_at=record.finished_at,
+                                 fence=self.fence)
         if record.status is not ItemStatus.INTERRUPTED:
             self.finished.add(record.index)
 
+    def _lose(self) -> None:
+        """Another delivery took the job over: stop this run's items, write nothing more."""
+        log.warning("job %s: taken over by another run; this run (%s) stops", self.job.id, self.owner)
+        self.lost = True
+        if not self.token.is_cancelled:
+            self.token.cancel(CancellationReason.SYSTEM_SHUTDOWN, "taken over by another run",
+                              CancellationSource.WORKER_LOST)
+
+    def _lost(self) -> JobOutcome:
+        self._release(own_run_only=True)
+        raise DuplicateDelivery(self.job.id)
+
+    def _durably(self, write):
+        """The end of a job is written whatever it takes: retried until the database is back (for
+        ``db_outage_max_s``), the items that ended meanwhile first."""
+        within = self.settings.db_outage_max_s
+
+        def flush_then_write():
+            while self.unwritten:
+                try:
+                    self._write(self.unwritten[0])
+                except NotOwner:
+                    self.lost = True
+                    self.unwritten.clear()
+                    raise
+                self.unwritten.pop(0)
+            return write()
+
+        return retry_transient(flush_then_write, within_s=within, what="end of job")
+
     def _stopped(self, exc: BaseException, observed_at: datetime | None) -> JobOutcome:
+        if self.lost or isinstance(exc, NotOwner):
+            return self._lost()
         cancel = cancellation_in(exc)
         if isinstance(cancel, ForcedCancellation) or (cancel is not None and cancel.reason is None):
             cancel = self.token.error()
@@ -137,26 +231,34 @@ class JobRun:
             cancel = self.token.error()
         self._release()
         if cancel is not None:
-            at_item = next((i for i in range(self.job.total_items) if i not in self.finished), None)
-            lifecycle.end_cancelled(self.job.id, cancel, at_item=at_item,
-                                    stage=self.reached[1] if self.reached else None, observed_at=observed_at)
+            def end() -> bool:
+                at_item = next((i for i in range(self.job.total_items) if i not in self.finished), None)
+                return lifecycle.end_cancelled(self.job.id, cancel, at_item=at_item,
+                                               stage=self.reached[1] if self.reached else None,
+                                               observed_at=observed_at, fence=self.fence)
+            try:
+                self._durably(end)
+            except NotOwner:
+                return self._lost()
             if isinstance(exc, CancellationError) or cancellation_in(exc) is not None:
                 return JobOutcome(self.job.id, JobStatus.CANCELLED, ran=True, reason=cancel.reason)
             raise exc
         if not isinstance(exc, SystemExit):
-            lifecycle.end_failed(self.job.id, f"{type(exc).__name__}: {exc}")
+            self._durably(lambda: lifecycle.end_failed(self.job.id, f"{type(exc).__name__}: {exc}", self.fence))
         raise exc
 
-    def _release(self) -> None:
-        """Clean up *before* the terminal row is committed: whoever sees a job ended sees it tidy."""
-        if self.cleanup.done:
-            return
-        errors = self.cleanup.run()
-        errors += [f"token callback: {e!r}" for e in self.token.callback_errors]
-        if errors:
-            log.warning("cleanup of job %s: %s", self.job.id, errors)
-            with session_scope() as session:
-                job_rows.add_event(session, self.job.id, EventKind.CLEANUP_FAILED, detail={"errors": errors})
+    def _release(self, own_run_only: bool = False) -> None:
+        """Clean up *before* the terminal row is committed: whoever sees a job ended sees it tidy
+        (its whole scratch dir goes, runs that lost it included)."""
+        if not self.cleanup.done:
+            errors = self.cleanup.run()
+            errors += [f"token callback: {e!r}" for e in self.token.callback_errors]
+            if errors and not own_run_only:
+                log.warning("cleanup of job %s: %s", self.job.id, errors)
+                with session_scope() as session:
+                    job_rows.add_event(session, self.job.id, EventKind.CLEANUP_FAILED, detail={"errors": errors})
+        if not own_run_only:
+            remove_tree(job_scratch_dir(self.job.id))
 
 
 def _start_deadline(job: Job) -> threading.Timer | None:

@@ -12,13 +12,16 @@ import threading
 import time
 
 from celery.worker import state as worker_state
+from sqlalchemy import select
 
+from db.models import Job
+from db.session import session_scope
 from db.settings import get_settings
-from db.vocabulary import CancellationReason, CancellationSource
+from db.vocabulary import CancellationReason, CancellationSource, JobStatus
 from tasks.control import finalize_stopped, request_cancel
 from tasks.errors import AndonError
 from tasks.process import reset_process_state
-from tasks.reaper import reap_lost_jobs
+from tasks.reaper import Reaper
 from tasks.resume import auto_resume_after_shutdown
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,12 @@ def _active_job_ids() -> list[str]:
 
 
 def cancel_active_jobs_for_shutdown(how: str, hostname: str | None) -> list[str]:
-    """Every job running here gets ``system_shutdown``; each stops at its next checkpoint."""
-    job_ids = _active_job_ids()
+    """Every job running here gets ``system_shutdown``; each stops at its next checkpoint.
+
+    Only jobs that *run*: a message this worker holds for a job still queued (sent back because this
+    worker doesn't know its pipeline, or not started yet) goes back to the queue with the worker's
+    unacked messages, and the job must stay queued for the next worker, not be cancelled."""
+    job_ids = _running(_active_job_ids())
     _shutdown_jobs.update(job_ids)
     for job_id in job_ids:
         try:
@@ -49,6 +56,14 @@ def cancel_active_jobs_for_shutdown(how: str, hostname: str | None) -> list[str]
         except Exception:
             log.exception("andon: could not cancel %s for shutdown", job_id)
     return job_ids
+
+
+def _running(job_ids: list[str]) -> list[str]:
+    if not job_ids:
+        return []
+    with session_scope() as session:
+        return list(session.scalars(select(Job.id).where(
+            Job.id.in_(job_ids), Job.status.in_([JobStatus.RUNNING.value, JobStatus.CANCELLING.value]))))
 
 
 def on_worker_shutting_down(sig: str, how: str, exitcode: int, sender: str | None = None, **_: object) -> None:
@@ -116,13 +131,13 @@ def _cancel_before_cold_shutdown(consumer) -> None:
 
 
 def _start_reaper(hostname: str | None) -> None:
-    interval = max(get_settings().heartbeat_s * 2, 1.0)
+    reaper = Reaper(get_settings().heartbeat_s)
 
     def loop() -> None:
         while True:
-            time.sleep(interval)
+            time.sleep(reaper.heartbeat_s)
             try:
-                for job_id in reap_lost_jobs(actor=f"reaper:{hostname}"):
+                for job_id in reaper.reap(actor=f"reaper:{hostname}"):
                     log.warning("andon: reaped lost job %s", job_id)
             except Exception:
                 log.exception("andon: reaper pass failed")

@@ -69,7 +69,7 @@ def test_revoke_carries_a_reason_and_message(worker):
 
 
 def test_celery_control_revoke_command_line(worker):
-    job_id = submit(30, stage_delay_s=0.03)
+    job_id = submit(200, stage_delay_s=0.03)  # long enough to outlast starting the celery command
     wait_items(job_id, 2)
     done = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks.app", "control", "revoke", job_id],
                           capture_output=True, text=True, timeout=60)
@@ -230,7 +230,7 @@ def test_a_job_that_loses_its_worker_twice_fails_with_the_cause(start_worker):
     assert not (get_settings().jobs_tmp_dir / job_id).exists()
 
 
-def test_the_reaper_finalizes_a_job_whose_whole_worker_vanished(start_worker):
+def test_the_reaper_gives_back_a_job_whose_whole_worker_vanished(start_worker):
     w = start_worker(concurrency=1, ANDON_HEARTBEAT_S="0.3")
     job_id = submit(200, stage_delay_s=0.03, queue=w.queue)
     wait_items(job_id, 2)
@@ -242,9 +242,15 @@ def test_the_reaper_finalizes_a_job_whose_whole_worker_vanished(start_worker):
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert job_id in done.stdout
-    job = assert_one_terminal(job_id)
-    assert job.status == "failed" and "heartbeat expired" in job.error and job.completed_items >= 2
+    job = job_row(job_id)  # back in the queue with a new message, its finished items kept
+    assert job.status == "pending" and job.completed_items >= 2
+    assert [e.kind for e in events(job_id)].count("requeued") == 1
     assert not (get_settings().jobs_tmp_dir / job_id).exists()
+    start_worker(concurrency=1, queue=w.queue)  # a worker serving that queue again runs the rest
+    job = wait_terminal(job_id, timeout=60)
+    assert job.status == "completed" and job.completed_items == job.total_items
+    assert sorted(r.index for r in items(job_id)) == list(range(job.total_items))  # no item ran twice
+    assert_one_terminal(job_id)
 
 
 # --- memory: the RSS watchdog ---------------------------------------------------------------------
