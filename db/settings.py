@@ -56,6 +56,14 @@ class Settings(BaseSettings):
 
     #: How long a SQLite writer waits for another's lock before the write fails (and is retried).
     sqlite_busy_timeout_ms: int = 10_000
+    #: How often one worker's reaper looks for lost and parked messages (tasks/broker.py).
+    broker_sweep_s: float = 30.0
+    #: A queued job whose message is in no queue (Redis broker) is sent again after this long.
+    lost_message_after_s: float = 120.0
+    #: Where the broker can't be inspected (RabbitMQ), a job queued this long is sent again.
+    resend_uninspectable_after_s: float = 3600.0
+    #: A message delivered and unacked this long whose job has ended is acked by the reaper.
+    parked_after_s: float = 120.0
     #: Longest wait for one Redis reply (a paused server must not hang a cancel or a heartbeat).
     redis_timeout_s: float = 5.0
     #: How long a job's run retries a database write that failed for a passing reason (a lock held

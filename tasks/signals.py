@@ -18,9 +18,11 @@ from db.models import Job
 from db.session import session_scope
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from tasks.broker import release_parked, resend_lost
+from tasks.cancellation.keys import sweep_lock_key
 from tasks.control import finalize_stopped, request_cancel
 from tasks.errors import AndonError
-from tasks.process import reset_process_state
+from tasks.process import get_redis, reset_process_state
 from tasks.reaper import Reaper
 from tasks.resume import auto_resume_after_shutdown
 
@@ -132,10 +134,15 @@ def _cancel_before_cold_shutdown(consumer) -> None:
 
 def _start_reaper(hostname: str | None) -> None:
     reaper = Reaper(get_settings().heartbeat_s)
+    next_sweep = time.monotonic()
 
     def loop() -> None:
+        nonlocal next_sweep
         while True:
             time.sleep(reaper.heartbeat_s)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + get_settings().broker_sweep_s
+                _sweep_broker(hostname)
             try:
                 for job_id in reaper.reap(actor=f"reaper:{hostname}"):
                     log.warning("andon: reaped lost job %s", job_id)
@@ -143,6 +150,22 @@ def _start_reaper(hostname: str | None) -> None:
                 log.exception("andon: reaper pass failed")
 
     threading.Thread(target=loop, name="andon-reaper", daemon=True).start()
+
+
+def _sweep_broker(hostname: str | None) -> None:
+    """Lost and parked messages (tasks/broker.py), by one worker at a time."""
+    settings = get_settings()
+    try:
+        if not get_redis().set(sweep_lock_key(), hostname or "worker", nx=True,
+                               ex=max(1, int(settings.broker_sweep_s))):
+            return
+        for job_id in resend_lost(settings.lost_message_after_s, settings.resend_uninspectable_after_s,
+                                  actor=f"reaper:{hostname}"):
+            log.warning("andon: job %s had lost its message; sent again", job_id)
+        for job_id in release_parked(settings.parked_after_s):
+            log.warning("andon: acked the parked message of ended job %s", job_id)
+    except Exception:
+        log.exception("andon: broker sweep failed")
 
 
 def on_task_revoked(request=None, terminated: bool = False, signum=None, expired: bool = False, **_: object) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "cancel_key", "cancel_requests_key", "cancellations_channel", "heartbeat_key", "job_changes_channel", "lost_key",
+    "sweep_lock_key",
 ]
 
 
@@ -39,3 +40,8 @@ def cancellations_channel(db: int) -> str:
 def job_changes_channel(db: int) -> str:
     """Where "job X changed" notifications go (:mod:`tasks.notify`), per database like the cancels."""
     return f"andon:job-changes:{db}"
+
+
+def sweep_lock_key() -> str:
+    """Held by the one worker that looks for lost and parked messages this round."""
+    return "andon:broker-sweep"

@@ -1,0 +1,148 @@
+"""What the broker holds for andon's jobs, where it can be inspected (kombu's Redis transport).
+
+Two faults leave a job's message in the wrong place, and neither shows in the job row:
+
+* **lost** — a queued job whose message the broker no longer has (a queue flushed, Redis without
+  persistence restarted, the last second of AOF before a crash): the row would stay ``pending``
+  forever. The reaper sends it again (:func:`resend_lost`).
+* **parked** — a message delivered to a worker and never acked (the ack was lost in a broker blip):
+  it sits in kombu's ``unacked`` hash until the visibility timeout (hours) although its job ended.
+  The reaper acks it and writes the result backend's state if it has none (:func:`release_parked`).
+
+On Redis the queues are lists of kombu JSON messages (``headers.id`` is the job id) and the
+unacked hash maps a delivery tag to ``[message, exchange, routing_key]``. Where the broker can't be
+inspected (RabbitMQ), queued jobs are re-sent by age only: one owner per job makes a duplicate harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from celery import states
+from celery.exceptions import TaskRevokedError
+from sqlalchemy import select
+
+from db import jobs as job_rows
+from db.models import Job, JobEvent
+from db.session import session_scope
+from db.settings import get_settings
+from db.vocabulary import EventKind, JobStatus
+from tasks.celery_app import app
+from tasks.control import enqueue
+
+__all__ = ["release_parked", "resend_lost"]
+
+log = logging.getLogger(__name__)
+
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
+#: kombu's Redis priority steps (its default): a queue's messages live in ``queue`` and ``queue\x06\x16N``.
+PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def _broker() -> redis.Redis | None:
+    url = get_settings().resolved_broker_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+
+
+def _message_id(raw: bytes | str) -> str | None:
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):  # an unacked entry: [message, exchange, routing_key]
+            message = message[0]
+        return message.get("headers", {}).get("id") or message.get("properties", {}).get("correlation_id")
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return None
+
+
+def resend_lost(older_than_s: float, uninspectable_after_s: float, actor: str = "reaper") -> list[str]:
+    """Send again every queued job whose message is gone; returns their ids.
+
+    Only jobs queued (not waiting for a parent) for longer than ``older_than_s`` since they were
+    submitted or last sent are looked at. On Redis a job is re-sent only if no queue and no unacked
+    entry holds its message; elsewhere, once it has waited ``uninspectable_after_s``."""
+    broker = _broker()
+    wait_s = older_than_s if broker is not None else uninspectable_after_s
+    cutoff = datetime.now(UTC) - timedelta(seconds=wait_s)
+    last_sent = (select(JobEvent.job_id).where(
+        JobEvent.kind.in_([EventKind.RESENT.value, EventKind.REQUEUED.value]),
+        JobEvent.at >= cutoff))
+    with session_scope() as session:
+        stale = session.execute(select(Job.id, Job.queue, Job.options).where(
+            Job.status == JobStatus.PENDING.value, Job.deferred.is_(False), Job.created_at < cutoff,
+            Job.id.not_in(last_sent)).limit(10_000)).all()
+    if not stale:
+        return []
+    if broker is not None:
+        present = _ids_held(broker, {queue or app.conf.task_default_queue for _, queue, _ in stale})
+        stale = [row for row in stale if row[0] not in present]
+    resent = []
+    for job_id, queue, options in stale:
+        with session_scope() as session:
+            job_rows.add_event(session, job_id, EventKind.RESENT, actor=actor,
+                               detail={"why": "its message was not in the broker" if broker else "queued too long"})
+        enqueue(job_id, options, queue)
+        resent.append(job_id)
+    return resent
+
+
+def _ids_held(broker: redis.Redis, queues: set[str]) -> set[str]:
+    held: set[str] = set()
+    for queue in queues:
+        for suffix in PRIORITY_SUFFIXES:
+            held.update(filter(None, map(_message_id, broker.lrange(queue + suffix, 0, -1))))
+    held.update(filter(None, map(_message_id, broker.hvals(UNACKED))))
+    return held
+
+
+def release_parked(older_than_s: float) -> list[str]:
+    """Ack the delivered-but-unacked messages of jobs that have ended (parked for longer than
+    ``older_than_s``), writing the result backend's state where it has none; returns the job ids."""
+    broker = _broker()
+    if broker is None:
+        return []
+    parked_since = time.time() - older_than_s
+    tags = broker.zrangebyscore(UNACKED_INDEX, "-inf", parked_since)
+    if not tags:
+        return []
+    entries = dict(zip(tags, broker.hmget(UNACKED, tags)))
+    by_job = {job_id: tag for tag, raw in entries.items() if raw and (job_id := _message_id(raw))}
+    if not by_job:
+        return []
+    with session_scope() as session:
+        ended = {job.id: job for job in session.scalars(select(Job).where(
+            Job.id.in_(list(by_job)), Job.status.in_([s.value for s in (JobStatus.CANCELLED, JobStatus.COMPLETED,
+                                                                        JobStatus.FAILED)])))}
+        for job in ended.values():
+            session.expunge(job)
+    released = []
+    for job_id, job in ended.items():
+        tag = by_job[job_id]
+        _settle_backend(job)  # first: whoever sees the message gone sees the job's state written
+        with broker.pipeline() as pipe:  # exactly what kombu's ack does on Redis
+            pipe.zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
+        released.append(job_id)
+    return released
+
+
+def _settle_backend(job: Job) -> None:
+    """Celery's result for the job, if the worker that should have written it never did."""
+    backend = app.backend
+    if backend.get_state(job.id) not in (states.PENDING, states.STARTED, states.RECEIVED):
+        return
+    status = JobStatus(job.status)
+    if status is JobStatus.COMPLETED:
+        backend.store_result(job.id, {"job_id": job.id, "status": status.value}, states.SUCCESS)
+        return
+    why: Any
+    if status is JobStatus.CANCELLED:
+        why = TaskRevokedError(f"{job.cancellation_reason} ({job.cancellation_source})")
+        backend.store_result(job.id, why, states.REVOKED)
+    else:
+        backend.store_result(job.id, RuntimeError(job.error or "failed"), states.FAILURE)
