@@ -47,9 +47,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab
 
 
 def _tenant() -> str | None:
-    """With tenants configured, the CLI acts as the tenant its ANDON_API_TOKEN belongs to."""
+    """With tenants configured, the CLI acts as the tenant its ANDON_API_TOKEN belongs to (the admin
+    token acts across tenants)."""
     settings = get_settings()
-    if not settings.api_tokens:
+    if not settings.api_tokens or settings.is_admin(settings.api_token):
         return None
     tenant = settings.tenant_for(settings.api_token)
     if tenant is None:
