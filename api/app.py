@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -192,9 +195,33 @@ _ERROR_STATUS: dict[type[AndonError], int] = {
 }
 
 
+class ErrorJSONResponse(JSONResponse):
+    """An error that may echo what the caller sent: a lone surrogate (``"\\ud800"`` parses, but UTF-8
+    can't encode it) goes out escaped, NaN and Infinity (Python's json parses those too) as strings —
+    so that rendering the 4xx can't itself become a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+@app.exception_handler(RequestValidationError)
+def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return ErrorJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+
 @app.exception_handler(AndonError)
 def andon_error(_: Request, exc: AndonError) -> JSONResponse:
     if isinstance(exc, InvalidInput):  # the shape FastAPI gives its own 422s: a list naming each field
-        return JSONResponse({"detail": exc.errors}, status_code=422)
+        return ErrorJSONResponse({"detail": exc.errors}, status_code=422)
     code = next((c for t, c in _ERROR_STATUS.items() if isinstance(exc, t)), 400)
-    return JSONResponse({"detail": str(exc)}, status_code=code)
+    return ErrorJSONResponse({"detail": str(exc)}, status_code=code)
