@@ -20,6 +20,7 @@ from rich.console import Console
 
 from api import service, supervisor, views
 from db.settings import (
+    DEFAULT_ALLOWED_HOSTS,
     DEFAULT_API_PORT,
     DEFAULT_FLOWER_PORT,
     DEFAULT_REDIS_PORT,
@@ -317,9 +318,17 @@ def worker(concurrency: Annotated[int, typer.Option(min=1)] = 2, loglevel: str =
 
 @cli.command()
 def api(host: str = "127.0.0.1", port: int = DEFAULT_API_PORT) -> None:
-    """Run the HTTP API (uvicorn)."""
+    """Run the HTTP API (uvicorn). Bound to a name, it answers that name too (Host allowlist)."""
+    import ipaddress
+
     registry.load_configured()
-    _exec(supervisor.api_argv(port, host=host))
+    env = {}
+    try:
+        ipaddress.ip_address(host)  # an address: requests made to it are always accepted
+    except ValueError:
+        if not os.environ.get("ANDON_ALLOWED_HOSTS"):
+            env["ANDON_ALLOWED_HOSTS"] = ",".join([*DEFAULT_ALLOWED_HOSTS, host])
+    _exec(supervisor.api_argv(port, host=host), env)
 
 
 @cli.command()

@@ -141,3 +141,39 @@ def _silent_server():
 def _jobs() -> int:
     with session_scope() as session:
         return session.query(Job).count()
+
+
+def test_andon_api_bound_to_a_name_answers_that_name(database, tmp_path):
+    """`andon api --host NAME` adds NAME to the default allowlist (an address needs no listing)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from api.supervisor import stop_process
+    from tests.procs import wait_for
+
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        pytest.skip(f"this machine's name {name!r} doesn't resolve")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "ANDON_ALLOWED_HOSTS"}
+    with (tmp_path / "api.log").open("wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "andon"), "api", "--host", name, "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://{address}:{port}"
+    try:
+        wait_for(lambda: _answers(f"{base}/healthz"), 30, what="andon api to listen")
+        assert httpx.get(f"{base}/api/jobs", headers={"Host": f"{name}:{port}"}, timeout=10).status_code == 200
+        assert httpx.get(f"{base}/api/jobs", headers={"Host": f"not-{name}:{port}"}, timeout=10).status_code == 400
+    finally:
+        stop_process(proc, timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
