@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics, progress
-from api.routes import jobs, pipelines
+from api.hosts import HostAllowlist
+from api.routes import jobs, ops, pipelines
 from db.settings import get_settings
 from tasks import notify, registry
 from tasks.errors import (
@@ -37,8 +40,11 @@ log = logging.getLogger("andon.api")
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     registry.load_configured()  # a bad ANDON_PIPELINES stops the API at start, not at the first submit
-    if not get_settings().api_token:
+    settings = get_settings()
+    if not settings.api_token and not settings.api_tokens:
         log.warning("ANDON_API_TOKEN is not set: anyone who can reach this API can submit and cancel jobs")
+    elif settings.public_reads and not settings.api_tokens:
+        log.warning("ANDON_PUBLIC_READS=1: anyone who can reach this API can read every job and its results")
     yield
     await progress.changes.close()
 
@@ -52,6 +58,17 @@ answered **413**. A `POST` under `/api` that carries a body must say `Content-Ty
 (`Origin` or `Sec-Fetch-Site` set) — so a cross-site form or no-cors fetch can't cancel a job.
 At most `ANDON_MAX_STREAMS` (default 100) event streams are open at once per tenant (per client
 address without tenants); one more is answered **429**.
+
+**Access.** With `ANDON_API_TOKEN` set, every `/api` route needs `Authorization: Bearer <token>`,
+reads included, unless `ANDON_PUBLIC_READS=1`; with tenants (`ANDON_API_TOKENS`) every `/api` route
+needs a tenant's token and sees that tenant's jobs only. `ANDON_ADMIN_TOKEN` sees every tenant's
+jobs; with tenants set it alone may cancel across tenants and read `/metrics`. A request whose `Host`
+is not in `ANDON_ALLOWED_HOSTS` (default `localhost,127.0.0.1,::1`, plus the address it arrived on)
+is answered **400**. `/healthz` (liveness) is always open; `/readyz` answers **503** naming the
+dependency (database, Redis) that doesn't answer.
+
+**Text.** Strings the database can't store — a NUL character (`\\u0000`) or a lone UTF-16 surrogate,
+anywhere in items, documents, options (keys too) or messages — are answered **422** naming the field.
 """
 
 app = FastAPI(
@@ -62,6 +79,7 @@ app = FastAPI(
 )
 app.include_router(jobs.router)
 app.include_router(pipelines.router)
+app.include_router(ops.router)
 metrics.register()
 notify.install()  # rows this process writes (API cancels, resumes) wake the event streams too
 
@@ -144,6 +162,7 @@ class RequestLimits:
 
 
 app.add_middleware(RequestLimits)
+app.add_middleware(HostAllowlist)  # added last: runs first, before any byte of body is read
 
 
 def _openapi() -> dict[str, Any]:
@@ -176,19 +195,33 @@ _ERROR_STATUS: dict[type[AndonError], int] = {
 }
 
 
+class ErrorJSONResponse(JSONResponse):
+    """An error that may echo what the caller sent: a lone surrogate (``"\\ud800"`` parses, but UTF-8
+    can't encode it) goes out escaped, NaN and Infinity (Python's json parses those too) as strings —
+    so that rendering the 4xx can't itself become a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+@app.exception_handler(RequestValidationError)
+def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return ErrorJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+
 @app.exception_handler(AndonError)
 def andon_error(_: Request, exc: AndonError) -> JSONResponse:
     if isinstance(exc, InvalidInput):  # the shape FastAPI gives its own 422s: a list naming each field
-        return JSONResponse({"detail": exc.errors}, status_code=422)
+        return ErrorJSONResponse({"detail": exc.errors}, status_code=422)
     code = next((c for t, c in _ERROR_STATUS.items() if isinstance(exc, t)), 400)
-    return JSONResponse({"detail": str(exc)}, status_code=code)
-
-
-@app.get("/healthz", tags=["ops"])
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
-def metrics() -> PlainTextResponse:
-    return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return ErrorJSONResponse({"detail": str(exc)}, status_code=code)

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from api import service, supervisor, views
 from db.settings import (
+    DEFAULT_ALLOWED_HOSTS,
     DEFAULT_API_PORT,
     DEFAULT_FLOWER_PORT,
     DEFAULT_REDIS_PORT,
@@ -47,9 +48,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab
 
 
 def _tenant() -> str | None:
-    """With tenants configured, the CLI acts as the tenant its ANDON_API_TOKEN belongs to."""
+    """With tenants configured, the CLI acts as the tenant its ANDON_API_TOKEN belongs to (the admin
+    token acts across tenants)."""
     settings = get_settings()
-    if not settings.api_tokens:
+    if not settings.api_tokens or settings.is_admin(settings.api_token):
         return None
     tenant = settings.tenant_for(settings.api_token)
     if tenant is None:
@@ -316,9 +318,17 @@ def worker(concurrency: Annotated[int, typer.Option(min=1)] = 2, loglevel: str =
 
 @cli.command()
 def api(host: str = "127.0.0.1", port: int = DEFAULT_API_PORT) -> None:
-    """Run the HTTP API (uvicorn)."""
+    """Run the HTTP API (uvicorn). Bound to a name, it answers that name too (Host allowlist)."""
+    import ipaddress
+
     registry.load_configured()
-    _exec(supervisor.api_argv(port, host=host))
+    env = {}
+    try:
+        ipaddress.ip_address(host)  # an address: requests made to it are always accepted
+    except ValueError:
+        if not os.environ.get("ANDON_ALLOWED_HOSTS"):
+            env["ANDON_ALLOWED_HOSTS"] = ",".join([*DEFAULT_ALLOWED_HOSTS, host])
+    _exec(supervisor.api_argv(port, host=host), env)
 
 
 @cli.command()

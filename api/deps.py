@@ -16,10 +16,13 @@ _bearer = HTTPBearer(auto_error=False)
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling. ``tenant`` scopes every job query; None means unscoped (no tenants set)."""
+    """Who is calling. ``tenant`` scopes every job query; None means unscoped (no tenants set, or
+    the admin token)."""
 
     actor: str
     tenant: str | None = None
+    #: ANDON_ADMIN_TOKEN: unscoped, and the only caller allowed cross-tenant operations.
+    admin: bool = False
 
 
 def _unauthorized() -> HTTPException:
@@ -28,16 +31,27 @@ def _unauthorized() -> HTTPException:
 
 
 def _caller(credentials: HTTPAuthorizationCredentials | None, settings: Settings, write: bool) -> Caller:
+    """Who is calling, or 401.
+
+    - ANDON_ADMIN_TOKEN, when set, is accepted everywhere and sees every tenant's jobs.
+    - Tenants (ANDON_API_TOKENS): every /api route needs a tenant's token; it sees its own jobs only.
+    - One ANDON_API_TOKEN: every /api route needs it, reads included, unless ANDON_PUBLIC_READS=1
+      opens the reads on purpose.
+    - No token set: open (the API warns at start).
+    """
     token = credentials.credentials if credentials else None
-    if settings.api_tokens:  # tenants: every /api route needs a token, and sees only its tenant's jobs
+    if settings.is_admin(token):
+        return Caller(actor="api:admin", admin=True)
+    if settings.api_tokens:
         tenant = settings.tenant_for(token)
         if tenant is None:
             raise _unauthorized()
         return Caller(actor=f"api:{tenant}", tenant=tenant)
-    if settings.api_token and write:  # one token: writes need it, reads stay open
-        if token is None or not secrets.compare_digest(token.encode(), settings.api_token.encode()):
+    if settings.api_token:
+        if token is not None and secrets.compare_digest(token.encode(), settings.api_token.encode()):
+            return Caller(actor="api:token")
+        if write or not settings.public_reads:
             raise _unauthorized()
-        return Caller(actor="api:token")
     return Caller(actor="api:anonymous")
 
 
@@ -59,6 +73,18 @@ async def writer(
     settings: Annotated[Settings, Depends(current_settings)],
 ) -> Caller:
     return _caller(credentials, settings, write=True)
+
+
+async def metrics_reader(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    settings: Annotated[Settings, Depends(current_settings)],
+) -> None:
+    """/metrics counts every tenant's jobs: with tenants set, only the admin token may read it.
+    Without tenants it stays as open as /healthz (one operator, nothing to leak between tenants)."""
+    if settings.api_tokens and not settings.is_admin(credentials.credentials if credentials else None):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED,
+                            "with tenants set, /metrics needs the admin token (ANDON_ADMIN_TOKEN)",
+                            headers={"WWW-Authenticate": "Bearer"})
 
 
 ReaderDep = Annotated[Caller, Depends(reader)]

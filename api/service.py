@@ -37,7 +37,7 @@ from db.vocabulary import (
 from tasks import control, lifecycle, registry, resume
 from tasks.control import cancel_children, enqueue, job_signature, request_cancel, settle_children
 from tasks.errors import BrokerUnavailable, InvalidParent, JobNotFound
-from tasks.intake import check_submission
+from tasks.intake import check_storable, check_submission, unstorable
 from tasks.tags import check_tags
 
 
@@ -78,8 +78,16 @@ def _view(job: Job) -> JobView:
     )
 
 
+def check_job_id(job_id: str) -> None:
+    """JobNotFound for an id no job can have (text the database can't even compare: a NUL byte makes
+    PostgreSQL raise) — before it reaches a query."""
+    if unstorable(job_id):
+        raise JobNotFound(job_id)
+
+
 def _visible(session, job_id: str, tenant: str | None) -> Job:
     """The job, if it exists and ``tenant`` may see it; else JobNotFound (404, never 403: ids don't leak)."""
+    check_job_id(job_id)
     job = session.get(Job, job_id)
     if job is None or (tenant is not None and job.tenant != tenant):
         raise JobNotFound(job_id)
@@ -87,6 +95,7 @@ def _visible(session, job_id: str, tenant: str | None) -> Job:
 
 
 def check_visible(job_id: str, tenant: str | None) -> None:
+    check_job_id(job_id)
     if tenant is not None:
         with session_scope() as session:
             _visible(session, job_id, tenant)
@@ -224,6 +233,7 @@ def cancel_job(
     cascade: bool = True,
     tenant: str | None = None,
 ) -> CancelResponse:
+    check_storable(message, ["body", "message"])
     check_visible(job_id, tenant)
     outcome = request_cancel(job_id, reason, message, source, actor, cascade=cascade)
     note = "Cancellation requested" if outcome.won else f"Cancellation already requested ({outcome.request.reason})"
@@ -240,6 +250,8 @@ def cancel_matching(
     actor: str | None = None,
     tenant: str | None = None,
 ) -> BulkCancelResponse:
+    check_storable(message, ["body", "message"])
+    check_storable(parent_job_id, ["body", "parent_job_id"])
     if tag is not None:
         check_tags([tag])
     outcome = control.cancel_matching(status, parent_job_id, tag, reason, message, source, actor, tenant=tenant)

@@ -17,10 +17,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_REDIS_PORT = 6390
 DEFAULT_API_PORT = 8000
 DEFAULT_FLOWER_PORT = 5555
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ANDON_", extra="ignore")
+    #: An empty variable means unset (``ANDON_JOB_TIME_LIMIT_S=`` is the default, not a parse error),
+    #: so a compose file can pass ``${ANDON_X:-}`` through for every setting.
+    model_config = SettingsConfigDict(env_prefix="ANDON_", extra="ignore", env_ignore_empty=True)
 
     home: Path = Path(".andon")
     broker_url: str | None = None
@@ -31,6 +34,18 @@ class Settings(BaseSettings):
     #: Tenants and their API tokens, JSON: {"tenant-a": "token-a", ...}. With these set, every /api
     #: route needs a token and a tenant sees only its own jobs. ANDON_API_TOKEN then picks the CLI's.
     api_tokens: dict[str, str] = Field(default_factory=dict)
+    #: With ANDON_API_TOKEN set, reads (list, job, partial results, events, pipelines) need it too,
+    #: unless this opens them on purpose. Tenants (ANDON_API_TOKENS) always need a token.
+    public_reads: bool = False
+    #: The one token allowed cross-tenant operations (bulk cancel across tenants, /metrics with
+    #: tenants set); it sees every tenant's jobs.
+    admin_token: str | None = None
+    #: Host headers the API answers (comma-separated host or host:port; ``*`` for any). Unset:
+    #: localhost, 127.0.0.1 and ::1. The IP address a request arrived on is always accepted (an IP
+    #: literal can't be rebound); a name the API is reached by must be listed. /healthz is exempt.
+    allowed_hosts: str | None = None
+    #: The longest /readyz waits for each dependency (database, Redis) before calling it down.
+    ready_timeout_s: float = Field(2.0, gt=0)
     flower_basic_auth: str | None = None
 
     #: Seconds a cancellation state lives in Redis; long enough to outlive any job.
@@ -99,6 +114,18 @@ class Settings(BaseSettings):
     #: Largest request body the API reads; a larger one is answered 413 before parsing or auth.
     max_body_bytes: int = Field(16 * 2**20, ge=1)
 
+
+    def is_admin(self, token: str | None) -> bool:
+        """Whether ``token`` is ANDON_ADMIN_TOKEN (never, when that is unset)."""
+        if not token or not self.admin_token:
+            return False
+        return secrets.compare_digest(token.encode(), self.admin_token.encode())
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        if self.allowed_hosts is None:
+            return list(DEFAULT_ALLOWED_HOSTS)
+        return [host.strip().lower() for host in self.allowed_hosts.split(",") if host.strip()]
 
     def tenant_for(self, token: str | None) -> str | None:
         """The tenant an API token belongs to (None if it belongs to none)."""

@@ -269,8 +269,13 @@ def cancel_matching(
                  "actor": actor, "detail": {"message": message, "bulk": True}, "at": request.at}
                 for job_id in ended for kind in (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED)
             ])
-        get_store().cancel_many(ended, reason, message, source)
         cancelled += ended
+        try:
+            get_store().cancel_many(ended, reason, message, source)
+        except RedisError as exc:
+            # the rows are committed, and they are the durable copy of each cancel (a worker's
+            # reconcile reads them): finish the pass rather than fail the request half-done
+            log.warning("bulk cancel of %d queued job(s) recorded in the database only (Redis: %s)", len(ended), exc)
     cancelling = 0
     ended_in_bulk = set(cancelled)
     for job_id, _ in rows:

@@ -8,6 +8,9 @@ naming the field.
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +21,10 @@ from tasks import registry
 from tasks.errors import InvalidInput
 from tasks.pipeline import Pipeline
 
-__all__ = ["ANDON_OPTIONS", "MAX_ITEMS", "MAX_SECONDS", "JobLimits", "Submission", "check_submission"]
+__all__ = [
+    "ANDON_OPTIONS", "MAX_ITEMS", "MAX_SECONDS", "JobLimits", "Submission", "check_storable", "check_submission",
+    "unstorable",
+]
 
 #: 30 days: longer than any job should be allowed to wait, and well inside what timers accept.
 MAX_SECONDS = 30 * 24 * 3600.0
@@ -55,6 +61,47 @@ def _ceilings() -> dict[str, float | None]:
             "max_rss_mb": s.max_job_rss_mb, "escalate_after_s": s.escalate_after_s, "kill_after_s": s.kill_after_s}
 
 
+#: What neither database stores in text or JSON: PostgreSQL refuses NUL in ``text`` and ``\\u0000``
+#: in ``jsonb``; a lone UTF-16 surrogate can't be encoded as UTF-8 for either (SQLite's driver raises).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable(text: str) -> str | None:
+    """Why ``text`` can't be stored (None if it can)."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    char = found.group()
+    return ("contains a NUL character (\\u0000), which the database can't store" if char == "\x00" else
+            f"contains a lone surrogate (\\u{ord(char):04x}), which the database can't store")
+
+
+def check_storable(value: Any, loc: Sequence[str | int]) -> None:
+    """InvalidInput (422) naming the first value in ``value`` — a string, or any JSON of lists and
+    objects, keys included — that the database can't store: text with NUL or a lone surrogate, or
+    NaN / Infinity (PostgreSQL's jsonb refuses them). Iterative: a deeply nested body can't make it
+    overflow the stack."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, tuple(loc))]
+    while stack:
+        current, where = stack.pop()
+        if isinstance(current, str):
+            why = unstorable(current)
+            if why:
+                raise InvalidInput([{"loc": list(where), "msg": f"Value error, {why}", "type": "value_error"}])
+        elif isinstance(current, float) and not math.isfinite(current):
+            raise InvalidInput([{"loc": list(where), "type": "finite_number",
+                                 "msg": f"Value error, {current} is not a JSON number the database can store"}])
+        elif isinstance(current, dict):
+            for key, item in current.items():
+                why = unstorable(key) if isinstance(key, str) else None
+                if why:
+                    raise InvalidInput([{"loc": [*where, key], "msg": f"Value error, the key {why}",
+                                         "type": "value_error"}])
+            stack.extend((item, (*where, key)) for key, item in reversed(list(current.items())))
+        elif isinstance(current, (list, tuple)):
+            stack.extend((item, (*where, i)) for i, item in reversed(list(enumerate(current))))
+
+
 @dataclass(frozen=True)
 class Submission:
     pipeline: Pipeline
@@ -72,6 +119,8 @@ def check_submission(pipeline_name: str, items: Any, options: Any = None, *, ite
     options = {} if options is None else options
     if not isinstance(options, dict):
         raise InvalidInput([{"loc": ["body", "options"], "msg": "must be an object", "type": "dict_type"}])
+    check_storable(items, ["body", items_field])  # before any model sees them, and before any write
+    check_storable(options, ["body", "options"])
     own = {key: value for key, value in options.items() if key in ANDON_OPTIONS}
     try:
         limits = JobLimits.model_validate(own).model_dump(exclude_none=True)

@@ -17,8 +17,10 @@ from db.settings import embedded_env
 HOME = Path(tempfile.mkdtemp(prefix="andon-test-"))
 REDIS_PORT = free_port()
 os.environ.update(embedded_env(HOME, REDIS_PORT))
-for var in ("ANDON_API_TOKEN", "ANDON_API_URL"):
+for var in ("ANDON_API_TOKEN", "ANDON_API_URL", "ANDON_API_TOKENS", "ANDON_ADMIN_TOKEN", "ANDON_PUBLIC_READS"):
     os.environ.pop(var, None)
+# TestClient sends `Host: testserver`; uvicorn tests reach 127.0.0.1 (the defaults, kept here).
+os.environ["ANDON_ALLOWED_HOSTS"] = "localhost,127.0.0.1,::1,testserver"
 
 import shutil  # noqa: E402
 import sys  # noqa: E402

@@ -102,7 +102,7 @@ def test_health_and_metrics(api_client):
     assert 0 <= latency["request_to_observe_ms"] < 5000 and latency["observe_to_stop_ms"] >= 0
 
 
-def test_writes_need_the_bearer_token_when_one_is_set(api_client, monkeypatch):
+def test_every_api_route_needs_the_bearer_token_when_one_is_set(api_client, monkeypatch):
     from db.settings import get_settings
 
     monkeypatch.setenv("ANDON_API_TOKEN", "s3cret")
@@ -112,8 +112,38 @@ def test_writes_need_the_bearer_token_when_one_is_set(api_client, monkeypatch):
         assert api_client.post("/api/jobs/x/cancel", headers={"Authorization": "Bearer wrong"}).status_code == 401
         ok = api_client.post("/api/jobs", json={"documents": ["a"]}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 202
-        assert api_client.get(f"/api/jobs/{ok.json()['job_id']}").status_code == 200  # reads stay open
-        wait_terminal(ok.json()["job_id"])
+        job_id = ok.json()["job_id"]
+        for path in ("/api/jobs", f"/api/jobs/{job_id}", f"/api/jobs/{job_id}/partial-results",
+                     f"/api/jobs/{job_id}/events", "/api/pipelines"):  # reads need it too
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                answer = api_client.get(path, headers=headers)
+                assert answer.status_code == 401, path
+                assert answer.json() == {"detail": "missing or invalid bearer token"}
+        assert api_client.get(f"/api/jobs/{job_id}", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert api_client.get("/healthz").status_code == 200 and api_client.get("/metrics").status_code == 200
+        wait_terminal(job_id)
     finally:
         monkeypatch.delenv("ANDON_API_TOKEN")
+        get_settings.cache_clear()
+
+
+def test_public_reads_open_the_reads_on_purpose_and_only_them(api_client, monkeypatch):
+    from db.settings import get_settings
+
+    monkeypatch.setenv("ANDON_API_TOKEN", "s3cret")
+    monkeypatch.setenv("ANDON_PUBLIC_READS", "1")
+    get_settings.cache_clear()
+    try:
+        job_id = api_client.post("/api/jobs", json={"documents": ["a"]},
+                                 headers={"Authorization": "Bearer s3cret"}).json()["job_id"]
+        assert api_client.get(f"/api/jobs/{job_id}").status_code == 200
+        assert api_client.get("/api/jobs").status_code == 200
+        assert api_client.get(f"/api/jobs/{job_id}/partial-results").status_code == 200
+        assert api_client.get("/api/pipelines").status_code == 200
+        assert api_client.post("/api/jobs", json={"documents": ["a"]}).status_code == 401  # writes don't open
+        assert api_client.post(f"/api/jobs/{job_id}/cancel").status_code == 401
+        wait_terminal(job_id)
+    finally:
+        monkeypatch.delenv("ANDON_API_TOKEN")
+        monkeypatch.delenv("ANDON_PUBLIC_READS")
         get_settings.cache_clear()

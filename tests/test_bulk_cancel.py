@@ -91,3 +91,33 @@ def test_tags_find_and_bulk_cancel_a_batch_over_http_and_the_cli(api_client):
     assert refused.returncode != 0 and refused.stdout == ""
     assert refused.stderr.strip().count("\n") == 0 and "invalid tag 'no spaces'" in refused.stderr
     wait_terminal(other)
+
+
+def test_bulk_cancel_answers_202_when_redis_fails_after_the_rows_commit(api_client, monkeypatch, caplog):
+    """The rows are the durable copy of each cancel: with the API's Redis unreachable, the request
+    still finishes the database side and answers the counts; the running job's worker reads its
+    cancel from the row (reconcile) and stops."""
+    import uuid
+
+    import redis
+
+    from api.supervisor import free_port
+    from tasks import control
+    from tasks.cancellation import CancellationStore
+
+    tag = f"redis-down-{uuid.uuid4().hex[:8]}"
+    parent = submit(200, stage_delay_s=0.05, tags=[tag])
+    children = [submit(1, parent_job_id=parent, tags=[tag]) for _ in range(3)]  # queued behind it
+    wait_status(parent, "running")
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=1, socket_timeout=1)
+    monkeypatch.setattr(control, "get_store", lambda: CancellationStore(dead))
+    with caplog.at_level("WARNING", logger="tasks.control"):
+        answer = api_client.post("/api/jobs/cancel", json={"tag": tag, "message": "Redis is away"})
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {"matched": 4, "cancelled": 3, "cancelling": 1}
+    assert "recorded in the database only" in caplog.text
+    for child in children:
+        job = wait_terminal(child)
+        assert job.status == "cancelled" and job.cancellation_message == "Redis is away" and job.started_at is None
+    job = wait_terminal(parent)
+    assert job.status == "cancelled" and job.cancellation_message == "Redis is away"

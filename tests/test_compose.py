@@ -6,7 +6,7 @@
    after Compose's ``${VAR:-default}`` interpolation. Where a ``docker-compose``/``docker compose``
    binary exists, ``config`` must accept it too.
 2. The services' *exact* commands and healthchecks (the file's ``command`` and ``healthcheck.test``,
-   interpolated as Compose would with nothing set) run here as local processes with the file's own
+   interpolated as Compose would with only the required secrets set) run here as local processes with the file's own
    ``environment``; only hosts and ports are replaced: PostgreSQL is a private local server, Redis is
    the session's server on a database number of its own (so the session's worker never sees these
    jobs), and the API and Flower listen on free ports of 127.0.0.1.
@@ -43,6 +43,9 @@ ANDON_SERVICES = ("migrate", "api", "worker", "flower")
 #: The session's Redis, database 11: isolated from the shared worker on database 0 (Celery's
 #: broadcasts and events are prefixed by database number, the queues and keys live in it).
 REDIS_DB = 11
+#: The secrets the file refuses to start without; the tests set these, as an operator's .env would.
+SECRETS = {"ANDON_API_TOKEN": "compose-test-token", "ANDON_FLOWER_BASIC_AUTH": "ops:compose-flower-pass",
+           "POSTGRES_PASSWORD": "compose-test-pg"}
 
 
 # --- reading the file as Compose does ---------------------------------------------------------------
@@ -93,8 +96,8 @@ def raw_compose() -> dict:
 
 
 def compose(env: dict[str, str] | None = None) -> dict:
-    """The file as Compose sees it with ``env`` (default: nothing set, so every default applies)."""
-    return interpolate(raw_compose(), env or {})
+    """The file as Compose sees it with the secrets and ``env`` set (every other default applies)."""
+    return interpolate(raw_compose(), {**SECRETS, **(env or {})})
 
 
 def duration_s(text: str) -> float:
@@ -156,6 +159,49 @@ def test_compose_file_matches_the_compose_specification_schema():
     assert schema_errors(compose({"ANDON_WORKER_CONCURRENCY": "8", "ANDON_API_PORT": "80"})) == []
 
 
+def test_compose_has_no_default_credentials():
+    """Each secret is required: Compose refuses the file (``${VAR:?message}``) until it is set."""
+    for name in SECRETS:
+        missing = {k: v for k, v in SECRETS.items() if k != name}
+        with pytest.raises(ValueError, match=f"required variable {name} is missing"):
+            interpolate(raw_compose(), missing)
+        with pytest.raises(ValueError, match=f"required variable {name} is missing"):
+            interpolate(raw_compose(), {**missing, name: ""})
+    doc = compose()
+    env = doc["x-andon-env"]
+    assert env["ANDON_API_TOKEN"] == SECRETS["ANDON_API_TOKEN"]
+    assert env["ANDON_FLOWER_BASIC_AUTH"] == SECRETS["ANDON_FLOWER_BASIC_AUTH"]
+    assert f":{SECRETS['POSTGRES_PASSWORD']}@" in env["ANDON_DATABASE_URL"]
+    assert doc["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == SECRETS["POSTGRES_PASSWORD"]
+    text = COMPOSE_FILE.read_text()
+    for weak in ("change-me", "POSTGRES_PASSWORD:-", "ANDON_API_TOKEN:-", "ANDON_FLOWER_BASIC_AUTH:-"):
+        assert weak not in text, weak
+
+
+def test_compose_passes_every_andon_setting_the_services_read(monkeypatch):
+    """Every ``ANDON_*`` setting andon reads reaches every andon service; one the operator leaves
+    unset is passed empty, which andon reads as unset (its own default), not as a value."""
+    from db.settings import Settings
+
+    read = {f"ANDON_{name.upper()}" for name in Settings.model_fields}
+    passed = set(raw_compose()["x-andon-env"])
+    assert read - {"ANDON_HOME"} <= passed, sorted(read - {"ANDON_HOME"} - passed)
+    assert "ANDON_HOME" in dockerfile_env()  # the image's own path; not the operator's to move
+
+    for name in [k for k in os.environ if k.startswith("ANDON_")]:
+        monkeypatch.delenv(name)
+    defaults = Settings()
+    for name, value in compose()["x-andon-env"].items():  # only the secrets set: the rest pass through empty
+        monkeypatch.setenv(name, str(value))
+    seen = Settings()
+    for name in ("job_time_limit_s", "max_job_rss_mb", "max_streams", "max_body_bytes", "api_tokens",
+                 "admin_token", "public_reads", "llm_base_url", "embeddings_model", "pipelines"):
+        assert getattr(seen, name) == getattr(defaults, name), name
+    assert seen.api_token == SECRETS["ANDON_API_TOKEN"]
+    assert seen.allowed_host_list == ["localhost", "127.0.0.1", "::1", "api"]  # the services reach it as `api`
+    assert seen.resolved_api_url == "http://api:8000"
+
+
 def test_the_schema_check_is_not_vacuous():
     doc = raw_compose()
     doc["services"]["worker"]["stop_grace_periodd"] = "30s"
@@ -197,8 +243,11 @@ def test_compose_file_wires_the_stack_as_intended():
     # warm shutdown: jobs stop at their next checkpoint within seconds; plenty of room before SIGKILL
     assert duration_s(worker["stop_grace_period"]) >= 20
     assert "-d andon@$HOSTNAME" in worker["healthcheck"]["test"][1]
-    assert "--basic-auth=" in services["flower"]["command"][-1]
+    # Flower's password goes in its environment, never on a command line (`ps` shows those)
+    assert "--basic-auth" not in services["flower"]["command"][-1]
+    assert 'export FLOWER_BASIC_AUTH="$ANDON_FLOWER_BASIC_AUTH"' in services["flower"]["command"][-1]
     assert "celery -A tasks.app flower" in services["flower"]["command"][-1]
+    assert "/readyz" in services["api"]["healthcheck"]["test"][-1]
 
 
 def test_dockerfile_installs_the_package_as_a_non_root_user():
@@ -232,10 +281,13 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     if version.startswith("1."):  # Compose v1 (EOL) predates the top-level `name`; the rest must pass
         path = tmp_path / "docker-compose.yml"
         path.write_text(re.sub(r"^name: .*\n", "", COMPOSE_FILE.read_text(), flags=re.M))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANDON_")}
-    result = subprocess.run([*argv, "-f", str(path), "config", "-q"], capture_output=True, text=True, env=env,
-                            cwd=path.parent, timeout=60)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANDON_") and k != "POSTGRES_PASSWORD"}
+    result = subprocess.run([*argv, "-f", str(path), "config", "-q"], capture_output=True, text=True,
+                            env={**env, **SECRETS}, cwd=path.parent, timeout=60)
     assert result.returncode == 0, result.stderr
+    refused = subprocess.run([*argv, "-f", str(path), "config", "-q"], capture_output=True, text=True, env=env,
+                             cwd=path.parent, timeout=60)
+    assert refused.returncode != 0 and "ANDON_API_TOKEN" in refused.stderr + refused.stdout
 
 
 def test_flower_command_refuses_to_run_without_auth():
@@ -403,8 +455,18 @@ def test_compose_service_commands_run_the_stack(postgres_server, redis_server, t
             _wait(lambda: stack.healthy(name), 45, f"{name} healthcheck", interval=0.2)
         assert f"andon@{socket.gethostname()}" in stack.log("worker")
 
+        # the other services reach the API by its service name; a name not listed is refused (rebinding)
+        assert api.get("/api/jobs", headers={"Host": "api:8000"}).status_code == 200
+        assert api.get("/api/jobs", headers={"Host": "rebind.attacker.example"}).status_code == 400
+        assert api.get("/readyz").json()["status"] == "ready"
+        # Flower's password is on no process's command line
+        import psutil
+
+        for pid in stack.descendants():
+            assert flower_auth[1] not in " ".join(psutil.Process(pid).cmdline()), pid
         # the secrets in the file's environment are enforced
         assert httpx.post(f"http://127.0.0.1:{api_port}/api/jobs", json={"documents": ["x"]}).status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{api_port}/api/jobs").status_code == 401  # reads too
         # (Flower's /healthcheck itself is open; everything else is behind its basic auth)
         assert httpx.get(f"http://127.0.0.1:{flower_port}/api/tasks").status_code == 401
         assert httpx.get(f"http://127.0.0.1:{flower_port}/api/tasks", auth=("andon", "wrong")).status_code == 401

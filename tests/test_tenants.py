@@ -77,3 +77,47 @@ def test_pickle_is_refused_by_the_worker(worker):
     wait_for(lambda: "ContentDisallowed" in worker.logs() or "disallowed" in worker.logs().lower(), 20,
              what="the worker to refuse the pickled message")
     assert app.conf.accept_content == ["json"] and app.conf.result_accept_content == ["json"]
+
+
+@pytest.fixture
+def admin(tenants, monkeypatch):
+    monkeypatch.setenv("ANDON_ADMIN_TOKEN", "admin-token")
+    get_settings.cache_clear()
+    yield {"Authorization": "Bearer admin-token"}
+    monkeypatch.delenv("ANDON_ADMIN_TOKEN")
+    get_settings.cache_clear()
+
+
+def test_with_tenants_metrics_need_the_admin_token(api_client, tenants):
+    for headers in ({}, tenants["acme"], {"Authorization": "Bearer admin-token"}):  # no admin token set yet
+        answer = api_client.get("/metrics", headers=headers)
+        assert answer.status_code == 401 and "ANDON_ADMIN_TOKEN" in answer.json()["detail"]
+    assert api_client.get("/healthz").status_code == 200
+
+
+def test_only_the_admin_token_acts_across_tenants(api_client, admin, tenants):
+    import uuid
+
+    tag = f"cross-{uuid.uuid4().hex[:8]}"
+    body = {"documents": ["One. Two."] * 200, "options": {"stage_delay_s": 0.05}, "tags": [tag]}
+    acme_job = api_client.post("/api/jobs", json=body, headers=tenants["acme"]).json()["job_id"]
+    globex_job = api_client.post("/api/jobs", json=body, headers=tenants["globex"]).json()["job_id"]
+
+    # a tenant's bulk cancel stays scoped to its own jobs
+    answer = api_client.post("/api/jobs/cancel", json={"tag": tag}, headers=tenants["acme"])
+    assert answer.status_code == 202 and answer.json()["matched"] == 1
+    assert wait_terminal(acme_job).status == "cancelled"
+    assert job_row(globex_job).status in ("pending", "running")
+
+    # the admin sees every tenant's jobs, and its bulk cancel reaches across tenants
+    assert api_client.get(f"/api/jobs/{globex_job}", headers=admin).status_code == 200
+    assert {acme_job, globex_job} <= {j["job_id"] for j in api_client.get("/api/jobs", params={"tag": tag},
+                                                                           headers=admin).json()}
+    answer = api_client.post("/api/jobs/cancel", json={"tag": tag}, headers=admin)
+    assert answer.status_code == 202 and answer.json()["matched"] == 1
+    assert wait_terminal(globex_job).status == "cancelled"
+
+    # /metrics counts every tenant's jobs: the admin's alone
+    assert api_client.get("/metrics", headers=tenants["globex"]).status_code == 401
+    metrics = api_client.get("/metrics", headers=admin)
+    assert metrics.status_code == 200 and "andon_jobs" in metrics.text

@@ -101,6 +101,7 @@ async def events(job_id: str, caller: ReaderDep, request: Request) -> EventSourc
     """Progress and state changes as Server-Sent Events, in order; the stream ends with `end` once
     the job is terminal. Closing it only stops watching, never the job. At most `ANDON_MAX_STREAMS`
     streams are open at once per tenant (per client address without tenants); one more is 429."""
+    service.check_job_id(job_id)
     limit = get_settings().max_streams
     who = caller.tenant or (request.client.host if request.client else "unknown")
     release = progress.slots.take(who, limit)
