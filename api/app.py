@@ -14,8 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import metrics, progress
-from api.routes import jobs, pipelines
+from api import metrics, progress, ui
+from api.routes import events, jobs, pipelines
 from db.settings import get_settings
 from tasks import notify, registry
 from tasks.errors import (
@@ -62,6 +62,8 @@ app = FastAPI(
 )
 app.include_router(jobs.router)
 app.include_router(pipelines.router)
+app.include_router(events.router)
+app.include_router(ui.router)  # the dashboard: /ui, /ui/jobs/{id}
 metrics.register()
 notify.install()  # rows this process writes (API cancels, resumes) wake the event streams too
 
