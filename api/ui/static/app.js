@@ -557,7 +557,7 @@ async function jobView(jobId) {
       if (event === "cancelled" && at("cancel_observed") !== null) note = `${ms(t - at("cancel_observed"))} after it was observed`;
       const detail = data.detail && Object.keys(data.detail).length ? jsonText(data.detail, 160) : "";
       return h("li", { class: `ev ev-${event}` },
-        h("span", { class: "ev-time mono", title: data.at }, `+${ms(t - start) || "0 ms"}`),
+        h("span", { class: "ev-time mono", title: data.at }, `+${t - start < 1 ? "0 ms" : ms(t - start)}`),
         h("span", { class: "ev-kind" }, event.replace(/_/g, " ")),
         h("span", { class: "ev-who muted" }, [data.reason, data.source, data.actor].filter(Boolean).join(" · ")),
         note ? h("span", { class: "ev-note" }, note) : null,
