@@ -92,6 +92,7 @@ def up(
     user, _, password = stack.flower_auth.partition(":")
     console.print(f"andon is up (home {stack.home})")
     console.print(f"  API     {stack.api_url}   (docs {stack.api_url}/docs)")
+    console.print(f"  jobs    {stack.api_url}/ui   (the dashboard)")
     console.print(f"  Flower  {stack.flower_url}   (user {user}, password {password})")
     console.print(f"  Redis   {stack.redis_url}")
     console.print(f"  logs    {stack.logs}")

@@ -112,6 +112,7 @@ class JobChanges:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._every: set[EveryJob] = set()
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.client: aioredis.Redis | None = None
@@ -130,11 +131,23 @@ class JobChanges:
             if not waiters:
                 del self._waiters[job_id]
 
-    def _wake(self, job_id: str | None = None) -> None:
+    def listen_every(self) -> EveryJob:
+        """A wake-up for a change to any job (``GET /api/events``), saying which jobs beat."""
+        self._ensure_running()
+        watch = EveryJob()
+        self._every.add(watch)
+        return watch
+
+    def forget_every(self, watch: EveryJob) -> None:
+        self._every.discard(watch)
+
+    def _wake(self, job_id: str | None = None, kind: str | None = None) -> None:
         groups = self._waiters.values() if job_id is None else [self._waiters.get(job_id, ())]
         for waiters in groups:
             for wake in waiters:
                 wake.set()
+        for watch in self._every:
+            watch.touch(job_id, kind)
 
     def _ensure_running(self) -> None:
         loop = asyncio.get_running_loop()
@@ -154,7 +167,8 @@ class JobChanges:
                 self._wake()  # whatever was published while nobody listened
                 async for message in pubsub.listen():
                     try:
-                        self._wake(json.loads(message["data"])["job_id"])
+                        change = json.loads(message["data"])
+                        self._wake(change["job_id"], change.get("kind"))
                     except (ValueError, KeyError, TypeError):
                         log.warning("ignoring a malformed job-change notification: %r", message.get("data"))
             except asyncio.CancelledError:
@@ -190,6 +204,47 @@ class JobChanges:
         except Exception:
             return None  # progress goes on without the stage
         return {"item": beat.get("item"), "stage": beat.get("stage")} if beat.get("stage") else None
+
+    async def positions(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """:meth:`position` of several jobs in one round trip; jobs not beating are left out."""
+        if not job_ids or not self.connected or self.client is None:
+            return {}
+        try:
+            raws = await asyncio.wait_for(self.client.mget([heartbeat_key(j) for j in job_ids]), 1.0)
+        except Exception:
+            return {}
+        out = {}
+        for job_id, raw in zip(job_ids, raws):
+            try:
+                beat = json.loads(raw) if raw else {}
+            except ValueError:
+                continue
+            if beat.get("stage"):
+                out[job_id] = {"item": beat.get("item"), "stage": beat.get("stage")}
+        return out
+
+
+class EveryJob:
+    """One ``GET /api/events`` stream's wake-up: set on any job's change. Remembers whether rows may
+    have changed (events, items: re-read the database) or only heartbeats (re-read those jobs'
+    positions, no query)."""
+
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()
+        self.rows = True  # read once at the start
+        self.beats: set[str] = set()
+
+    def touch(self, job_id: str | None, kind: str | None) -> None:
+        if kind == "heartbeat" and job_id is not None:
+            self.beats.add(job_id)
+        else:
+            self.rows = True  # a row, or a (re)connect after which anything may have happened
+        self.wake.set()
+
+    def take(self) -> tuple[bool, set[str]]:
+        rows, beats, self.rows, self.beats = self.rows, self.beats, False, set()
+        self.wake.clear()
+        return rows, beats
 
 
 changes = JobChanges()

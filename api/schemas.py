@@ -86,6 +86,10 @@ class BulkCancelRequest(BaseModel):
         return self
 
 
+class JobCount(BaseModel):
+    count: int
+
+
 class BulkCancelResponse(BaseModel):
     matched: int
     cancelled: int

@@ -6,11 +6,15 @@ Errors are :mod:`tasks.errors` exceptions that each front door turns into a 4xx 
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NoReturn
 
 from celery import chain, chord
-from sqlalchemy import select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import selectinload
 
 from api.schemas import (
@@ -29,6 +33,7 @@ from db import jobs as job_rows
 from db.models import Job, JobItem
 from db.session import session_scope
 from db.vocabulary import (
+    TERMINAL_STATUSES,
     CancellationReason,
     CancellationSource,
     ItemStatus,
@@ -36,7 +41,7 @@ from db.vocabulary import (
 )
 from tasks import control, lifecycle, registry, resume
 from tasks.control import cancel_children, enqueue, job_signature, request_cancel, settle_children
-from tasks.errors import BrokerUnavailable, InvalidParent, JobNotFound
+from tasks.errors import BrokerUnavailable, InvalidInput, InvalidParent, JobNotFound
 from tasks.intake import check_storable, check_submission, unstorable
 from tasks.tags import check_tags
 
@@ -205,18 +210,71 @@ def list_pipelines() -> list[PipelineView]:
 
 
 def list_jobs(status: JobStatus | None = None, limit: int = 50, tenant: str | None = None,
-              tag: str | None = None) -> list[JobView]:
-    if tag is not None:
-        check_tags([tag])
+              tag: str | None = None, pipeline: str | None = None, reason: CancellationReason | None = None,
+              resumed_from: str | None = None) -> list[JobView]:
+    return page_jobs(JobFilter(status, tag, pipeline, reason, resumed_from), limit, tenant=tenant)[0]
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a list (or a count) is about; every field given must match (AND)."""
+
+    status: JobStatus | None = None
+    tag: str | None = None
+    pipeline: str | None = None
+    reason: CancellationReason | None = None
+    resumed_from: str | None = None
+    #: Only jobs not yet terminal (what a bulk cancel would touch).
+    unfinished: bool = False
+
+    def where(self, query, tenant: str | None):
+        if self.tag is not None:
+            check_tags([self.tag])
+            query = query.where(job_rows.tagged(self.tag))
+        for column, value in ((Job.status, self.status), (Job.pipeline, self.pipeline),
+                              (Job.cancellation_reason, self.reason), (Job.resumed_from, self.resumed_from),
+                              (Job.tenant, tenant)):
+            if value is not None:
+                query = query.where(column == str(value))
+        if self.unfinished:
+            query = query.where(Job.status.not_in([s.value for s in TERMINAL_STATUSES]))
+        return query
+
+
+def page_jobs(which: JobFilter, limit: int = 50, cursor: str | None = None,
+              tenant: str | None = None) -> tuple[list[JobView], str | None]:
+    """One page of jobs, newest first, and the cursor of the next page (None on the last).
+
+    Keyset pagination on ``(created_at, id)``: a page costs the same at row 100,000 as at row 0, and
+    jobs submitted meanwhile don't shift the pages after them. ``cursor`` is opaque to clients."""
     with session_scope() as session:
-        query = select(Job).options(selectinload(Job.tag_rows)).order_by(Job.created_at.desc(), Job.id).limit(limit)
-        if tag is not None:
-            query = query.where(job_rows.tagged(tag))
-        if status is not None:
-            query = query.where(Job.status == status.value)
-        if tenant is not None:
-            query = query.where(Job.tenant == tenant)
-        return [_view(job) for job in session.scalars(query)]
+        query = which.where(select(Job).options(selectinload(Job.tag_rows)), tenant)
+        if cursor is not None:
+            created_at, job_id = _decode_cursor(cursor)
+            query = query.where(or_(Job.created_at < created_at,
+                                    and_(Job.created_at == created_at, Job.id > job_id)))
+        rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit + 1)))
+        views = [_view(job) for job in rows[:limit]]
+    return views, (_encode_cursor(rows[limit - 1]) if len(rows) > limit else None)
+
+
+def count_jobs(which: JobFilter, tenant: str | None = None) -> int:
+    with session_scope() as session:
+        return session.scalar(which.where(select(func.count()).select_from(Job), tenant)) or 0
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created_at), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput([{"loc": ("query", "cursor"), "msg": "not a cursor this API gave out",
+                             "type": "value_error"}]) from exc
 
 
 def get_job(job_id: str, tenant: str | None = None) -> JobView:

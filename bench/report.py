@@ -155,6 +155,12 @@ same documents with no token, no job row and no per-item commit, and returns the
   workers drain the queue (bounded at 180 s; drained = queue empty and every message answered in the
   result backend); the jobs among the 10,000 with a `started` event are counted. Goal: ≤ 2 s, 0
   started.
+* **dashboard page load** — the database holds at least 10,000 jobs (the bulk-cancel phase's, topped
+  up with queued rows); a real uvicorn API serves `/ui`; Playwright drives the system Chromium
+  (headless, as the browser tests do). Each load is a fresh browser context (cold cache): from
+  `page.goto("/ui")` until the jobs table holds its first page (50 rows, read from `GET /api/jobs`).
+  One warm-up load is not counted; the figure is the median of 10 (the max in brackets). Goal: < 1 s.
+  Without Chromium the row says it was skipped.
 * **where the time goes** (below the table) — the per-item steps of `run_job` replayed in the
   benchmark process (no worker): the stages, and the item's commit (`db.jobs.record_item` in its own
   `db.session.transaction`), back to back and after 100 ms idle.

@@ -32,6 +32,7 @@ from bench.async_cancel import bench_async_cancel  # noqa: E402
 from bench.breakdown import bench_breakdown, profile_noop_job  # noqa: E402
 from bench.bulk import bench_bulk_cancel  # noqa: E402
 from bench.checkpoint import bench_checkpoint  # noqa: E402
+from bench.dashboard import bench_dashboard  # noqa: E402
 from bench.latency import bench_cancel_latency  # noqa: E402
 from bench.machine import cpu_busy_s, machine_info, own_cpu_s  # noqa: E402
 from bench.procs import Worker, configure_env  # noqa: E402
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
         say(f"bulk cancel of {sizes.bulk_jobs:,} queued jobs")
         bench_bulk_cancel(sizes, logs, report)
+
+        say(f"dashboard page load with {sizes.ui_jobs:,} jobs in the database")
+        bench_dashboard(sizes, logs, report)
 
         say("where an item's time goes (in-process)")
         bench_breakdown(sizes, report)

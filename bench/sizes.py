@@ -26,12 +26,14 @@ class Sizes:
     bulk_jobs: int = 10_000
     drain_timeout_s: float = 180.0
     breakdown_items: int = 200
+    ui_jobs: int = 10_000  # rows in the database when the dashboard loads
+    ui_loads: int = 10
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(check_number=200_000, net_number=1_000, repeat=3, cancels=40, abortable_cancels=20,
                    slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, bulk_jobs=1_000,
-                   drain_timeout_s=60.0, breakdown_items=50, async_cancels=8)
+                   drain_timeout_s=60.0, breakdown_items=50, async_cancels=8, ui_loads=3)
 
 
 GOAL_CHECK_RATIO = 100.0
@@ -41,6 +43,7 @@ GOAL_TERMINAL_P99_MS = 50.0
 GOAL_SLOW_RATIO = 0.98
 GOAL_NOOP_RATIO = 0.5
 GOAL_BULK_S = 2.0
+GOAL_UI_LOAD_S = 1.0
 ITEM_S = 0.1  # the "100 ms item", spread over the three stages
 CONCURRENCY = 2
 

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 from sse_starlette import EventSourceResponse
 
 from api import progress, service
 from api.deps import ReaderDep, WriterDep
+from api.routes.events import STREAM_RESPONSES, take_stream_slot
 from api.schemas import (
     BulkCancelRequest,
     BulkCancelResponse,
     CancelRequestBody,
     CancelResponse,
     ErrorResponse,
+    JobCount,
     JobView,
     PartialResultView,
     ResumeResponse,
     SubmitRequest,
     SubmitResponse,
 )
-from db.settings import get_settings
-from db.vocabulary import CancellationSource, JobStatus
+from db.vocabulary import CancellationReason, CancellationSource, JobStatus
 from tasks.tags import TAG_PATTERN
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
@@ -50,14 +51,50 @@ def cancel_matching(body: BulkCancelRequest, caller: WriterDep) -> BulkCancelRes
                                    tenant=caller.tenant)
 
 
-@router.get("", response_model=list[JobView])
+StatusQuery = Annotated[JobStatus | None, Query(alias="status")]
+TagQuery = Annotated[str | None, Query(pattern=TAG_PATTERN)]
+PipelineQuery = Annotated[str | None, Query(min_length=1, max_length=64)]
+ReasonQuery = Annotated[CancellationReason | None, Query(description="why the job was cancelled")]
+ResumedFromQuery = Annotated[str | None, Query(min_length=1, max_length=64, description="the job it resumes")]
+
+
+@router.get("", response_model=list[JobView],
+            responses={200: {"headers": {"Link": {"description": '`<url>; rel="next"` when more jobs follow',
+                                                  "schema": {"type": "string"}}}}})
 def list_jobs(
     caller: ReaderDep,
-    job_status: Annotated[JobStatus | None, Query(alias="status")] = None,
+    request: Request,
+    response: Response,
+    job_status: StatusQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    tag: Annotated[str | None, Query(pattern=TAG_PATTERN)] = None,
+    tag: TagQuery = None,
+    pipeline: PipelineQuery = None,
+    reason: ReasonQuery = None,
+    resumed_from: ResumedFromQuery = None,
+    cursor: Annotated[str | None, Query(max_length=512, description="from a `Link` header")] = None,
 ) -> list[JobView]:
-    return service.list_jobs(job_status, limit, tenant=caller.tenant, tag=tag)
+    """Jobs, newest first. When more follow, the next page's URL is in the `Link` header
+    (`rel="next"`); the body stays a plain list."""
+    which = service.JobFilter(job_status, tag, pipeline, reason, resumed_from)
+    jobs, next_cursor = service.page_jobs(which, limit, cursor, tenant=caller.tenant)
+    if next_cursor is not None:
+        response.headers["Link"] = f'<{request.url.include_query_params(cursor=next_cursor)}>; rel="next"'
+    return jobs
+
+
+@router.get("/count", response_model=JobCount)
+def count_jobs(
+    caller: ReaderDep,
+    job_status: StatusQuery = None,
+    tag: TagQuery = None,
+    pipeline: PipelineQuery = None,
+    reason: ReasonQuery = None,
+    unfinished: Annotated[bool, Query(description="only jobs not yet terminal: what a bulk cancel "
+                                                  "with the same filter would touch")] = False,
+) -> JobCount:
+    """How many jobs match the filter (the dashboard's bulk-cancel confirmation says it)."""
+    which = service.JobFilter(job_status, tag, pipeline, reason, unfinished=unfinished)
+    return JobCount(count=service.count_jobs(which, tenant=caller.tenant))
 
 
 @router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
@@ -90,28 +127,13 @@ def resume(job_id: str, caller: WriterDep, force: bool = False) -> ResumeRespons
     return service.resume_job(job_id, force=force, actor=caller.actor, tenant=caller.tenant)
 
 
-@router.get(
-    "/{job_id}/events",
-    response_class=EventSourceResponse,
-    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
-               429: {"model": ErrorResponse, "description": "too many open event streams for this tenant "
-                                                            "(or client address): ANDON_MAX_STREAMS"}},
-)
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses={**NOT_FOUND, **STREAM_RESPONSES})
 async def events(job_id: str, caller: ReaderDep, request: Request) -> EventSourceResponse:
     """Progress and state changes as Server-Sent Events, in order; the stream ends with `end` once
     the job is terminal. Closing it only stops watching, never the job. At most `ANDON_MAX_STREAMS`
     streams are open at once per tenant (per client address without tenants); one more is 429."""
     service.check_job_id(job_id)
-    limit = get_settings().max_streams
-    who = caller.tenant or (request.client.host if request.client else "unknown")
-    release = progress.slots.take(who, limit)
-    if release is None:
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
-                            f"too many open event streams: {limit} already open for "
-                            f"{'tenant ' + caller.tenant if caller.tenant else 'this client'} "
-                            f"(ANDON_MAX_STREAMS); close one and retry",
-                            headers={"Retry-After": "1"})
-    return await progress.open_events(job_id, caller.tenant, release)
+    return await progress.open_events(job_id, caller.tenant, take_stream_slot(caller, request))
 
 
 @router.get("/{job_id}/partial-results", response_model=PartialResultView, responses=NOT_FOUND)
