@@ -20,7 +20,7 @@ from api import metrics, progress, ui
 from api.hosts import HostAllowlist
 from api.routes import events, jobs, ops, pipelines
 from db.settings import get_settings
-from tasks import notify, registry
+from tasks import notify, policy, registry
 from tasks.errors import (
     AndonError,
     BrokerUnavailable,
@@ -40,6 +40,7 @@ log = logging.getLogger("andon.api")
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     registry.load_configured()  # a bad ANDON_PIPELINES stops the API at start, not at the first submit
+    policy.check_global()
     settings = get_settings()
     if not settings.api_token and not settings.api_tokens:
         log.warning("ANDON_API_TOKEN is not set: anyone who can reach this API can submit and cancel jobs")

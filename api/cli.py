@@ -27,7 +27,7 @@ from db.settings import (
     get_settings,
 )
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
-from tasks import notify, registry
+from tasks import notify, policy, registry
 from tasks.errors import AndonError
 
 cli = typer.Typer(
@@ -78,7 +78,8 @@ def up(
     """Run the embedded stack in the foreground (Redis, worker, API, Flower); Ctrl-C stops it all."""
     from api.stack import Stack
 
-    registry.load_configured()  # a bad ANDON_PIPELINES is one line here, before anything starts
+    registry.load_configured()  # a bad ANDON_PIPELINES (or ANDON_POLICY) is one line here, before anything starts
+    policy.check_global()
     stack = Stack(api_port=api_port, flower_port=flower_port, redis_port=redis_port, concurrency=concurrency)
     stopping = threading.Event()
 

@@ -109,6 +109,17 @@ class CancelLatency(BaseModel):
     observe_to_stop_ms: float | None
 
 
+class JobUsage(BaseModel):
+    """LLM tokens over the job's items that reported usage (``estimated``: some were counted from the
+    stream because the server sent none, as happens when a cancel hangs up)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    items: int
+    cut_short_items: int
+    estimated: bool
+
+
 class JobView(BaseModel):
     job_id: str
     pipeline: str
@@ -129,8 +140,12 @@ class JobView(BaseModel):
     finished_at: datetime | None
     cancel_latency: CancelLatency | None
     resumed_from: str | None
+    #: The job that resumed this one (by hand or by its per-reason policy).
+    resumed_by: str | None = None
     parent_job_id: str | None
     tags: list[str]
+    #: The job's LLM usage totals (on ``GET /api/jobs/{id}``), None when no item reported any.
+    usage: JobUsage | None = None
 
 
 class FailedItem(BaseModel):
@@ -139,6 +154,8 @@ class FailedItem(BaseModel):
     error: str | None
     #: What the item had produced when it stopped, if anything.
     partial: Any = None
+    #: How many times a stage of the item was tried again.
+    retries: int = 0
 
 
 class InterruptedItem(BaseModel):
@@ -148,6 +165,7 @@ class InterruptedItem(BaseModel):
     stage: str
     #: What it had produced when it was cut (an LLM answer so far), if anything.
     partial: Any = None
+    retries: int = 0
 
 
 class PipelineView(BaseModel):

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 from celery import chain, chord
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import selectinload
 
 from api.schemas import (
@@ -23,6 +23,7 @@ from api.schemas import (
     CancelResponse,
     FailedItem,
     InterruptedItem,
+    JobUsage,
     JobView,
     PartialResultView,
     PipelineView,
@@ -40,9 +41,10 @@ from db.vocabulary import (
     JobStatus,
 )
 from tasks import control, lifecycle, registry, resume
-from tasks.control import cancel_children, enqueue, job_signature, request_cancel, settle_children
+from tasks.control import cancel_children, request_cancel, settle_children
 from tasks.errors import BrokerUnavailable, InvalidInput, InvalidParent, JobNotFound
 from tasks.intake import check_storable, check_submission, unstorable
+from tasks.sending import enqueue, job_signature
 from tasks.tags import check_tags
 
 
@@ -78,6 +80,7 @@ def _view(job: Job) -> JobView:
         finished_at=job.finished_at,
         cancel_latency=_latency(job),
         resumed_from=job.resumed_from,
+        resumed_by=job.resumed_by,
         parent_job_id=job.parent_job_id,
         tags=job.tags,
     )
@@ -279,7 +282,24 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 def get_job(job_id: str, tenant: str | None = None) -> JobView:
     with session_scope() as session:
-        return _view(_visible(session, job_id, tenant))
+        view = _view(_visible(session, job_id, tenant))
+        view.usage = _usage(session, job_id)
+        return view
+
+
+def _usage(session, job_id: str) -> JobUsage | None:
+    """The job's LLM token totals, summed over its items in one indexed query."""
+    reported = JobItem.prompt_tokens.is_not(None)
+    items, prompt, completion, cut, estimated = session.execute(
+        select(func.count(), func.coalesce(func.sum(JobItem.prompt_tokens), 0),
+               func.coalesce(func.sum(JobItem.completion_tokens), 0),
+               func.coalesce(func.sum(case((JobItem.usage_cut_short.is_(True), 1), else_=0)), 0),
+               func.coalesce(func.max(case((JobItem.usage_estimated.is_(True), 1), else_=0)), 0))
+        .where(JobItem.job_id == job_id, reported)).one()
+    if not items:
+        return None
+    return JobUsage(prompt_tokens=prompt, completion_tokens=completion, items=items, cut_short_items=cut,
+                    estimated=bool(estimated))
 
 
 def cancel_job(
@@ -345,9 +365,11 @@ def partial_results(job_id: str, tenant: str | None = None) -> PartialResultView
         total_items=total,
         completed_items=len(done),
         results=[_result_entry(job.pipeline, item) for item in done],
-        failed_items=[FailedItem(index=item.index, stage=item.stage, error=item.error, partial=item.result)
+        failed_items=[FailedItem(index=item.index, stage=item.stage, error=item.error, partial=item.result,
+                                 retries=item.retries or 0)
                       for item in failed],
-        interrupted_items=[InterruptedItem(index=item.index, stage=item.stage, partial=item.result)
+        interrupted_items=[InterruptedItem(index=item.index, stage=item.stage, partial=item.result,
+                                           retries=item.retries or 0)
                            for item in interrupted],
         cancelled_at_item=job.cancelled_at_item,
     )
@@ -356,6 +378,8 @@ def partial_results(job_id: str, tenant: str | None = None) -> PartialResultView
 def _result_entry(pipeline: str, item: JobItem) -> dict[str, Any]:
     """``{"index", "result"}``; the built-in ``documents`` pipeline keeps its fields flat beside
     ``index``, as it always has."""
-    if pipeline == "documents" and isinstance(item.result, dict):
-        return {"index": item.index, **item.result}
-    return {"index": item.index, "result": item.result}
+    entry = ({"index": item.index, **item.result} if pipeline == "documents" and isinstance(item.result, dict)
+             else {"index": item.index, "result": item.result})
+    if item.retries:
+        entry["retries"] = item.retries
+    return entry

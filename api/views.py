@@ -64,6 +64,8 @@ def print_job(console: Console, job: Any) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("job", literal(job["job_id"]))
+    if job.get("pipeline"):
+        table.add_row("pipeline", literal(job["pipeline"]))
     table.add_row("status", _status(job["status"]))
     if job.get("cancellation_reason"):
         table.add_row("reason", literal(job["cancellation_reason"]))
@@ -82,6 +84,15 @@ def print_job(console: Console, job: Any) -> None:
                                         f"stopped {latency['observe_to_stop_ms']:.1f} ms later")
     if job.get("error"):
         table.add_row("error", literal(job["error"]))
+    usage = job.get("usage")
+    if usage:
+        table.add_row("llm usage", literal(f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion "
+                                           f"tokens over {usage['items']} items ({usage['cut_short_items']} cut short"
+                                           f"{', estimated' if usage['estimated'] else ''})"))
+    if job.get("resumed_from"):
+        table.add_row("resumed from", literal(job["resumed_from"]))
+    if job.get("resumed_by"):
+        table.add_row("resumed by", literal(job["resumed_by"]))
     console.print(table)
 
 

@@ -142,6 +142,8 @@ def record_item(
     started_at: datetime | None = None,
     finished_at: datetime | None = None,
     fence: int = 0,
+    retries: int = 0,
+    usage: dict[str, Any] | None = None,
 ) -> None:
     """Store one item that ended and bump the job's counter in the same transaction (interrupted
     items count as neither done nor failed) — only while run ``fence`` owns the job, else
@@ -152,9 +154,13 @@ def record_item(
     """
     if conn.execute(_BUMP[status], {"job": job_id, "run_fence": fence}).rowcount != 1:
         raise NotOwner(job_id)
+    usage = usage or {}
     conn.execute(_INSERT_ITEM, {"job_id": job_id, "index": index, "stage": stage, "status": status.value,
                                 "result": result, "error": error, "started_at": started_at,
-                                "finished_at": finished_at or utcnow()})
+                                "finished_at": finished_at or utcnow(), "retries": retries,
+                                "prompt_tokens": usage.get("prompt_tokens"),
+                                "completion_tokens": usage.get("completion_tokens"),
+                                "usage_cut_short": usage.get("cut_short"), "usage_estimated": usage.get("estimated")})
 
 
 def copy_done_items(session: Session, from_job: str, to_job: str) -> int:

@@ -86,6 +86,8 @@ class Job(Base):
     parent_job_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"), index=True)
     #: The cancelled job this one resumes (each job is resumed at most once).
     resumed_from: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id"), unique=True)
+    #: The job that resumed this one (by hand or by its policy), if any.
+    resumed_by: Mapped[str | None] = mapped_column(String(36))
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
@@ -119,6 +121,13 @@ class JobItem(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: How many times a stage of this item was tried again (its Retry).
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: LLM usage the item reported (counted from the stream when the server sent none: ``estimated``).
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    usage_cut_short: Mapped[bool | None]
+    usage_estimated: Mapped[bool | None]
 
     job: Mapped[Job] = relationship(back_populates="items")
 

@@ -108,13 +108,21 @@ def _sqlite_writer_turn(engine: Engine) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+#: OperationalErrors that say "never": a schema that doesn't match the code (a deploy without its
+#: migration) won't fix itself by waiting.
+_PERMANENT = ("no such table", "no such column", "has no column named", "syntax error", "does not exist")
+
+
 def is_transient(exc: BaseException) -> bool:
     """A database error that says "not now" rather than "never": a lock held past SQLite's busy
-    timeout, a connection refused or dropped (a PostgreSQL restart). Constraint violations and bad
-    SQL are not."""
-    if isinstance(exc, (OperationalError, InterfaceError)):
+    timeout, a connection refused or dropped (a PostgreSQL restart). Constraint violations, bad SQL
+    and a schema the code doesn't match are not."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        text = str(exc.orig if getattr(exc, "orig", None) is not None else exc).lower()
+        return not any(marker in text for marker in _PERMANENT)
+    return False
 
 
 def retry_transient(write: Callable[[], T], *, within_s: float, what: str = "database write") -> T:

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     parked_after_s: float = 120.0
     #: Longest wait for one Redis reply (a paused server must not hang a cancel or a heartbeat).
     redis_timeout_s: float = 5.0
+    #: The global per-reason policy, JSON: {"timeout": "auto_resume", "resource_limit": "requeue:big"}
+    #: (tasks/policy.py); a pipeline's own policy wins over it.
+    policy: dict[str, str] = Field(default_factory=dict)
+    #: How many times a chain of resumes may be extended by a policy (a pipeline may set its own).
+    max_policy_resumes: int = 3
     #: How long a job's run retries a database write that failed for a passing reason (a lock held
     #: past SQLite's busy timeout, a PostgreSQL restart) before it stops the job.
     db_retry_s: float = 30.0

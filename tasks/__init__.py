@@ -12,8 +12,9 @@ from tasks.cancellation import CancellationError, CancellationToken, ForcedCance
 from tasks.cleanup import CleanupManager
 from tasks.context import JobContext
 from tasks.pipeline import LocalRun, Pipeline, Stage, stage
+from tasks.retry import Retry
 
 __all__ = [
     "CancellationError", "CancellationReason", "CancellationToken", "CleanupManager", "ForcedCancellation",
-    "JobContext", "LocalRun", "Pipeline", "Stage", "stage",
+    "JobContext", "LocalRun", "Pipeline", "Retry", "Stage", "stage",
 ]

@@ -33,7 +33,7 @@ from db.session import session_scope
 from db.settings import get_settings
 from db.vocabulary import EventKind, JobStatus
 from tasks.celery_app import app
-from tasks.control import enqueue
+from tasks.sending import enqueue
 
 __all__ = ["release_parked", "resend_lost"]
 

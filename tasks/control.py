@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
@@ -17,16 +16,18 @@ from db.models import Job
 from db.session import session_scope
 from db.vocabulary import TERMINAL_STATUSES, CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import lifecycle
+from tasks.after_stop import act_after_cancel
 from tasks.cancellation import CancelRequest
 from tasks.cancellation.keys import lost_key
-from tasks.celery_app import RUN_PIPELINE, app
 from tasks.errors import AndonError, InvalidJobId
 from tasks.paths import job_scratch_dir, remove_tree
+from tasks.policy import NEVER_AUTOMATIC
 from tasks.process import get_store
+from tasks.sending import enqueue
 
 __all__ = [
-    "MAX_LOSSES", "BulkCancelOutcome", "CancelOutcome", "cancel_children", "cancel_matching", "enqueue",
-    "finalize_stopped", "job_signature", "recover_lost_run", "request_cancel", "settle_children", "task_routing",
+    "MAX_LOSSES", "BulkCancelOutcome", "CancelOutcome", "cancel_children", "cancel_matching", "finalize_stopped",
+    "recover_lost_run", "request_cancel", "settle_children",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ def request_cancel(
         cancel_children(job_id, f"parent job {job_id} was cancelled", actor)
     elif status is JobStatus.CANCELLED:
         settle_children(job_id)
+    if won and status is JobStatus.CANCELLED:
+        act_after_cancel(job_id)  # a queued job ended at once: its policy may resume it
     return CancelOutcome(job_id, status, won, winner)
 
 
@@ -120,6 +123,7 @@ def finalize_stopped(
                                       requested_at=requested_at or request.at, observed_source=source)
     if won:
         settle_children(job_id)
+        act_after_cancel(job_id)
     return won
 
 
@@ -162,24 +166,6 @@ def recover_lost_run(job_id: str, actor: str | None, *, resend: bool) -> str:
             options, queue = job.options, job.queue
         enqueue(job_id, options, queue)
     return "requeued"
-
-
-def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) -> None:
-    """Send the pipeline task for a job whose row is committed (the worker must find it)."""
-    app.send_task(RUN_PIPELINE, args=[job_id], task_id=job_id, **task_routing(options or {}, queue))
-
-
-def job_signature(job_id: str, options: dict[str, Any], queue: str | None):
-    """The pipeline task for one job row, as a Celery signature (chains and chords)."""
-    return app.signature(RUN_PIPELINE, args=[job_id], immutable=True).set(task_id=job_id,
-                                                                          **task_routing(options, queue))
-
-
-def task_routing(options: dict, queue: str | None) -> dict:
-    """How a job's message is sent: its queue and its Celery time limits (only those that are set)."""
-    routing = {"queue": queue, "time_limit": options.get("time_limit_s"),
-               "soft_time_limit": options.get("soft_time_limit_s")}
-    return {key: value for key, value in routing.items() if value is not None}
 
 
 def _unfinished_children(job_id: str) -> list[Job]:
@@ -270,6 +256,9 @@ def cancel_matching(
                 for job_id in ended for kind in (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED)
             ])
         cancelled += ended
+        if reason not in NEVER_AUTOMATIC:  # only then may a policy resume any of them
+            for job_id in ended:
+                act_after_cancel(job_id)
         try:
             get_store().cancel_many(ended, reason, message, source)
         except RedisError as exc:

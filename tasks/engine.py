@@ -56,6 +56,19 @@ class ItemRecord:
     error: str | None = None
     started_at: datetime | None = None
     finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: How many times a stage of this item was tried again (its stage's Retry).
+    retries: int = 0
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """The LLM usage the item reports (``result["usage"]``, or its partial's), if any."""
+        usage = self.result.get("usage") if isinstance(self.result, dict) else None
+        if not isinstance(usage, dict):
+            return None
+        tokens = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in tokens.values()):
+            return None
+        return {**tokens, "cut_short": bool(usage.get("cut_short")), "estimated": bool(usage.get("estimated"))}
 
 
 def json_result(value: Any) -> Any:
@@ -110,19 +123,32 @@ class ItemRun:
 
     def _item_here(self, index: int, raw: Any) -> None:
         ctx = self.context(index)
-        started_at, started = datetime.now(UTC), False
+        started_at, started, retries = datetime.now(UTC), False, [0]
         try:
             value = self.pipeline.item_value(raw)
             for stage in self.pipeline.stages:
                 started = self._checkpoint(index, ctx, stage)
-                value = stage.call(value, ctx)
-                if inspect.isawaitable(value):
-                    _close(value)
-                    raise TypeError(f"stage {stage.name!r} returned an awaitable: declare it `async def`")
+                value = self._tries_here(stage, value, ctx, retries)
         except BaseException as exc:
-            self._stopped(exc, index, ctx, started, started_at, self.on_record)
+            self._stopped(exc, index, ctx, started, started_at, self.on_record, retries[0])
             return
-        self.on_record(self._finished(index, ctx, value, started_at))
+        self.on_record(self._finished(index, ctx, value, started_at, retries[0]))
+
+    def _tries_here(self, stage: Stage, value: Any, ctx: JobContext, retries: list[int]) -> Any:
+        tried = 1
+        while True:
+            try:
+                result = stage.call(value, ctx)
+                if inspect.isawaitable(result):
+                    _close(result)
+                    raise TypeError(f"stage {stage.name!r} returned an awaitable: declare it `async def`")
+                return result
+            except Exception as exc:  # a cancel is a BaseException: never retried
+                if stage.retry is None or not stage.retry.should_retry(exc, tried):
+                    raise
+                retries[0] += 1
+                ctx.wait(stage.retry.delay_s(tried))  # a cancel ends the backoff at once
+                tried += 1
 
     def _run_on_loop(self, items: list[tuple[int, Any]]) -> None:
         self._loop = get_loop()
@@ -173,22 +199,35 @@ class ItemRun:
 
     async def _item_on_loop(self, index: int, raw: Any, executor) -> None:
         ctx = self.context(index)
-        started_at, started = datetime.now(UTC), False
+        started_at, started, retries = datetime.now(UTC), False, [0]
         put = self._records.put
         try:
             value = self.pipeline.item_value(raw)
             for stage in self.pipeline.stages:
                 started = self._checkpoint(index, ctx, stage)
-                if stage.is_async:
-                    value = await stage.call(value, ctx)
-                else:
-                    value = await self._in_thread(executor, stage, value, ctx)
-                if inspect.isawaitable(value):
-                    value = await value
+                value = await self._tries_on_loop(executor, stage, value, ctx, retries)
         except BaseException as exc:
-            self._stopped(exc, index, ctx, started, started_at, put)
+            self._stopped(exc, index, ctx, started, started_at, put, retries[0])
             return
-        put(self._finished(index, ctx, value, started_at))
+        put(self._finished(index, ctx, value, started_at, retries[0]))
+
+    async def _tries_on_loop(self, executor, stage: Stage, value: Any, ctx: JobContext, retries: list[int]) -> Any:
+        tried = 1
+        while True:
+            try:
+                if stage.is_async:
+                    result = await stage.call(value, ctx)
+                else:
+                    result = await self._in_thread(executor, stage, value, ctx)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            except Exception as exc:  # a cancel (CancellationError, CancelledError) is never retried
+                if stage.retry is None or not stage.retry.should_retry(exc, tried):
+                    raise
+                retries[0] += 1
+                await ctx.sleep(stage.retry.delay_s(tried))  # a cancel ends the backoff at once
+                tried += 1
 
     async def _in_thread(self, executor, stage: Stage, value: Any, ctx: JobContext) -> Any:
         future = asyncio.get_running_loop().run_in_executor(executor, self._call_in_thread, stage, value, ctx)
@@ -222,14 +261,16 @@ class ItemRun:
 
     # --- how an item ends ------------------------------------------------------------------------
 
-    def _finished(self, index: int, ctx: JobContext, value: Any, started_at: datetime) -> ItemRecord:
+    def _finished(self, index: int, ctx: JobContext, value: Any, started_at: datetime, retries: int) -> ItemRecord:
         try:
-            return ItemRecord(index, ItemStatus.DONE, ctx.stage, result=json_result(value), started_at=started_at)
+            return ItemRecord(index, ItemStatus.DONE, ctx.stage, result=json_result(value), started_at=started_at,
+                              retries=retries)
         except ValueError as exc:
-            return ItemRecord(index, ItemStatus.FAILED, ctx.stage, error=str(exc), started_at=started_at)
+            return ItemRecord(index, ItemStatus.FAILED, ctx.stage, error=str(exc), started_at=started_at,
+                              retries=retries)
 
     def _stopped(self, exc: BaseException, index: int, ctx: JobContext, started: bool, started_at: datetime,
-                 put: Callable[[ItemRecord], None]) -> None:
+                 put: Callable[[ItemRecord], None], retries: int = 0) -> None:
         """Record an item that raised, then re-raise what must stop the job (a cancel, a teardown)."""
         cancel = cancellation_in(exc)
         if cancel is not None or isinstance(exc, asyncio.CancelledError):
@@ -241,14 +282,14 @@ class ItemRun:
                 except ValueError:
                     partial = None
                 put(ItemRecord(index, ItemStatus.INTERRUPTED, ctx.stage, result=partial, started_at=started_at,
-                               finished_at=at))
+                               finished_at=at, retries=retries))
             if cancel is not None and cancel is not exc:
                 raise cancel from None  # unwrapped from an exception group
             raise exc
         if not isinstance(exc, Exception):
             raise exc  # SystemExit, KeyboardInterrupt: the process is going away
         put(ItemRecord(index, ItemStatus.FAILED, ctx.stage or self.pipeline.stages[0].name,
-                       error=f"{type(exc).__name__}: {exc}", started_at=started_at))
+                       error=f"{type(exc).__name__}: {exc}", started_at=started_at, retries=retries))
 
     def _observed(self) -> datetime:
         if self.observed_at is None:
@@ -295,6 +336,8 @@ class LocalRun:
     failed: dict[int, str]
     interrupted: dict[int, str]
     cancelled: CancellationError | None = None
+    #: How many times each item's stages were tried again (items that never retried are left out).
+    retries: dict[int, int] = field(default_factory=dict)
 
 
 def run_local(pipeline: Pipeline, items: list[Any], *, options: dict[str, Any] | None = None,
@@ -307,6 +350,8 @@ def run_local(pipeline: Pipeline, items: list[Any], *, options: dict[str, Any] |
     outcome = LocalRun({}, {}, {})
 
     def record(r: ItemRecord) -> None:
+        if r.retries:
+            outcome.retries[r.index] = r.retries
         if r.status is ItemStatus.DONE:
             outcome.results[r.index] = r.result
         elif r.status is ItemStatus.FAILED:

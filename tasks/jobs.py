@@ -31,7 +31,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db import jobs as job_rows
 from db.models import Job
-from db.session import session_scope
+from db.session import is_transient, session_scope
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import lifecycle
@@ -105,10 +105,12 @@ def run_pipeline(self: Task, job_id: str | None = None, pipeline: str | None = N
     except DuplicateDelivery:
         _skip_duplicate(job_id)
     except (RedisError, OperationalError, InterfaceError) as exc:
+        if isinstance(exc, (OperationalError, InterfaceError)) and not is_transient(exc):
+            raise
         # Redis away (nobody can tell whether the job's owner lives) or the database away before
-        # the job started: nothing was done; try this delivery again later, never fail the job
+        # the job started: nothing was done; try this delivery again later (for an hour), never fail it
         log.warning("andon: job %s delivery deferred: %s", job_id, str(exc).splitlines()[0][:200])
-        raise self.retry(countdown=5, max_retries=None, exc=exc) from None
+        raise self.retry(countdown=5, max_retries=720, exc=exc) from None
     except CancellationError:  # a BaseException: Celery's tracer would re-raise it without a state
         outcome = lifecycle.outcome_of(job_id, ran=True)
     if outcome.status is JobStatus.CANCELLED:

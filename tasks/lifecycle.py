@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session
 from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
-from db.vocabulary import RESUMABLE_REASONS, CancellationReason, CancellationSource, EventKind, JobStatus
+from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks.cancellation import CancellationError, CancelRequest
 from tasks.errors import JobAlreadyTerminal, JobNotFound
+from tasks.policy import resumable
 
 __all__ = [
     "JobOutcome", "cancel_queued", "end_cancelled", "end_failed", "finish_ran_through", "mark_requested",
@@ -110,6 +111,7 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
     if by:
         detail["by"] = by
     with session_scope() as session:
+        pipeline = session.scalar(select(Job.pipeline).where(Job.id == job_id))
         job_rows.add_event(session, job_id, EventKind.CANCEL_OBSERVED, reason=error.reason.value, source=source,
                            actor=actor, detail=detail, at=now)
         values: dict[str, Any] = {}
@@ -117,7 +119,7 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
             values["cancel_requested_at"] = requested_at
         return job_rows.transition(
             session, job_id, JobStatus.CANCELLED, fence=fence, **job_rows.cancel_values(error), **values,
-            cancel_observed_at=now, cancelled_at_item=at_item, resumable=error.reason in RESUMABLE_REASONS,
+            cancel_observed_at=now, cancelled_at_item=at_item, resumable=resumable(pipeline, error.reason),
         )
 
 
@@ -157,6 +159,7 @@ def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tup
     """Queued → cancelled at once; running → cancelling. Returns the status and the winning request
     (``request`` itself if this call won). Retries if a worker moves the row meanwhile."""
     values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at}
+    pipeline = session.scalar(select(Job.pipeline).where(Job.id == job_id))
     # the common case first, without reading the row: a running job
     if job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
         return JobStatus.CANCELLING, request
@@ -171,7 +174,7 @@ def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tup
             return status, requested_cancels([job_id], session).get(job_id, request)
         if status is JobStatus.PENDING and job_rows.transition(
             session, job_id, JobStatus.CANCELLED, only_from=JobStatus.PENDING, cancelled_at_item=0,
-            resumable=request.reason in RESUMABLE_REASONS, **values,
+            resumable=resumable(pipeline, request.reason), **values,
         ):
             return JobStatus.CANCELLED, request
         if status is JobStatus.RUNNING and job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
@@ -183,9 +186,12 @@ def cancel_queued(session: Session, job_ids: list[str], request: CancelRequest) 
     """End many queued jobs ``cancelled`` in one conditional UPDATE (only rows still ``pending``
     change, so a job a worker just started is left to the per-job path); returns the ended ids."""
     values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at, "cancelled_at_item": 0,
-              "status": JobStatus.CANCELLED.value, "finished_at": request.at,
-              "resumable": request.reason in RESUMABLE_REASONS}
-    return list(session.scalars(
-        update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.PENDING.value)
-        .values(**values).returning(Job.id).execution_options(synchronize_session=False)
-    ))
+              "status": JobStatus.CANCELLED.value, "finished_at": request.at}
+    ended: list[str] = []
+    pipelines = session.execute(select(Job.pipeline).where(Job.id.in_(job_ids)).distinct()).scalars().all()
+    for pipeline in pipelines:  # usually one: whether a stop is resumable is the pipeline's policy
+        ended += session.scalars(
+            update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.PENDING.value, Job.pipeline == pipeline)
+            .values(**values, resumable=resumable(pipeline, request.reason))
+            .returning(Job.id).execution_options(synchronize_session=False))
+    return ended

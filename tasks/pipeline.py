@@ -23,17 +23,20 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from db.settings import get_settings
 from tasks import registry
 from tasks.cancellation import CancellationToken
 from tasks.context import JobContext
 from tasks.engine import LocalRun, run_local
 from tasks.errors import InvalidInput, PipelineError
+from tasks.policy import check_policy
+from tasks.retry import Retry
 
 __all__ = ["JobContext", "LocalRun", "Pipeline", "Stage", "stage"]
 
@@ -50,19 +53,25 @@ class Stage:
     name: str
     takes_context: bool
     is_async: bool
+    #: Tries again on the exceptions it names (:class:`~tasks.retry.Retry`); None: one try.
+    retry: Retry | None = None
 
     def call(self, value: Any, ctx: JobContext) -> Any:
         return self.fn(value, ctx) if self.takes_context else self.fn(value)
 
 
-def stage(fn: Callable[..., Any] | Stage, *, name: str | None = None) -> Stage:
-    """Make ``fn`` a stage, named ``name`` (default: the function's name, ≤ 64 characters)."""
+def stage(fn: Callable[..., Any] | Stage, *, name: str | None = None, retry: Retry | None = None) -> Stage:
+    """Make ``fn`` a stage, named ``name`` (default: the function's name, ≤ 64 characters), tried
+    again per ``retry`` on the exceptions it names."""
+    if retry is not None and not isinstance(retry, Retry):
+        raise PipelineError(f"stage retry must be a tasks.Retry, got {retry!r}")
     if isinstance(fn, Stage):
-        return fn if name is None else Stage(fn.fn, _stage_name(name), fn.takes_context, fn.is_async)
+        return Stage(fn.fn, _stage_name(name) if name else fn.name, fn.takes_context, fn.is_async,
+                     retry or fn.retry)
     if not callable(fn):
         raise PipelineError(f"stage {fn!r} is not callable")
     return Stage(fn, _stage_name(name or getattr(fn, "__name__", type(fn).__name__)), _takes_context(fn),
-                 _is_async(fn))
+                 _is_async(fn), retry)
 
 
 def _stage_name(name: str) -> str:
@@ -101,6 +110,9 @@ class Pipeline:
     (sync stages then run in threads). ``item_model`` / ``options_model``: pydantic models (or any
     type pydantic validates) checking each item / the pipeline's own options at submit. ``queue``:
     the Celery queue its jobs go to (workers serving it must import the pipeline's module).
+    ``policy``: what happens after a stop, by reason (:mod:`tasks.policy`); ``max_resumes``: how
+    often a policy may resume one job's chain. ``retry``: the :class:`~tasks.retry.Retry` of every
+    stage that doesn't declare its own.
     """
 
     name: str
@@ -115,11 +127,14 @@ class Pipeline:
     def __init__(self, name: str, stages: Iterable[Callable[..., Any] | Stage], *, concurrency: int = 1,
                  description: str | None = None, item_model: Any = None,
                  options_model: type[BaseModel] | None = None, queue: str | None = None,
-                 register: bool = True) -> None:
+                 policy: Mapping[str, str] | None = None, max_resumes: int | None = None,
+                 retry: Retry | None = None, register: bool = True) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise PipelineError(f"invalid pipeline name {name!r}: 1-64 letters, digits, '_', '.', ':' or '-'")
         self.name = name
-        self.stages = [stage(fn) for fn in stages]
+        if retry is not None and not isinstance(retry, Retry):
+            raise PipelineError(f"pipeline {name!r}: retry must be a tasks.Retry, got {retry!r}")
+        self.stages = [stage(fn, retry=None if isinstance(fn, Stage) and fn.retry else retry) for fn in stages]
         if not self.stages:
             raise PipelineError(f"pipeline {name!r} has no stages")
         names = [s.name for s in self.stages]
@@ -131,6 +146,11 @@ class Pipeline:
             raise PipelineError(f"pipeline {name!r}: options_model must be a pydantic model class")
         if queue is not None and (not isinstance(queue, str) or not _NAME.fullmatch(queue)):
             raise PipelineError(f"pipeline {name!r}: invalid queue name {queue!r}")
+        if max_resumes is not None and (isinstance(max_resumes, bool) or not isinstance(max_resumes, int)
+                                        or max_resumes < 0):
+            raise PipelineError(f"pipeline {name!r}: max_resumes must be a whole number ≥ 0")
+        self.policy = check_policy(policy, f"pipeline {name!r} policy")
+        self.max_resumes = max_resumes if max_resumes is not None else get_settings().max_policy_resumes
         self.concurrency = concurrency
         self.description = description
         self.item_model = item_model

@@ -6,7 +6,7 @@ import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from db import jobs as job_rows
@@ -14,8 +14,8 @@ from db.models import Job, JobEvent, JobItem
 from db.session import session_scope
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import registry
-from tasks.control import enqueue
 from tasks.errors import AndonError, BrokerUnavailable, JobNotFound, NotResumable, UnknownPipeline
+from tasks.sending import enqueue
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,12 @@ class ResumeUnavailable(BrokerUnavailable):
     """The resumed job could not be queued (broker or Redis away); nothing was kept, retry later."""
 
 
-def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, queue: str | None = None) -> str:
+def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, queue: str | None = None,
+               detail: dict | None = None) -> str:
     """Start a new job that reuses every finished item of a cancelled one and runs only the rest.
 
-    Resumable without ``force``: jobs cancelled for ``timeout`` or ``system_shutdown`` (nothing was
-    wrong with the job). A job is resumed at most once (a unique ``resumed_from``), so two workers
+    Resumable without ``force``: jobs whose policy says so (by default those cancelled for
+    ``timeout`` or ``system_shutdown``: nothing was wrong with the job). A job is resumed at most once (a unique ``resumed_from``), so two workers
     auto-resuming after the same shutdown can't both do it. Returns the new job's id.
     """
     new_id = str(uuid.uuid4())
@@ -53,7 +54,9 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
                                 tags=job.tags, actor=actor)
             reused = job_rows.copy_done_items(session, job_id, new_id)
             job_rows.add_event(session, new_id, EventKind.RESUMED, actor=actor,
-                               detail={"resumed_from": job_id, "reused_items": reused})
+                               detail={"resumed_from": job_id, "reused_items": reused, **(detail or {})})
+            session.execute(update(Job).where(Job.id == job_id).values(resumed_by=new_id)
+                            .execution_options(synchronize_session=False))
     except IntegrityError as exc:  # lost the race to another resumer
         raise NotResumable(f"job {job_id} was already resumed") from exc
     try:
@@ -61,6 +64,8 @@ def resume_job(job_id: str, *, force: bool = False, actor: str | None = None, qu
     except Exception as exc:
         # nothing was queued: take the new job back, so the old one can still be resumed later
         with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(resumed_by=None)
+                            .execution_options(synchronize_session=False))
             session.execute(delete(JobEvent).where(JobEvent.job_id == new_id))
             session.execute(delete(JobItem).where(JobItem.job_id == new_id))
             session.execute(delete(Job).where(Job.id == new_id))

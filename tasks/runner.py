@@ -27,6 +27,7 @@ from db.session import is_transient, retry_transient, session_scope, transaction
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, ItemStatus, JobStatus
 from tasks import lifecycle, registry
+from tasks.after_stop import act_after_cancel
 from tasks.cancellation import CancellationError, CancellationToken, ForcedCancellation, cancellation_in
 from tasks.cancellation.keys import heartbeat_key
 from tasks.cleanup import CleanupManager
@@ -187,7 +188,7 @@ class JobRun:
         with transaction() as conn:
             job_rows.record_item(conn, self.job.id, record.index, record.stage, record.status, result=record.result,
                                  error=record.error, started_at=record.started_at, finished_at=record.finished_at,
-                                 fence=self.fence)
+                                 fence=self.fence, retries=record.retries, usage=record.usage)
         if record.status is not ItemStatus.INTERRUPTED:
             self.finished.add(record.index)
 
@@ -237,7 +238,8 @@ class JobRun:
                                                stage=self.reached[1] if self.reached else None,
                                                observed_at=observed_at, fence=self.fence)
             try:
-                self._durably(end)
+                if self._durably(end):
+                    act_after_cancel(self.job.id)  # its per-reason policy may resume it at once
             except NotOwner:
                 return self._lost()
             if isinstance(exc, CancellationError) or cancellation_in(exc) is not None:

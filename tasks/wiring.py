@@ -12,7 +12,7 @@ import sys
 
 from celery import Celery, signals
 
-from tasks import jobs, notify, registry
+from tasks import jobs, notify, policy, registry
 from tasks import signals as moments
 from tasks.celery_app import ANALYZE_DOCUMENTS, RUN_PIPELINE
 from tasks.errors import PipelineError
@@ -46,6 +46,7 @@ def load_pipelines_or_exit(**_: object) -> None:
     with one clear line — a bad ``ANDON_PIPELINES`` must fail at start, not at the first job."""
     try:
         known = registry.load_configured()
+        policy.check_global()
     except PipelineError as exc:
         sys.stderr.write(f"andon worker: {exc}\n")
         sys.stderr.flush()

@@ -181,6 +181,8 @@ def test_a_job_cancelled_mid_stream_keeps_the_partial_answer(start_worker):
         cut = partial.interrupted_items[0]  # in flight when cancelled: not failed, resumable, answer kept
         assert cut.stage == "analyze" and cut.partial["summary"].endswith("[Response cancelled]")
         assert cut.partial["usage"]["cut_short"] is True
+        usage = service.get_job(job_id).usage  # the job's totals count the cut answer, estimated
+        assert usage.cut_short_items == 1 and usage.estimated and usage.completion_tokens == cut.partial["tokens_received"]
         assert 10 <= cut.partial["tokens_received"] < 200 and cut.partial["elapsed_s"] > 0
 
 
