@@ -133,3 +133,33 @@ def test_a_bad_supersede_key_is_a_422_naming_it(api_client):
         assert "supersede_key" in str(exc)
     else:
         raise AssertionError("a bad key was accepted")
+
+
+def test_claims_on_one_key_are_serialized_on_either_database(db_url):
+    """The rows alone, on SQLite and PostgreSQL: racing claims on one key each see every job committed
+    before them, so exactly one job — the last claim's — is superseded by none."""
+    from db import jobs as job_rows
+    from db import supersede
+
+    key, racers, seen = _key(), 8, {}
+    start = threading.Barrier(racers)
+
+    def claim() -> None:
+        job_id = str(uuid.uuid4())
+        start.wait()
+        with session_scope(db_url) as session:
+            seen[job_id] = supersede.claim(session, "acme", key, job_id)
+            job_rows.create_job(session, job_id, ["a"], {}, tenant="acme", supersede_key=key)
+
+    threads = [threading.Thread(target=claim) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == racers
+    superseded = {old for olds in seen.values() for old in olds}
+    (newest,) = set(seen) - superseded
+    assert sorted(len(olds) for olds in seen.values()) == list(range(racers))  # a total order
+    assert set(seen[newest]) == set(seen) - {newest}
+    with session_scope(db_url) as session:
+        assert session.get(SupersedeKey, ("acme", key)).job_id == newest
