@@ -168,7 +168,7 @@ def submit(
 
     if idempotency_key is None:
         answer = run()
-    else:  # hashed as the same request over HTTP would be, so either door replays the other's answer
+    else:  # hashed as this body POSTed to /api/jobs (with `items`) would be: either door replays the other
         body = _validated(SubmitRequest, {"pipeline": pipeline, "items": values, "options": options, "deadline_s":
                                           deadline, "parent_job_id": parent, "tags": tag or [],
                                           "supersede_key": supersede_key})
