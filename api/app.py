@@ -18,12 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics, progress, ui
 from api.hosts import HostAllowlist
-from api.routes import events, jobs, ops, pipelines
+from api.routes import chains, events, jobs, ops, pipelines
 from db.settings import get_settings
 from tasks import notify, policy, registry
 from tasks.errors import (
     AndonError,
     BrokerUnavailable,
+    IdempotencyConflict,
     InvalidInput,
     InvalidParent,
     InvalidTag,
@@ -79,6 +80,7 @@ app = FastAPI(
     lifespan=lifespan,
 )
 app.include_router(jobs.router)
+app.include_router(chains.router)
 app.include_router(pipelines.router)
 app.include_router(ops.router)
 app.include_router(events.router)
@@ -192,6 +194,7 @@ _ERROR_STATUS: dict[type[AndonError], int] = {
     JobAlreadyTerminal: 400,
     NotResumable: 400,
     BrokerUnavailable: 503,
+    IdempotencyConflict: 409,
     InvalidParent: 422,
     InvalidTag: 422,
     UnknownPipeline: 422,

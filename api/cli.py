@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from api import service, supervisor, views
+from api.schemas import ChainRequest, ChainResponse, ChordRequest, ChordResponse, SubmitRequest, SubmitResponse
 from db.settings import (
     DEFAULT_ALLOWED_HOSTS,
     DEFAULT_API_PORT,
@@ -28,7 +30,7 @@ from db.settings import (
 )
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
 from tasks import notify, policy, registry
-from tasks.errors import AndonError
+from tasks.errors import AndonError, InvalidInput
 
 cli = typer.Typer(
     name="andon", help="Structured cancellation for Celery AI pipelines.", no_args_is_help=True,
@@ -139,6 +141,10 @@ def submit(
     deadline: Annotated[Optional[float], typer.Option(min=0.001, help="Cancel with 'timeout' after this many seconds.")] = None,
     parent: Annotated[Optional[str], typer.Option(help="Run after this job completes.")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="A label to find or cancel the job by (repeatable).")] = None,
+    supersede_key: Annotated[Optional[str], typer.Option(help="Cancel your unfinished jobs submitted with this key "
+                                                              "(the newest wins).")] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option(help="Retry-safe: the same key prints the first "
+                                                                "submit's job again (24 h).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Submit a job: a pipeline over ITEMS (or a file of them)."""
@@ -155,12 +161,117 @@ def submit(
     options = dict(_option(text) for text in option or [])
     if stage_delay:
         options["stage_delay_s"] = stage_delay
-    answer = service.submit_job(values, options, deadline, actor="cli", parent_job_id=parent, tenant=_tenant(),
-                                tags=tag, pipeline=pipeline)
+    tenant = _tenant()
+
+    def run() -> Any:
+        return service.submit_job(values, options, deadline, actor="cli", parent_job_id=parent, tenant=tenant,
+                                  tags=tag, pipeline=pipeline, supersede_key=supersede_key)
+
+    if idempotency_key is None:
+        answer = run()
+    else:  # hashed as this body POSTed to /api/jobs (with `items`) would be: either door replays the other
+        body = _validated(SubmitRequest, {"pipeline": pipeline, "items": values, "options": options, "deadline_s":
+                                          deadline, "parent_job_id": parent, "tags": tag or [],
+                                          "supersede_key": supersede_key})
+        answer = _once(idempotency_key, "POST /api/jobs", body, run, SubmitResponse)
     if json_out:
         views.print_json(answer)
     else:
         print(answer.job_id)
+
+
+def _validated(model: type[BaseModel], data: Any) -> Any:
+    """``data`` as ``model``, or the first thing wrong with it as one line (InvalidInput)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput([{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                            for e in exc.errors(include_url=False, include_input=False)]) from None
+
+
+def _once(key: str, route: str, body: BaseModel, run: Any, answer_model: type[BaseModel]) -> Any:
+    """``run()`` once per Idempotency-Key, as the API does it: a retry gets the first answer again."""
+    from api.idempotency import run_once
+
+    service.check_key(key, ["--idempotency-key"])
+    _, answer, _ = run_once(_tenant(), key, route, body, 202, run)
+    return answer_model.model_validate(answer)
+
+
+StepsFile = Annotated[Optional[Path], typer.Option("--file", "-f", help="The whole request as JSON, as the HTTP "
+                                                                        "API takes it ('-': stdin).")]
+IdempotencyKeyOpt = Annotated[Optional[str], typer.Option(help="Retry-safe: the same key prints the first "
+                                                               "answer again (24 h).")]
+
+
+def _request_file(file: Path) -> Any:
+    return _json_item(sys.stdin.read() if str(file) == "-" else _read(file), str(file))
+
+
+@cli.command()
+def chain(
+    step: Annotated[Optional[list[str]], typer.Option("--step", "-s", help="A job, as a JSON submit body "
+                                                                          "(repeatable, in order).")] = None,
+    file: StepsFile = None,
+    idempotency_key: IdempotencyKeyOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run jobs one after another; each starts when the one before completes, and if one fails or is
+    cancelled the rest end dependency_failed. Prints the job ids in order.
+
+    e.g. andon chain --step '{"documents": ["a", "b"]}' --step '{"pipeline": "p", "items": [1, 2]}'
+    """
+    if bool(step) == (file is not None):
+        raise UsageMistake("give the jobs with --step JSON (repeatable) or --file F.json, not both")
+    data = _request_file(file) if file is not None else \
+        {"jobs": [_json_item(text, f"--step {n}") for n, text in enumerate(step or [], 1)]}
+    body = _validated(ChainRequest, data)
+
+    def run() -> Any:
+        return service.submit_chain_request(body, actor="cli", tenant=_tenant())
+
+    answer = run() if idempotency_key is None else _once(idempotency_key, "POST /api/chains", body, run, ChainResponse)
+    if json_out:
+        views.print_json(answer)
+    else:
+        print("\n".join(answer.job_ids))
+
+
+@cli.command()
+def chord(
+    header: Annotated[Optional[list[str]], typer.Option("--header", help="A job run in parallel, as a JSON "
+                                                                        "submit body (repeatable).")] = None,
+    body_job: Annotated[Optional[str], typer.Option("--body", help="The job run after every header job "
+                                                                   "completed, as a JSON submit body.")] = None,
+    file: StepsFile = None,
+    idempotency_key: IdempotencyKeyOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run header jobs in parallel, then a body job once they all completed (if one fails or is
+    cancelled, the body ends dependency_failed). Prints the header ids, then the body's id last.
+
+    e.g. andon chord --header '{"documents": ["a"]}' --header '{"documents": ["b"]}' --body '{"documents": ["c"]}'
+    """
+    if (file is not None) == bool(header or body_job):
+        raise UsageMistake("give --header JSON (repeatable) and --body JSON, or --file F.json")
+    if file is not None:
+        data = _request_file(file)
+    else:
+        if not header or body_job is None:
+            raise UsageMistake("a chord needs at least one --header and a --body")
+        data = {"header": [_json_item(text, f"--header {n}") for n, text in enumerate(header, 1)],
+                "body": _json_item(body_job, "--body")}
+    request = _validated(ChordRequest, data)
+
+    def run() -> Any:
+        return service.submit_chord_request(request, actor="cli", tenant=_tenant())
+
+    answer = run() if idempotency_key is None else _once(idempotency_key, "POST /api/chords", request, run,
+                                                                    ChordResponse)
+    if json_out:
+        views.print_json(answer)
+    else:
+        print("\n".join(answer.job_ids))
 
 
 def _json_item(text: str, where: str) -> Any:

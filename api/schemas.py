@@ -13,6 +13,12 @@ from tasks.tags import MAX_TAGS, TAG_PATTERN
 
 Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
 
+#: What a supersede key or an Idempotency-Key may be: 1-128 printable ASCII characters from a safe set
+#: (a UUID, a ULID, ``conversation:42``, ``user@example.com/thread-7``).
+KEY_PATTERN = r"^[A-Za-z0-9._:/@+=-]{1,128}$"
+#: The most steps one chain, or one chord's header, may have.
+MAX_STEPS = 1000
+
 
 class SubmitRequest(BaseModel):
     """A job: a pipeline (default ``documents``) over ``items`` (for ``documents``, ``documents`` is an
@@ -31,6 +37,9 @@ class SubmitRequest(BaseModel):
     parent_job_id: str | None = Field(default=None, min_length=1, max_length=64)
     #: Labels to find and bulk-cancel the job by (``batch-7``, ``customer:acme``).
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    #: Cancel every unfinished job of the caller's tenant submitted with this key (source
+    #: ``superseded``); submits with one key are serialized and the newest wins.
+    supersede_key: str | None = Field(default=None, pattern=KEY_PATTERN, examples=["conversation:42"])
 
     @model_validator(mode="after")
     def items_or_documents(self) -> SubmitRequest:
@@ -51,6 +60,37 @@ class SubmitRequest(BaseModel):
 class SubmitResponse(BaseModel):
     job_id: str
     status: JobStatus
+
+
+class ChainRequest(BaseModel):
+    """Jobs run one after another (a Celery chain): each starts when the one before completes; if one
+    fails or is cancelled, the rest end ``dependency_failed`` without running. Each step is a submit
+    body; steps don't pass results to each other. ``parent_job_id`` and ``supersede_key`` are not
+    for steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[SubmitRequest] = Field(min_length=1, max_length=MAX_STEPS)
+
+
+class ChordRequest(BaseModel):
+    """Header jobs run in parallel, then the body job (a Celery chord); if a header job fails or is
+    cancelled, the body ends ``dependency_failed`` without running. Each is a submit body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    header: list[SubmitRequest] = Field(min_length=1, max_length=MAX_STEPS)
+    body: SubmitRequest
+
+
+class ChainResponse(BaseModel):
+    job_ids: list[str]
+
+
+class ChordResponse(BaseModel):
+    #: The header jobs, then the body job.
+    job_ids: list[str]
+    body_job_id: str
 
 
 class CancelRequestBody(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,9 +19,14 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import selectinload
 
 from api.schemas import (
+    KEY_PATTERN,
     BulkCancelResponse,
     CancelLatency,
     CancelResponse,
+    ChainRequest,
+    ChainResponse,
+    ChordRequest,
+    ChordResponse,
     FailedItem,
     InterruptedItem,
     JobUsage,
@@ -28,9 +34,11 @@ from api.schemas import (
     PartialResultView,
     PipelineView,
     ResumeResponse,
+    SubmitRequest,
     SubmitResponse,
 )
 from db import jobs as job_rows
+from db import supersede
 from db.models import Job, JobItem
 from db.session import session_scope
 from db.vocabulary import (
@@ -42,7 +50,15 @@ from db.vocabulary import (
 )
 from tasks import control, lifecycle, registry, resume
 from tasks.control import cancel_children, request_cancel, settle_children
-from tasks.errors import BrokerUnavailable, InvalidInput, InvalidParent, JobNotFound
+from tasks.errors import (
+    AndonError,
+    BrokerUnavailable,
+    InvalidInput,
+    InvalidParent,
+    InvalidTag,
+    JobNotFound,
+    UnknownPipeline,
+)
 from tasks.intake import check_storable, check_submission, unstorable
 from tasks.sending import enqueue, job_signature
 from tasks.tags import check_tags
@@ -120,13 +136,16 @@ def submit_job(
     tags: list[str] | None = None,
     pipeline: str = "documents",
     items_field: str = "items",
+    supersede_key: str | None = None,
 ) -> SubmitResponse:
     """Check the submission, make the job row, commit, *then* enqueue (the worker must find the row).
 
     With a parent, the job waits for it: enqueued when the parent completes, cancelled with
-    ``dependency_failed`` (never run) if the parent fails or is cancelled.
+    ``dependency_failed`` (never run) if the parent fails or is cancelled. With a ``supersede_key``,
+    every unfinished job of the tenant with that key is cancelled (see :func:`_supersede`).
     """
     job_id = str(uuid.uuid4())
+    check_key(supersede_key, ["body", "supersede_key"])
     submission = check_submission(pipeline, items, options, items_field=items_field)
     options = submission.options
     queue = queue or submission.pipeline.queue
@@ -140,9 +159,11 @@ def submit_job(
                 raise InvalidParent(f"parent job {parent_job_id} not found") from None
             parent_status = JobStatus(parent.status)
         deferred = parent_status is not None and not parent_status.is_terminal
+        superseded = supersede.claim(session, tenant, supersede_key, job_id) if supersede_key else []
         job_rows.create_job(session, job_id, submission.items, options, pipeline=submission.pipeline.name, queue=queue,
                             deadline_s=deadline_s, parent_job_id=parent_job_id, deferred=deferred, tenant=tenant,
-                            tags=tags, actor=actor)
+                            tags=tags, actor=actor, supersede_key=supersede_key)
+    _supersede(superseded, job_id, actor)
     if parent_status is not None and parent_status is not JobStatus.COMPLETED:
         if parent_status.is_terminal:  # the parent already failed or was cancelled: never run
             cancel_children(parent_job_id, f"parent job {parent_job_id} {parent_status.value}", actor)
@@ -163,49 +184,151 @@ def _fail_unsent(job_id: str, exc: Exception) -> NoReturn:
     raise BrokerUnavailable(f"could not enqueue job {job_id}: {why}") from exc
 
 
+def check_key(key: str | None, loc: list[str | int]) -> None:
+    """InvalidInput (422) naming ``loc`` unless ``key`` is None or a key by :data:`KEY_PATTERN`."""
+    if key is not None and (not isinstance(key, str) or not re.fullmatch(KEY_PATTERN, key)):
+        raise InvalidInput([{"loc": loc, "type": "string_pattern_mismatch",
+                             "msg": "1-128 characters from A-Z a-z 0-9 . _ : / @ + = -"}])
+
+
+def _supersede(job_ids: list[str], new_job_id: str, actor: str | None) -> None:
+    """Cancel the jobs ``new_job_id`` supersedes: ``user_requested``, source ``superseded`` (which
+    no resume policy acts on), with a message naming the new job."""
+    for old_job_id in job_ids:
+        try:
+            request_cancel(old_job_id, CancellationReason.USER_REQUESTED, f"superseded by job {new_job_id}",
+                           CancellationSource.SUPERSEDED, actor)
+        except AndonError:
+            pass  # it ended meanwhile
+
+
+@dataclass(frozen=True)
+class Step:
+    """One job of a chain or a chord: what a submit body says, less a parent of its own."""
+
+    items: list[Any]
+    pipeline: str = "documents"
+    options: dict[str, Any] | None = None
+    deadline_s: float | None = None
+    tags: list[str] | None = None
+    #: Where the items came in (``items`` or ``documents``), for error locations.
+    items_field: str = "items"
+
+    @classmethod
+    def of(cls, body: SubmitRequest, loc: list[str | int]) -> Step:
+        """The step a submit body describes; InvalidInput for what a step can't have."""
+        for name in ("parent_job_id", "supersede_key"):
+            if getattr(body, name, None) is not None:
+                raise InvalidInput([{"loc": [*loc, name], "type": "value_error",
+                                     "msg": "not allowed in a chain or chord step (its parents are the steps before it)"}])
+        items, field = body.inputs
+        return cls(items, body.pipeline, body.options, body.deadline_s, body.tags, field)
+
+
+@dataclass(frozen=True)
+class _CheckedStep:
+    step: Step
+    submission: Any
+    tags: list[str]
+
+    @property
+    def queue(self) -> str | None:
+        return self.submission.pipeline.queue
+
+
+def _check_step(step: Step, loc: list[str | int]) -> _CheckedStep:
+    """Check one step like a submit; errors name ``loc`` (``["body", "jobs", 2]``) before the field."""
+    try:
+        submission = check_submission(step.pipeline, step.items, step.options, items_field=step.items_field)
+        tags = check_tags(step.tags or [])
+    except InvalidInput as exc:
+        raise InvalidInput([{**error, "loc": [*loc, *list(error["loc"])[1:]]} for error in exc.errors]) from None
+    except (UnknownPipeline, InvalidTag) as exc:
+        field = "pipeline" if isinstance(exc, UnknownPipeline) else "tags"
+        raise InvalidInput([{"loc": [*loc, field], "msg": str(exc), "type": "value_error"}]) from None
+    return _CheckedStep(step, submission, tags)
+
+
+def _create_step(session, job_id: str, checked: _CheckedStep, actor: str | None, tenant: str | None,
+                 queue: str | None, **links: Any) -> None:
+    sub = checked.submission
+    job_rows.create_job(session, job_id, sub.items, sub.options, pipeline=sub.pipeline.name, actor=actor,
+                        tenant=tenant, queue=queue or checked.queue, deadline_s=checked.step.deadline_s,
+                        tags=checked.tags, **links)
+
+
 def submit_chain(item_sets: list[list[Any]], options: dict[str, Any] | None = None,
                  queue: str | None = None, actor: str | None = None, pipeline: str = "documents",
                  tenant: str | None = None) -> list[str]:
+    """Run jobs of one pipeline one after another over ``item_sets`` (see :func:`submit_chain_steps`)."""
+    return submit_chain_steps([Step(items, pipeline, options) for items in item_sets], actor=actor, tenant=tenant,
+                              queue=queue)
+
+
+def submit_chain_steps(steps: list[Step], actor: str | None = None, tenant: str | None = None,
+                       queue: str | None = None) -> list[str]:
     """Run jobs one after another as a Celery chain: each step's row names the previous as parent.
 
     Celery sends a step only after the previous one succeeded; when a step fails or is cancelled,
     andon ends the later rows ``cancelled`` / ``dependency_failed`` and they show REVOKED or FAILURE
-    in the result backend, never PENDING forever.
+    in the result backend, never PENDING forever. Every step is checked before any row is written.
     """
-    steps = [check_submission(pipeline, items, options) for items in item_sets]
-    job_ids = [str(uuid.uuid4()) for _ in steps]
+    if not steps:
+        raise InvalidInput([{"loc": ["body", "jobs"], "msg": "a chain needs at least one job", "type": "too_short"}])
+    checked = [_check_step(step, ["body", "jobs", i]) for i, step in enumerate(steps)]
+    job_ids = [str(uuid.uuid4()) for _ in checked]
     with session_scope() as session:
-        for i, (job_id, step) in enumerate(zip(job_ids, steps)):
-            job_rows.create_job(session, job_id, step.items, step.options, pipeline=step.pipeline.name, actor=actor,
-                                parent_job_id=job_ids[i - 1] if i else None, tenant=tenant,
-                                queue=queue or step.pipeline.queue)
-    chain(job_signature(job_id, step.options, queue or step.pipeline.queue)
-          for job_id, step in zip(job_ids, steps)).apply_async()
+        for i, (job_id, step) in enumerate(zip(job_ids, checked)):
+            _create_step(session, job_id, step, actor, tenant, queue, parent_job_id=job_ids[i - 1] if i else None)
+    chain(job_signature(job_id, step.submission.options, queue or step.queue)
+          for job_id, step in zip(job_ids, checked)).apply_async()
     return job_ids
 
 
 def submit_chord(header_sets: list[list[Any]], body_items: list[Any], options: dict[str, Any] | None = None,
                  queue: str | None = None, actor: str | None = None, pipeline: str = "documents",
                  tenant: str | None = None) -> tuple[list[str], str]:
+    """Header jobs of one pipeline, then a body job (see :func:`submit_chord_steps`)."""
+    return submit_chord_steps([Step(items, pipeline, options) for items in header_sets],
+                              Step(body_items, pipeline, options), actor=actor, tenant=tenant, queue=queue)
+
+
+def submit_chord_steps(header: list[Step], body: Step, actor: str | None = None, tenant: str | None = None,
+                       queue: str | None = None) -> tuple[list[str], str]:
     """Run header jobs in parallel, then a body job, as a Celery chord; returns (header ids, body id).
 
     The body's row waits for every header job (``job_parents``): if any of them fails or is
     cancelled, andon ends the body ``cancelled`` / ``dependency_failed`` at once, and Celery, once
     every header has returned, marks the body FAILURE (ChordError) instead of running it.
     """
-    headers = [check_submission(pipeline, items, options) for items in header_sets]
-    body = check_submission(pipeline, body_items, options)
+    if not header:
+        raise InvalidInput([{"loc": ["body", "header"], "msg": "a chord needs at least one header job",
+                             "type": "too_short"}])
+    headers = [_check_step(step, ["body", "header", i]) for i, step in enumerate(header)]
+    last = _check_step(body, ["body", "body"])
     header_ids = [str(uuid.uuid4()) for _ in headers]
     body_id = str(uuid.uuid4())
     with session_scope() as session:
         for job_id, step in zip(header_ids, headers):
-            job_rows.create_job(session, job_id, step.items, step.options, pipeline=step.pipeline.name, actor=actor,
-                                tenant=tenant, queue=queue or step.pipeline.queue)
-        job_rows.create_job(session, body_id, body.items, body.options, pipeline=body.pipeline.name,
-                            waits_for=header_ids, actor=actor, tenant=tenant, queue=queue or body.pipeline.queue)
-    chord(job_signature(job_id, step.options, queue or step.pipeline.queue)
-          for job_id, step in zip(header_ids, headers))(job_signature(body_id, body.options, queue or body.pipeline.queue))
+            _create_step(session, job_id, step, actor, tenant, queue)
+        _create_step(session, body_id, last, actor, tenant, queue, waits_for=header_ids)
+    chord(job_signature(job_id, step.submission.options, queue or step.queue)
+          for job_id, step in zip(header_ids, headers))(
+        job_signature(body_id, last.submission.options, queue or last.queue))
     return header_ids, body_id
+
+
+def submit_chain_request(body: ChainRequest, actor: str | None = None, tenant: str | None = None) -> ChainResponse:
+    """``POST /api/chains`` and ``andon chain``: each step a submit body."""
+    steps = [Step.of(job, ["body", "jobs", i]) for i, job in enumerate(body.jobs)]
+    return ChainResponse(job_ids=submit_chain_steps(steps, actor=actor, tenant=tenant))
+
+
+def submit_chord_request(body: ChordRequest, actor: str | None = None, tenant: str | None = None) -> ChordResponse:
+    """``POST /api/chords`` and ``andon chord``: header jobs and a body job, each a submit body."""
+    header = [Step.of(job, ["body", "header", i]) for i, job in enumerate(body.header)]
+    header_ids, body_id = submit_chord_steps(header, Step.of(body.body, ["body", "body"]), actor=actor, tenant=tenant)
+    return ChordResponse(job_ids=[*header_ids, body_id], body_job_id=body_id)
 
 
 def list_pipelines() -> list[PipelineView]:

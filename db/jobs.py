@@ -209,6 +209,7 @@ def create_job(
     tags: list[str] | tuple[str, ...] = (),
     waits_for: list[str] | tuple[str, ...] = (),
     actor: str | None = None,
+    supersede_key: str | None = None,
 ) -> Job:
     """A new ``pending`` job row and its ``submitted`` event. ``waits_for``: the jobs it waits for
     besides ``parent_job_id`` (a chord's body waits for every header job)."""
@@ -227,6 +228,7 @@ def create_job(
         resumed_from=resumed_from,
         deferred=deferred,
         tenant=tenant,
+        supersede_key=supersede_key,
         created_at=utcnow(),
         tag_rows=[JobTag(tag=tag) for tag in dict.fromkeys(tags)],
     )

@@ -79,6 +79,8 @@ class Job(Base):
     owner: Mapped[str | None] = mapped_column(String(128))
     #: The Celery queue its message was sent to (None: the default queue), for re-sending it.
     queue: Mapped[str | None] = mapped_column(String(64))
+    #: Submitting another job of the same tenant with this key cancels this one (source ``superseded``).
+    supersede_key: Mapped[str | None] = mapped_column(String(128), index=True)
     #: Waiting for its parent to complete; enqueued then (or cancelled if the parent isn't completed).
     deferred: Mapped[bool] = mapped_column(default=False, server_default=false())
 
@@ -167,3 +169,32 @@ class JobParent(Base):
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     parent_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True,
                                            index=True)
+
+
+class SupersedeKey(Base):
+    """The newest job submitted with a supersede key. Submits with one key each write this row first,
+    in the transaction that makes their job: the row lock (PostgreSQL) or the write lock (SQLite)
+    serializes them across API processes, so each sees every job submitted before it."""
+
+    __tablename__ = "supersede_keys"
+
+    #: ``""`` without tenants (a primary key can't be NULL).
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """The first request made with an ``Idempotency-Key``: what it asked (a hash of the route and its
+    validated body) and, once it has one, its answer — replayed to every retry for 24 hours. A row
+    without an answer is a request in progress; the first inserter owns it."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[Any | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -8,7 +8,8 @@ from typing import Any
 from tasks.cancellation.errors import CancellationError, ForcedCancellation
 
 __all__ = [
-    "AndonError", "BrokerUnavailable", "CancellationError", "EmbeddingError", "LLMError", "ForcedCancellation", "InvalidInput", "InvalidJobId",
+    "AndonError", "BrokerUnavailable", "CancellationError", "EmbeddingError", "LLMError", "ForcedCancellation",
+    "IdempotencyConflict", "InvalidInput", "InvalidJobId",
     "InvalidParent", "InvalidTag", "JobAlreadyTerminal", "JobNotFound", "NotResumable", "PipelineError",
     "UnknownPipeline",
 ]
@@ -33,6 +34,11 @@ class JobAlreadyTerminal(AndonError):
 
 class BrokerUnavailable(AndonError):
     """A job row was made but its message could not be queued (broker or Redis away)."""
+
+
+class IdempotencyConflict(AndonError):
+    """An Idempotency-Key already used for a different request, or whose first request is still
+    running after the wait (HTTP 409)."""
 
 
 class InvalidParent(AndonError):

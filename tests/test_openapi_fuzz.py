@@ -99,10 +99,23 @@ def _is_number(value: Any) -> bool:
 
 
 def _cheap(case) -> None:
-    """Make a submitted job cheap to run, keeping whatever makes the request invalid."""
-    if case.method.upper() != "POST" or case.path != "/api/jobs" or not isinstance(case.body, dict):
+    """Make submitted jobs cheap to run (a submit's, or every step of a chain or chord), keeping
+    whatever makes the request invalid."""
+    if case.method.upper() != "POST" or not isinstance(case.body, dict):
         return
-    body = case.body
+    if case.path == "/api/jobs":
+        _cheap_job(case.body)
+    elif case.path in ("/api/chains", "/api/chords"):
+        steps = [case.body.get("body")]
+        for field in ("jobs", "header"):
+            if isinstance(case.body.get(field), list):
+                steps += case.body[field]
+        for step in steps:
+            if isinstance(step, dict):
+                _cheap_job(step)
+
+
+def _cheap_job(body: dict) -> None:
     documents = body.get("documents")
     if isinstance(documents, list) and documents:
         body["documents"] = [d[:MAX_DOCUMENT_CHARS] if isinstance(d, str) else d for d in documents[:MAX_DOCUMENTS]]

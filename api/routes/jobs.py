@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 from sse_starlette import EventSourceResponse
 
-from api import progress, service
+from api import idempotency, progress, service
 from api.deps import ReaderDep, WriterDep
 from api.routes.events import STREAM_RESPONSES, take_stream_slot
 from api.schemas import (
@@ -33,14 +33,19 @@ BAD_BODY = {400: {"model": ErrorResponse, "description": "the body could not be 
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SubmitResponse,
-             responses={**BAD_BODY, 422: {"description": "malformed body, or parent_job_id names no job"}})
-def submit(body: SubmitRequest, caller: WriterDep) -> SubmitResponse:
+             responses={**BAD_BODY, **idempotency.RESPONSES,
+                        422: {"description": "malformed body, or parent_job_id names no job"}})
+def submit(body: SubmitRequest, caller: WriterDep,
+           idempotency_key: idempotency.IdempotencyKeyHeader = None) -> SubmitResponse:
     """Submit a job: 422 names the field (and the item's index) a pipeline's models reject, or the
-    known pipelines when the name is unknown."""
+    known pipelines when the name is unknown. With `supersede_key`, every unfinished job of yours
+    with that key is cancelled (source `superseded`); with an `Idempotency-Key`, a retry replays
+    the first answer."""
     items, field = body.inputs
-    return service.submit_job(items, body.options, body.deadline_s, actor=caller.actor,
-                              parent_job_id=body.parent_job_id, tenant=caller.tenant, tags=body.tags,
-                              pipeline=body.pipeline, items_field=field)
+    return idempotency.respond(caller, idempotency_key, "POST /api/jobs", body, lambda: service.submit_job(
+        items, body.options, body.deadline_s, actor=caller.actor, parent_job_id=body.parent_job_id,
+        tenant=caller.tenant, tags=body.tags, pipeline=body.pipeline, items_field=field,
+        supersede_key=body.supersede_key))
 
 
 @router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse, responses=BAD_BODY)
