@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics, progress, ui
 from api.hosts import HostAllowlist
-from api.routes import events, jobs, ops, pipelines
+from api.routes import admin, events, jobs, ops, pipelines
 from db.settings import get_settings
 from tasks import notify, registry
 from tasks.errors import (
@@ -80,6 +80,7 @@ app = FastAPI(
 app.include_router(jobs.router)
 app.include_router(pipelines.router)
 app.include_router(ops.router)
+app.include_router(admin.router)
 app.include_router(events.router)
 app.include_router(ui.router)  # the dashboard: /ui, /ui/jobs/{id}
 metrics.register()

@@ -26,7 +26,7 @@ from tasks.process import get_store
 
 __all__ = [
     "MAX_LOSSES", "BulkCancelOutcome", "CancelOutcome", "cancel_children", "cancel_matching", "enqueue",
-    "finalize_stopped", "job_signature", "recover_lost_run", "request_cancel", "settle_children", "task_routing",
+    "enqueue_many", "finalize_stopped", "job_signature", "recover_lost_run", "request_cancel", "settle_children", "task_routing",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,18 @@ def recover_lost_run(job_id: str, actor: str | None, *, resend: bool) -> str:
 def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) -> None:
     """Send the pipeline task for a job whose row is committed (the worker must find it)."""
     app.send_task(RUN_PIPELINE, args=[job_id], task_id=job_id, **task_routing(options or {}, queue))
+
+
+def enqueue_many(jobs: list[tuple[str, dict | None, str | None]], sent: list[str]) -> None:
+    """Send the pipeline task for many committed rows (``(job_id, options, queue)``) through one
+    producer: one broker connection and channel for the lot, not one acquired per message. Each id is
+    appended to ``sent`` once its message is out, so after a broker error the caller knows which
+    jobs have no message."""
+    with app.producer_or_acquire() as producer:
+        for job_id, options, queue in jobs:
+            app.send_task(RUN_PIPELINE, args=[job_id], task_id=job_id, producer=producer,
+                          **task_routing(options or {}, queue))
+            sent.append(job_id)
 
 
 def job_signature(job_id: str, options: dict[str, Any], queue: str | None):
