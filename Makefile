@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test up bench chaos clean
+.PHONY: demo test up bench bench-scale chaos clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or: make PY=python3 ...)"; exit 1; }
@@ -25,6 +25,10 @@ up: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(ARGS)
+
+# the batch-submit, list and /metrics figures at 1,000,000 job rows (filling them takes minutes)
+bench-scale: $(STAMP)
+	$(BIN)/python bench/run.py --only-scale --scale-rows 1000000 --results bench/results-scale.json $(ARGS)
 
 chaos: $(STAMP)
 	$(BIN)/python chaos/run.py $(ARGS)

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics, progress, ui
 from api.hosts import HostAllowlist
-from api.routes import chains, events, jobs, ops, pipelines
+from api.routes import admin, chains, events, jobs, ops, pipelines
 from db.settings import get_settings
 from tasks import notify, policy, registry
 from tasks.errors import (
@@ -83,6 +83,7 @@ app.include_router(jobs.router)
 app.include_router(chains.router)
 app.include_router(pipelines.router)
 app.include_router(ops.router)
+app.include_router(admin.router)
 app.include_router(events.router)
 app.include_router(ui.router)  # the dashboard: /ui, /ui/jobs/{id}
 metrics.register()

@@ -417,6 +417,41 @@ def reap(json_out: JsonOpt = False) -> None:
         console.print(f"reaped {len(reaped)} lost job(s)" + "".join(f"\n  {j}" for j in reaped))
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or plain seconds; UsageMistake otherwise."""
+    value, unit = text.strip().lower(), "s"
+    if value[-1:] in _UNITS:
+        value, unit = value[:-1], value[-1]
+    try:
+        seconds = float(value) * _UNITS[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not (0 <= seconds <= service.MAX_PRUNE_AGE_S):
+        raise UsageMistake(f"--older-than {text!r}: expected a duration like 30d, 12h, 90m or 45s")
+    return seconds
+
+
+@cli.command()
+def prune(
+    older_than: Annotated[str, typer.Option("--older-than", help="Delete jobs that ended longer ago than this "
+                                                                 "(30d, 12h, 90m, 45s).")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete finished jobs (with their items, events and tags) that ended longer ago than --older-than,
+    1,000 per transaction; unfinished jobs are never deleted."""
+    seconds = parse_duration(older_than)
+    if _tenant() is not None:
+        raise AndonError("prune acts on every tenant's jobs: it needs the admin token (ANDON_ADMIN_TOKEN)")
+    deleted = service.prune_jobs(seconds)
+    if json_out:
+        views.print_json({"deleted": deleted})
+    else:
+        console.print(f"deleted {deleted} job(s) that ended more than {older_than} ago")
+
+
 def _exec(argv: list[str], env: dict[str, str] | None = None) -> None:
     sys.stdout.flush()
     os.execvpe(argv[0], argv, {**os.environ, **(env or {})})

@@ -87,5 +87,16 @@ async def metrics_reader(
                             headers={"WWW-Authenticate": "Bearer"})
 
 
+async def operator(
+    caller: Annotated[Caller, Depends(writer)],
+    settings: Annotated[Settings, Depends(current_settings)],
+) -> Caller:
+    """Operations across every tenant's jobs (prune): a writer; with tenants set, the admin token only."""
+    if settings.api_tokens and not caller.admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "with tenants set, this needs the admin token (ANDON_ADMIN_TOKEN)")
+    return caller
+
+
 ReaderDep = Annotated[Caller, Depends(reader)]
 WriterDep = Annotated[Caller, Depends(writer)]
+OperatorDep = Annotated[Caller, Depends(operator)]

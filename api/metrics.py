@@ -1,27 +1,46 @@
 """Prometheus metrics for ``GET /metrics``, read from the job rows at scrape time.
 
 Cancels happen in worker processes, so in-process counters in the API would miss them; the rows
-are the one place every process writes. Each scrape runs two small queries (the latency histograms
-look at the most recent ``SAMPLE`` cancelled jobs).
+are the one place every process writes. But counting a million rows per scrape takes most of a
+second, so the counts are kept incrementally, and exactly: a terminal job never changes status or
+reason again, so jobs that ended before a watermark are counted once and kept as a running total;
+each scrape counts only the jobs not yet ended and those that ended after the watermark (both
+through an index: ``ix_jobs_status_created_id``, ``ix_jobs_finished_status_reason``), and moves the
+watermark on. The watermark trails the clock by ``SETTLE_S``: a terminal row's ``finished_at`` is
+stamped before its commit, so a row may become visible a little after the moment it names — a
+commit later than ``SETTLE_S`` would be missed from the total until the next recount. A prune
+deletes terminal rows: it raises a Redis counter (``rows_deleted_key``) and every API process
+recounts at its next scrape (the one scrape that reads the whole table, as the first one does).
+The latency histograms look at the most recent ``SAMPLE`` cancelled jobs (``ix_jobs_status_finished``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
+from redis.exceptions import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import Job
+from db.models import Job, utcnow
 from db.session import session_scope
-from db.vocabulary import JobStatus
+from db.vocabulary import TERMINAL_STATUSES, JobStatus
+from tasks.cancellation.keys import rows_deleted_key
+from tasks.process import get_redis
 
 log = logging.getLogger(__name__)
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SAMPLE = 10_000
+#: How far the watermark trails the clock (see the module docstring).
+SETTLE_S = 60.0
+_TERMINAL = [s.value for s in TERMINAL_STATUSES]
+_UNFINISHED = [s.value for s in JobStatus if s not in TERMINAL_STATUSES]
 
 
 def _histogram(name: str, doc: str, values: list[float]) -> HistogramMetricFamily:
@@ -30,6 +49,13 @@ def _histogram(name: str, doc: str, values: list[float]) -> HistogramMetricFamil
 
 
 class JobMetrics(Collector):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: Jobs that ended at or before ``_through``, by (status, reason); None: not counted yet.
+        self._settled: Counter[tuple[str, str | None]] = Counter()
+        self._through: datetime | None = None
+        self._deletions: bytes | None = None
+
     def describe(self) -> Iterator:
         """Names without data, so registering doesn't query a database that may not exist yet."""
         yield GaugeMetricFamily("andon_jobs", "Jobs by status and cancellation reason", labels=["status", "reason"])
@@ -53,18 +79,55 @@ class JobMetrics(Collector):
         yield _histogram("andon_cancel_observe_to_terminal_seconds",
                          "From the observing checkpoint to the committed terminal row", to_stop)
 
-    @staticmethod
-    def _read() -> tuple[list, list]:
-        with session_scope() as session:
-            counts = session.execute(
-                select(Job.status, Job.cancellation_reason, func.count()).group_by(Job.status, Job.cancellation_reason)
-            ).all()
+    def _read(self) -> tuple[list, list]:
+        deletions = _deletions(self._deletions)
+        settle_to = utcnow() - timedelta(seconds=SETTLE_S)
+        ended = Job.status.in_(_TERMINAL)
+        with self._lock, session_scope() as session:
+            if self._through is None or deletions != self._deletions:
+                self._settled = _count(session, ended, Job.finished_at <= settle_to)
+                self._through, self._deletions = settle_to, deletions
+            elif settle_to > self._through:
+                self._settled.update(_count(session, ended, Job.finished_at > self._through,
+                                            Job.finished_at <= settle_to))
+                self._through = settle_to
+            counts = Counter(self._settled)
+            counts.update(_count(session, ended, Job.finished_at > self._through))
+            counts.update(_count(session, ended, Job.finished_at.is_(None)))
+            counts.update(_count(session, Job.status.in_(_UNFINISHED)))
             moments = session.execute(
                 select(Job.cancel_requested_at, Job.cancel_observed_at, Job.finished_at)
                 .where(Job.status == JobStatus.CANCELLED.value, Job.cancel_observed_at.is_not(None))
                 .order_by(Job.finished_at.desc()).limit(SAMPLE)
             ).all()
-        return counts, moments
+        return [(status, reason, n) for (status, reason), n in sorted(counts.items(), key=str) if n > 0], moments
+
+
+def _count(session, *where) -> Counter[tuple[str, str | None]]:
+    query = select(Job.status, Job.cancellation_reason, func.count()).where(*where)
+    return Counter({(status, reason): n for status, reason, n in
+                    session.execute(query.group_by(Job.status, Job.cancellation_reason))})
+
+
+def _deletions(last: bytes | None) -> bytes | None:
+    """The prune counter; the last one seen if Redis doesn't answer (the totals stay as they were)."""
+    try:
+        return get_redis().get(rows_deleted_key())
+    except RedisError:
+        return last
+
+
+def rows_deleted() -> None:
+    """Job rows were deleted (a prune): every process's /metrics recounts at its next scrape."""
+    try:
+        redis = get_redis()
+        redis.incr(rows_deleted_key())
+        redis.expire(rows_deleted_key(), 30 * 24 * 3600)
+    except RedisError as exc:
+        log.warning("metrics: could not tell other processes about deleted rows (Redis: %s)", exc)
+    for collector in list(REGISTRY._collector_to_names):
+        if isinstance(collector, JobMetrics):
+            collector._through = None
 
 
 def register() -> None:

@@ -57,6 +57,31 @@ class SubmitRequest(BaseModel):
         return (self.items, "items") if self.items is not None else (self.documents or [], "documents")
 
 
+class BatchSubmitRequest(BaseModel):
+    """Many jobs at once, each body as ``POST /api/jobs`` takes it. All or nothing: one rejected body
+    (422 naming its index) and no job is made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[SubmitRequest] = Field(min_length=1, max_length=10_000)
+
+
+class BatchSubmitResponse(BaseModel):
+    #: One per submitted body, in the same order.
+    job_ids: list[str]
+
+
+class PruneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Delete jobs that ended more than this many seconds ago (unfinished jobs are never deleted).
+    older_than_s: float = Field(ge=0, le=100 * 365 * 86400.0, examples=[30 * 86400])
+
+
+class PruneResponse(BaseModel):
+    deleted: int
+
+
 class SubmitResponse(BaseModel):
     job_id: str
     status: JobStatus

@@ -11,13 +11,14 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from celery import chain, chord
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import selectinload
 
+from api import metrics
 from api.schemas import (
     KEY_PATTERN,
     BulkCancelResponse,
@@ -39,7 +40,7 @@ from api.schemas import (
 )
 from db import jobs as job_rows
 from db import supersede
-from db.models import Job, JobItem
+from db.models import Job, JobItem, utcnow
 from db.session import session_scope
 from db.vocabulary import (
     TERMINAL_STATUSES,
@@ -60,7 +61,7 @@ from tasks.errors import (
     UnknownPipeline,
 )
 from tasks.intake import check_storable, check_submission, unstorable
-from tasks.sending import enqueue, job_signature
+from tasks.sending import enqueue, enqueue_many, job_signature
 from tasks.tags import check_tags
 
 
@@ -255,6 +256,80 @@ def _create_step(session, job_id: str, checked: _CheckedStep, actor: str | None,
     job_rows.create_job(session, job_id, sub.items, sub.options, pipeline=sub.pipeline.name, actor=actor,
                         tenant=tenant, queue=queue or checked.queue, deadline_s=checked.step.deadline_s,
                         tags=checked.tags, **links)
+
+
+#: The most jobs one batch submit may hold (DESIGN.md: batch submit).
+MAX_BATCH = 10_000
+
+
+def submit_batch(bodies: list[SubmitRequest], actor: str | None = None,
+                 tenant: str | None = None) -> list[str]:
+    """Submit many jobs at once; their ids, in order. All or nothing: every body is checked before
+    anything is written, and the first one rejected is a 422 naming its index
+    (``["body", "jobs", i, ...]``). Then the rows go in one transaction of multi-row INSERTs, and
+    the messages through one producer — what makes thousands of jobs a second possible where
+    :func:`submit_job` pays a commit and a broker connection per job.
+
+    A job with ``parent_job_id`` waits for that parent exactly as with :func:`submit_job`. If the
+    broker fails part-way, the jobs whose message wasn't sent end ``failed`` and BrokerUnavailable is
+    raised (the ones already sent run).
+    """
+    if len(bodies) > MAX_BATCH:
+        raise InvalidInput([{"loc": ["body", "jobs"], "msg": f"at most {MAX_BATCH} jobs", "type": "too_long"}])
+    jobs: list[dict[str, Any]] = []
+    for i, body in enumerate(bodies):
+        items, field = body.inputs
+        try:
+            submission = check_submission(body.pipeline, items, body.options, items_field=field)
+            tags = check_tags(body.tags)
+        except InvalidInput as exc:
+            raise InvalidInput([{**e, "loc": ["body", "jobs", i, *list(e["loc"])[1:]]} for e in exc.errors]) from None
+        except AndonError as exc:  # an unknown pipeline, a bad tag: name the job it came from
+            raise InvalidInput([{"loc": ["body", "jobs", i], "msg": str(exc), "type": "value_error"}]) from None
+        jobs.append({"id": str(uuid.uuid4()), "inputs": submission.items, "options": submission.options,
+                     "pipeline": submission.pipeline.name, "queue": submission.pipeline.queue,
+                     "deadline_s": body.deadline_s, "parent_job_id": body.parent_job_id, "tenant": tenant,
+                     "tags": tags})
+    parents = {job["parent_job_id"] for job in jobs if job["parent_job_id"] is not None}
+    with session_scope() as session:
+        parent_status = _parent_statuses(session, parents, tenant)
+        for i, job in enumerate(jobs):
+            parent = job["parent_job_id"]
+            if parent is not None and parent not in parent_status:
+                raise InvalidInput([{"loc": ["body", "jobs", i, "parent_job_id"], "type": "value_error",
+                                     "msg": f"parent job {parent} not found"}])
+            job["deferred"] = parent is not None and not parent_status[parent].is_terminal
+        job_rows.create_jobs(session, jobs, actor=actor)
+    waiting = [job for job in jobs if job["parent_job_id"] is not None
+               and parent_status[job["parent_job_id"]] is not JobStatus.COMPLETED]
+    sent: list[str] = []
+    try:
+        enqueue_many([(job["id"], job["options"], job["queue"]) for job in jobs if job not in waiting], sent)
+    except Exception as exc:
+        done = set(sent)
+        unsent = [job["id"] for job in jobs if job not in waiting and job["id"] not in done]
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        for job_id in unsent:
+            lifecycle.end_failed(job_id, f"could not enqueue: {why}")
+        raise BrokerUnavailable(f"could not enqueue {len(unsent)} of {len(jobs)} jobs: {why}") from exc
+    for parent in dict.fromkeys(job["parent_job_id"] for job in waiting):
+        if parent_status[parent].is_terminal:  # the parent already failed or was cancelled: never run
+            cancel_children(parent, f"parent job {parent} {parent_status[parent].value}", actor)
+        else:
+            settle_children(parent)  # the parent may have ended while we were writing the rows
+    return [job["id"] for job in jobs]
+
+
+def _parent_statuses(session, job_ids: set[str], tenant: str | None) -> dict[str, JobStatus]:
+    """The status of each of these jobs that exists and ``tenant`` may see."""
+    found: dict[str, JobStatus] = {}
+    ids = [job_id for job_id in job_ids if not unstorable(job_id)]
+    for start in range(0, len(ids), 1000):
+        query = select(Job.id, Job.status).where(Job.id.in_(ids[start:start + 1000]))
+        if tenant is not None:
+            query = query.where(Job.tenant == tenant)
+        found.update((job_id, JobStatus(status)) for job_id, status in session.execute(query))
+    return found
 
 
 def submit_chain(item_sets: list[list[Any]], options: dict[str, Any] | None = None,
@@ -506,3 +581,36 @@ def _result_entry(pipeline: str, item: JobItem) -> dict[str, Any]:
     if item.retries:
         entry["retries"] = item.retries
     return entry
+
+
+    if pipeline == "documents" and isinstance(item.result, dict):
+        return {"index": item.index, **item.result}
+    return {"index": item.index, "result": item.result}
+
+
+#: Jobs deleted per transaction by :func:`prune_jobs`: each transaction holds SQLite's write lock
+#: (or PostgreSQL's row locks) only that long, so running jobs' item writes go on in between.
+PRUNE_BATCH = 1000
+#: A century: any older cutoff is before every job andon ever stored.
+MAX_PRUNE_AGE_S = 100 * 365 * 86400.0
+
+
+def prune_jobs(older_than_s: float, batch: int = PRUNE_BATCH, url: str | None = None) -> int:
+    """Delete jobs that ended more than ``older_than_s`` seconds ago, with their items, events, tags
+    and parent links, ``batch`` jobs per transaction; returns how many were deleted. Jobs not yet
+    terminal are never touched, however old. Across every tenant: only an operator may call it.
+    ``url``: another database than the configured one."""
+    if not (0 <= older_than_s <= MAX_PRUNE_AGE_S):  # NaN too
+        raise InvalidInput([{"loc": ["body", "older_than_s"], "type": "value_error",
+                             "msg": f"must be a number of seconds from 0 to {MAX_PRUNE_AGE_S:g}"}])
+    before = utcnow() - timedelta(seconds=older_than_s)
+    deleted = 0
+    while True:
+        with session_scope(url) as session:
+            ids = job_rows.prunable(session, before, batch)
+            deleted += job_rows.delete_jobs(session, ids)
+        if len(ids) < batch:
+            break
+    if deleted:
+        metrics.rows_deleted()
+    return deleted

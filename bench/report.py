@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +19,10 @@ class Row:
     ratio: str
     goal: str
     met: bool | None  # None: informational, no goal
+    #: The figure as a number, for results.json (None: only the text in ``andon``).
+    value: float | None = None
+    unit: str | None = None
+    n: int | None = None
 
 
 @dataclass
@@ -179,6 +184,27 @@ def write_readme(report: Report, machine: dict[str, str], load: str, total_s: fl
         lines += ["", "## Where the time goes (this run)", ""] + [f"* {line}" for line in analysis]
     path = BENCH_DIR / "README.md"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def results_data(report: Report, machine: dict[str, str], load: str, total_s: float) -> dict:
+    """What bench/results.json holds (DESIGN.md: bench output): every figure with its unit, n, goal
+    and whether it was met; the machine; the load. A figure with no number of its own carries its
+    text as the value (and no unit)."""
+    return {
+        "figures": [{"name": row.figure, "value": row.value if row.value is not None else row.andon,
+                     "unit": row.unit, "n": row.n, "goal": None if row.goal in ("—", "") else row.goal,
+                     "met": row.met, "baseline": None if row.baseline in ("—", "") else row.baseline}
+                    for row in report.rows],
+        "machine": machine,
+        "load": load,
+        "whole_run_s": round(total_s, 1),
+        "at": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}",
+    }
+
+
+def write_results(report: Report, machine: dict[str, str], load: str, total_s: float, path: Path) -> Path:
+    path.write_text(json.dumps(results_data(report, machine, load, total_s), indent=2, ensure_ascii=False) + "\n")
     return path
 
 

@@ -10,6 +10,9 @@ machine it ran on, to bench/README.md.
     --keep         keep the temporary ANDON_HOME (worker logs, database) for a look afterwards
     --profile      also cProfile one no-op andon job in this process and print the top
     --strict       exit 1 if any goal is not met
+    --results PATH where to write the figures as JSON (default bench/results.json; written every run)
+    --scale-rows N rows in the jobs table for the list and /metrics figures (make bench-scale: 1,000,000)
+    --only-scale   only the batch-submit and scale figures (make bench-scale)
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from bench.dashboard import bench_dashboard  # noqa: E402
 from bench.latency import bench_cancel_latency  # noqa: E402
 from bench.machine import cpu_busy_s, machine_info, own_cpu_s  # noqa: E402
 from bench.procs import Worker, configure_env  # noqa: E402
-from bench.report import Report, analysis_lines, print_table, say, write_readme  # noqa: E402
+from bench.report import Report, analysis_lines, print_table, say, write_readme, write_results  # noqa: E402
+from bench.scale import bench_batch_submit, bench_scale  # noqa: E402
 from bench.sizes import CONCURRENCY, Sizes  # noqa: E402
 from bench.throughput import bench_throughput  # noqa: E402
 
@@ -48,8 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--scale-rows", type=int, default=None)
+    parser.add_argument("--only-scale", action="store_true")
     args = parser.parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
+    if args.scale_rows is not None:
+        sizes.scale_rows = args.scale_rows
 
     started_at = time.perf_counter()
     busy_at_start = cpu_busy_s()
@@ -74,26 +83,30 @@ def main(argv: list[str] | None = None) -> int:
         upgrade()
         say(f"home {home}, redis on 127.0.0.1:{redis_port}, load average {load_at_start:.2f}")
 
-        say("checkpoint cost")
-        bench_checkpoint(sizes, report)
+        if not args.only_scale:
+            say("checkpoint cost")
+            bench_checkpoint(sizes, report)
 
-        worker = Worker(f"bench-{redis_port}", logs, concurrency=CONCURRENCY).start()
-        say(f"cancel latency: {sizes.cancels} andon cancels of running jobs")
-        bench_cancel_latency(sizes, report)
-        say(f"cancel with async items in flight: {sizes.async_cancels} jobs")
-        bench_async_cancel(sizes, report)
-        bench_throughput(sizes, report)
-        worker.stop()
-        worker = None
+            worker = Worker(f"bench-{redis_port}", logs, concurrency=CONCURRENCY).start()
+            say(f"cancel latency: {sizes.cancels} andon cancels of running jobs")
+            bench_cancel_latency(sizes, report)
+            say(f"cancel with async items in flight: {sizes.async_cancels} jobs")
+            bench_async_cancel(sizes, report)
+            bench_throughput(sizes, report)
+            worker.stop()
+            worker = None
 
-        say(f"bulk cancel of {sizes.bulk_jobs:,} queued jobs")
-        bench_bulk_cancel(sizes, logs, report)
+            say(f"bulk cancel of {sizes.bulk_jobs:,} queued jobs")
+            bench_bulk_cancel(sizes, logs, report)
 
-        say(f"dashboard page load with {sizes.ui_jobs:,} jobs in the database")
-        bench_dashboard(sizes, logs, report)
+            say(f"dashboard page load with {sizes.ui_jobs:,} jobs in the database")
+            bench_dashboard(sizes, logs, report)
 
-        say("where an item's time goes (in-process)")
-        bench_breakdown(sizes, report)
+        _scale_phases(sizes, report)
+
+        if not args.only_scale:
+            say("where an item's time goes (in-process)")
+            bench_breakdown(sizes, report)
         if args.profile:
             profile_noop_job()
     finally:
@@ -123,12 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{load}; whole run {total_s:.0f} s")
     for line in analysis_lines(report):
         print(f"- {line}")
-    if not args.quick and not args.no_readme:
+    if not args.quick and not args.no_readme and not args.only_scale:
         path = write_readme(report, machine, load, total_s)
         print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {write_results(report, machine, load, total_s, args.results)}")
     if args.strict and any(row.met is False for row in report.rows):
         return 1
     return 0
+
+
+def _scale_phases(sizes: Sizes, report: Report) -> None:
+    say(f"batch submit: {sizes.batch_jobs:,} jobs per POST /api/jobs/batch")
+    bench_batch_submit(sizes, report)
+    bench_scale(sizes, report)
 
 
 if __name__ == "__main__":

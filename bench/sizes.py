@@ -28,12 +28,17 @@ class Sizes:
     breakdown_items: int = 200
     ui_jobs: int = 10_000  # rows in the database when the dashboard loads
     ui_loads: int = 10
+    batch_jobs: int = 10_000  # jobs in one POST /api/jobs/batch
+    batch_rounds: int = 3
+    scale_rows: int = 50_000  # rows in the jobs table for the list and /metrics figures (bench-scale: 1,000,000)
+    scale_requests: int = 50  # timed requests per list filter, and of /metrics
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(check_number=200_000, net_number=1_000, repeat=3, cancels=40, abortable_cancels=20,
                    slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, bulk_jobs=1_000,
-                   drain_timeout_s=60.0, breakdown_items=50, async_cancels=8, ui_loads=3)
+                   drain_timeout_s=60.0, breakdown_items=50, async_cancels=8, ui_loads=3,
+                   batch_jobs=2_000, batch_rounds=2, scale_rows=12_000, scale_requests=20)
 
 
 GOAL_CHECK_RATIO = 100.0
@@ -44,6 +49,8 @@ GOAL_SLOW_RATIO = 0.98
 GOAL_NOOP_RATIO = 0.5
 GOAL_BULK_S = 2.0
 GOAL_UI_LOAD_S = 1.0
+GOAL_BATCH_JOBS_S = 5_000
+GOAL_SCALE_P99_MS = 50.0
 ITEM_S = 0.1  # the "100 ms item", spread over the three stages
 CONCURRENCY = 2
 

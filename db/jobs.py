@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, bindparam, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
@@ -237,3 +237,51 @@ def create_job(
     session.add_all(JobParent(job_id=job_id, parent_id=parent) for parent in dict.fromkeys(waits_for))
     add_event(session, job_id, EventKind.SUBMITTED, actor=actor, detail={"items": len(inputs), "pipeline": pipeline})
     return job
+
+
+def create_jobs(session: Session, jobs: list[dict[str, Any]], *, actor: str | None = None) -> None:
+    """Many new ``pending`` jobs (a batch submit) in three multi-row INSERTs — the jobs, their tags,
+    their ``submitted`` events — instead of an ORM flush per job. Each entry has the keys of
+    :func:`create_job`'s arguments: ``id``, ``inputs``, ``options``, ``pipeline``, and optionally
+    ``queue``, ``deadline_s``, ``parent_job_id``, ``deferred``, ``tenant``, ``tags``."""
+    now = utcnow()
+    session.execute(insert(_jobs), [
+        {"id": job["id"], "status": JobStatus.PENDING.value, "pipeline": job["pipeline"], "queue": job.get("queue"),
+         "documents": job["inputs"], "options": job["options"], "total_items": len(job["inputs"]),
+         "completed_items": 0, "failed_items": 0, "deadline_s": job.get("deadline_s"),
+         "parent_job_id": job.get("parent_job_id"), "resumed_from": None, "deferred": job.get("deferred", False),
+         "tenant": job.get("tenant"), "resumable": False, "fence": 0, "created_at": now}
+        for job in jobs
+    ])
+    tags = [{"job_id": job["id"], "tag": tag} for job in jobs for tag in dict.fromkeys(job.get("tags") or ())]
+    if tags:
+        session.execute(insert(JobTag.__table__), tags)
+    add_events(session, [
+        {"job_id": job["id"], "kind": EventKind.SUBMITTED.value, "reason": None, "source": None, "actor": actor,
+         "detail": {"items": len(job["inputs"]), "pipeline": job["pipeline"]}, "at": now}
+        for job in jobs
+    ])
+
+
+def prunable(session: Session, before: datetime, limit: int) -> list[str]:
+    """Up to ``limit`` ids of jobs that ended (terminal) before ``before``, oldest first. Unfinished
+    jobs are never among them, however old."""
+    return list(session.scalars(
+        select(Job.id).where(Job.finished_at < before, Job.status.in_([s.value for s in _TERMINAL_EVENT]))
+        .order_by(Job.finished_at).limit(limit)))
+
+
+def delete_jobs(session: Session, job_ids: list[str]) -> int:
+    """Delete these jobs with every row that hangs off them: items, events, tags, the ``job_parents``
+    rows naming them either way. Jobs that point at one of them (``parent_job_id``, ``resumed_from``)
+    keep their own rows and forget the reference. Explicit deletes, not ``ON DELETE CASCADE`` alone:
+    SQLite files made before migration 0008 keep their old constraints. Returns the jobs deleted."""
+    if not job_ids:
+        return 0
+    for table, column in ((JobItem.__table__, "job_id"), (JobEvent.__table__, "job_id"),
+                          (JobTag.__table__, "job_id"), (JobParent.__table__, "job_id"),
+                          (JobParent.__table__, "parent_id")):
+        session.execute(delete(table).where(table.c[column].in_(job_ids)))
+    for column in (_jobs.c.parent_job_id, _jobs.c.resumed_from):
+        session.execute(update(_jobs).where(column.in_(job_ids)).values({column: None}))
+    return session.execute(delete(_jobs).where(_jobs.c.id.in_(job_ids))).rowcount

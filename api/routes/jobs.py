@@ -11,6 +11,8 @@ from api import idempotency, progress, service
 from api.deps import ReaderDep, WriterDep
 from api.routes.events import STREAM_RESPONSES, take_stream_slot
 from api.schemas import (
+    BatchSubmitRequest,
+    BatchSubmitResponse,
     BulkCancelRequest,
     BulkCancelResponse,
     CancelRequestBody,
@@ -46,6 +48,15 @@ def submit(body: SubmitRequest, caller: WriterDep,
         items, body.options, body.deadline_s, actor=caller.actor, parent_job_id=body.parent_job_id,
         tenant=caller.tenant, tags=body.tags, pipeline=body.pipeline, items_field=field,
         supersede_key=body.supersede_key))
+
+
+@router.post("/batch", status_code=status.HTTP_202_ACCEPTED, response_model=BatchSubmitResponse,
+             responses={**BAD_BODY, 422: {"description": "a body is rejected: `loc` names its index in `jobs`"}})
+def submit_batch(body: BatchSubmitRequest, caller: WriterDep) -> BatchSubmitResponse:
+    """Submit up to 10,000 jobs in one request; their ids come back in the same order. All or
+    nothing: if any body is rejected, the 422 names its index (`["body", "jobs", 3, "items", 0, ...]`)
+    and no job is made."""
+    return BatchSubmitResponse(job_ids=service.submit_batch(body.jobs, actor=caller.actor, tenant=caller.tenant))
 
 
 @router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse, responses=BAD_BODY)

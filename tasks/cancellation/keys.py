@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "cancel_key", "cancel_requests_key", "cancellations_channel", "heartbeat_key", "job_changes_channel", "lost_key",
-    "sweep_lock_key",
+    "rows_deleted_key", "sweep_lock_key",
 ]
 
 
@@ -45,3 +45,9 @@ def job_changes_channel(db: int) -> str:
 def sweep_lock_key() -> str:
     """Held by the one worker that looks for lost and parked messages this round."""
     return "andon:broker-sweep"
+
+
+def rows_deleted_key() -> str:
+    """Raised each time a prune deletes job rows: every API process's /metrics then recounts the
+    jobs that ended long ago instead of keeping its running total (``api.metrics``)."""
+    return "andon:rows-deleted"

@@ -2,7 +2,7 @@
 one key, and the stored first answer to each Idempotency-Key
 
 Revision ID: 0009
-Revises: 0007 (another branch adds 0008; the two are chained when merged)
+Revises: 0008
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
