@@ -31,6 +31,8 @@ class SubmitRequest(BaseModel):
     parent_job_id: str | None = Field(default=None, min_length=1, max_length=64)
     #: Labels to find and bulk-cancel the job by (``batch-7``, ``customer:acme``).
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    #: Where andon POSTs the job object, signed, when the job ends (only hosts in ANDON_WEBHOOK_HOSTS).
+    callback_url: str | None = Field(default=None, min_length=1, max_length=2048)
 
     @model_validator(mode="after")
     def items_or_documents(self) -> SubmitRequest:

@@ -44,6 +44,7 @@ from tasks.control import cancel_children, enqueue, job_signature, request_cance
 from tasks.errors import BrokerUnavailable, InvalidInput, InvalidParent, JobNotFound
 from tasks.intake import check_storable, check_submission, unstorable
 from tasks.tags import check_tags
+from tasks.webhooks import check_callback_url
 
 
 def _ms(start, end) -> float | None:
@@ -117,6 +118,7 @@ def submit_job(
     tags: list[str] | None = None,
     pipeline: str = "documents",
     items_field: str = "items",
+    callback_url: str | None = None,
 ) -> SubmitResponse:
     """Check the submission, make the job row, commit, *then* enqueue (the worker must find the row).
 
@@ -128,6 +130,8 @@ def submit_job(
     options = submission.options
     queue = queue or submission.pipeline.queue
     tags = check_tags(tags or [])
+    if callback_url is not None:
+        check_callback_url(callback_url)
     with session_scope() as session:
         parent_status = None
         if parent_job_id is not None:
@@ -139,7 +143,7 @@ def submit_job(
         deferred = parent_status is not None and not parent_status.is_terminal
         job_rows.create_job(session, job_id, submission.items, options, pipeline=submission.pipeline.name, queue=queue,
                             deadline_s=deadline_s, parent_job_id=parent_job_id, deferred=deferred, tenant=tenant,
-                            tags=tags, actor=actor)
+                            tags=tags, actor=actor, callback_url=callback_url)
     if parent_status is not None and parent_status is not JobStatus.COMPLETED:
         if parent_status.is_terminal:  # the parent already failed or was cancelled: never run
             cancel_children(parent_job_id, f"parent job {parent_job_id} {parent_status.value}", actor)

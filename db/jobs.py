@@ -203,6 +203,7 @@ def create_job(
     tags: list[str] | tuple[str, ...] = (),
     waits_for: list[str] | tuple[str, ...] = (),
     actor: str | None = None,
+    callback_url: str | None = None,
 ) -> Job:
     """A new ``pending`` job row and its ``submitted`` event. ``waits_for``: the jobs it waits for
     besides ``parent_job_id`` (a chord's body waits for every header job)."""
@@ -221,6 +222,7 @@ def create_job(
         resumed_from=resumed_from,
         deferred=deferred,
         tenant=tenant,
+        callback_url=callback_url,
         created_at=utcnow(),
         tag_rows=[JobTag(tag=tag) for tag in dict.fromkeys(tags)],
     )
