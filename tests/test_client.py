@@ -135,3 +135,18 @@ def test_the_async_client_does_the_same(api_server):
             assert [p.name for p in await andon.pipelines()]
 
     asyncio.run(scenario())
+
+
+def readme_block(starting: str) -> str:
+    """The README's Python block that begins with ``starting``: its examples run as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    return next(block.split("```", 1)[0] for block in text.split("```python\n")[1:] if block.startswith(starting))
+
+
+def test_the_readme_client_example_runs(api_server, capsys):
+    code = readme_block("from api.client import")
+    exec(compile(code.replace("http://127.0.0.1:8000", api_server), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "cancelled timeout" in out and "404 job no-such-job not found" in out

@@ -257,6 +257,20 @@ def test_the_url_is_checked_again_at_delivery_time():
             check_callback_url("https://hooks.example.com/x", later)
 
 
+def test_the_readme_receiver_snippet_verifies_a_real_delivery(webhooks_on, receiver):
+    from tests.test_client import readme_block
+
+    namespace: dict = {}
+    exec(compile(readme_block("import hashlib, hmac, time"), "README.md", "exec"), namespace)
+    r = receiver()
+    wait_terminal(submit(1, queue=webhooks_on.queue, callback_url=r.url))
+    wait_for(lambda: r.requests, 15, what="the webhook")
+    request = r.requests[0]
+    assert namespace["verify"](SECRET, request["headers"], request["body"]) is True
+    assert namespace["verify"]("another-secret", request["headers"], request["body"]) is False
+    assert namespace["verify"](SECRET, request["headers"], request["body"] + b" ") is False
+
+
 def test_signature_and_backoff_are_as_documented():
     body = b'{"job_id":"x"}'
     assert sign("k", "1700000000", body) == "sha256=" + hmac.new(
