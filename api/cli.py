@@ -1,7 +1,12 @@
 """The ``andon`` command: the embedded stack, and jobs from the terminal.
 
-Every job command calls the same service functions as the HTTP API. A user's mistake (unknown job,
-bad reason, job already finished, stack not running) prints one line on stderr and exits non-zero.
+Job verbs (``submit``, ``ls``, ``show``, ``cancel``, ``results``, ``resume``, ``watch``,
+``pipelines``) speak HTTP to ``ANDON_API_URL`` with ``ANDON_API_TOKEN``, through :mod:`api.client`,
+like ``kubectl`` or ``temporal``: no database or Redis credentials on a laptop, and the server
+enforces tenancy. They send ``X-Andon-Client: cli``, so cancels are recorded with source ``cli``.
+Local verbs (``up``, ``worker``, ``api``, ``flower``, ``reap``, ``demo``) run here. A user's mistake
+(unknown job, bad reason, job already finished, API not running) prints one line on stderr and
+exits non-zero.
 """
 
 from __future__ import annotations
@@ -16,11 +21,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from api import service, supervisor, views
-from api.schemas import ChainRequest, ChainResponse, ChordRequest, ChordResponse, SubmitRequest, SubmitResponse
+from api.client import AndonAPIError, AndonClient
 from db.settings import (
     DEFAULT_ALLOWED_HOSTS,
     DEFAULT_API_PORT,
@@ -28,9 +32,10 @@ from db.settings import (
     DEFAULT_REDIS_PORT,
     get_settings,
 )
-from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from db.vocabulary import CancellationReason, JobStatus
 from tasks import notify, policy, registry
-from tasks.errors import AndonError, InvalidInput
+from tasks.errors import AndonError
+from tasks.tags import check_tags
 
 cli = typer.Typer(
     name="andon", help="Structured cancellation for Celery AI pipelines.", no_args_is_help=True,
@@ -59,6 +64,11 @@ def _tenant() -> str | None:
     if tenant is None:
         raise AndonError("ANDON_API_TOKEN belongs to no tenant in ANDON_API_TOKENS")
     return tenant
+
+
+def _api() -> AndonClient:
+    """The API the job verbs speak to: ANDON_API_URL (else the embedded stack's), ANDON_API_TOKEN."""
+    return AndonClient(client_name="cli")
 
 
 def _choice(value: str | None, enum: type, what: str):
@@ -145,6 +155,8 @@ def submit(
                                                               "(the newest wins).")] = None,
     idempotency_key: Annotated[Optional[str], typer.Option(help="Retry-safe: the same key prints the first "
                                                                 "submit's job again (24 h).")] = None,
+    callback_url: Annotated[Optional[str], typer.Option(help="POST the job here, signed, when it ends "
+                                                             "(a host in ANDON_WEBHOOK_HOSTS).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Submit a job: a pipeline over ITEMS (or a file of them)."""
@@ -161,41 +173,16 @@ def submit(
     options = dict(_option(text) for text in option or [])
     if stage_delay:
         options["stage_delay_s"] = stage_delay
-    tenant = _tenant()
-
-    def run() -> Any:
-        return service.submit_job(values, options, deadline, actor="cli", parent_job_id=parent, tenant=tenant,
-                                  tags=tag, pipeline=pipeline, supersede_key=supersede_key)
-
-    if idempotency_key is None:
-        answer = run()
-    else:  # hashed as this body POSTed to /api/jobs (with `items`) would be: either door replays the other
-        body = _validated(SubmitRequest, {"pipeline": pipeline, "items": values, "options": options, "deadline_s":
-                                          deadline, "parent_job_id": parent, "tags": tag or [],
-                                          "supersede_key": supersede_key})
-        answer = _once(idempotency_key, "POST /api/jobs", body, run, SubmitResponse)
+    check_tags(tag or [])  # the rule's own words, before a round trip
+    extra = {"supersede_key": supersede_key} if supersede_key else {}
+    with _api() as api:
+        answer = api.submit(values, pipeline=pipeline, options=options or None, deadline_s=deadline,
+                            parent_job_id=parent, tags=tag or None, callback_url=callback_url,
+                            idempotency_key=idempotency_key, **extra)
     if json_out:
         views.print_json(answer)
     else:
         print(answer.job_id)
-
-
-def _validated(model: type[BaseModel], data: Any) -> Any:
-    """``data`` as ``model``, or the first thing wrong with it as one line (InvalidInput)."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInput([{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-                            for e in exc.errors(include_url=False, include_input=False)]) from None
-
-
-def _once(key: str, route: str, body: BaseModel, run: Any, answer_model: type[BaseModel]) -> Any:
-    """``run()`` once per Idempotency-Key, as the API does it: a retry gets the first answer again."""
-    from api.idempotency import run_once
-
-    service.check_key(key, ["--idempotency-key"])
-    _, answer, _ = run_once(_tenant(), key, route, body, 202, run)
-    return answer_model.model_validate(answer)
 
 
 StepsFile = Annotated[Optional[Path], typer.Option("--file", "-f", help="The whole request as JSON, as the HTTP "
@@ -225,12 +212,8 @@ def chain(
         raise UsageMistake("give the jobs with --step JSON (repeatable) or --file F.json, not both")
     data = _request_file(file) if file is not None else \
         {"jobs": [_json_item(text, f"--step {n}") for n, text in enumerate(step or [], 1)]}
-    body = _validated(ChainRequest, data)
-
-    def run() -> Any:
-        return service.submit_chain_request(body, actor="cli", tenant=_tenant())
-
-    answer = run() if idempotency_key is None else _once(idempotency_key, "POST /api/chains", body, run, ChainResponse)
+    with _api() as api:
+        answer = api.chain(data.get("jobs") if isinstance(data, dict) else data, idempotency_key=idempotency_key)
     if json_out:
         views.print_json(answer)
     else:
@@ -261,13 +244,10 @@ def chord(
             raise UsageMistake("a chord needs at least one --header and a --body")
         data = {"header": [_json_item(text, f"--header {n}") for n, text in enumerate(header, 1)],
                 "body": _json_item(body_job, "--body")}
-    request = _validated(ChordRequest, data)
-
-    def run() -> Any:
-        return service.submit_chord_request(request, actor="cli", tenant=_tenant())
-
-    answer = run() if idempotency_key is None else _once(idempotency_key, "POST /api/chords", request, run,
-                                                                    ChordResponse)
+    if not isinstance(data, dict):
+        raise UsageMistake("a chord file holds {\"header\": [...], \"body\": {...}}")
+    with _api() as api:
+        answer = api.chord(data.get("header"), data.get("body"), idempotency_key=idempotency_key)
     if json_out:
         views.print_json(answer)
     else:
@@ -294,7 +274,8 @@ def _option(text: str) -> tuple[str, Any]:
 @cli.command()
 def pipelines(json_out: JsonOpt = False) -> None:
     """List the pipelines this installation can run (built-in and ANDON_PIPELINES)."""
-    known = service.list_pipelines()
+    with _api() as api:
+        known = api.pipelines()
     if json_out:
         views.print_json(known)
     else:
@@ -316,14 +297,19 @@ def list_jobs(
     json_out: JsonOpt = False,
 ) -> None:
     """List jobs, newest first."""
-    jobs = service.list_jobs(_choice(status, JobStatus, "status"), limit, tenant=_tenant(), tag=tag)
+    from itertools import islice
+
+    which = _choice(status, JobStatus, "status")
+    with _api() as api:
+        jobs = list(islice(api.iter_jobs(page_size=min(limit, 1000), status=which and which.value, tag=tag), limit))
     views.print_json(jobs) if json_out else views.print_jobs(console, jobs)
 
 
 @cli.command()
 def show(job_id: str, json_out: JsonOpt = False) -> None:
     """Show one job: status, reason, counts, times."""
-    job = service.get_job(job_id, tenant=_tenant())
+    with _api() as api:
+        job = api.get(job_id)
     views.print_json(job) if json_out else views.print_job(console, job)
 
 
@@ -345,8 +331,10 @@ def cancel(
     if all_ or status or parent or tag:
         if not all_ or not (status or parent or tag) or ids:
             raise UsageMistake("use either job ids, or --status STATUS / --parent ID / --tag TAG with --all")
-        bulk = service.cancel_matching(_choice(status, JobStatus, "status"), parent, tag, why, message,
-                                       CancellationSource.CLI, actor="cli", tenant=_tenant())
+        which = _choice(status, JobStatus, "status")
+        with _api() as api:
+            bulk = api.cancel_matching(status=which and which.value, parent_job_id=parent, tag=tag,
+                                       reason=why.value, message=message)
         if json_out:
             views.print_json(bulk)
         else:
@@ -355,17 +343,19 @@ def cancel(
     if not ids:
         raise UsageMistake("no job to cancel: pass job ids, or --status STATUS / --tag TAG with --all")
     answers, failures = [], []
-    for job_id in ids:
-        try:
-            answers.append(service.cancel_job(job_id, why, message, CancellationSource.CLI, actor="cli",
-                                              cascade=cascade, tenant=_tenant()))
-        except AndonError as exc:
-            failures.append(str(exc))
+    with _api() as api:
+        for job_id in ids:
+            try:
+                answers.append(api.cancel(job_id, reason=why.value, message=message, cascade=cascade))
+            except AndonAPIError as exc:
+                if exc.status is None:  # the API is not there: one line, not one per id
+                    raise
+                failures.append(str(exc))
     if json_out:
         views.print_json(answers)
     else:
         for answer in answers:
-            console.print(f"{answer.job_id}: {answer.status.value} ({answer.message})")
+            console.print(views.literal(f"{answer.job_id}: {answer.status} ({answer.message})"))
     for failure in failures:
         print(f"andon: {failure}", file=sys.stderr)
     if failures:
@@ -379,14 +369,16 @@ def resume(
     json_out: JsonOpt = False,
 ) -> None:
     """Start a new job that reuses JOB_ID's finished items and runs only the rest."""
-    answer = service.resume_job(job_id, force=force, actor="cli", tenant=_tenant())
+    with _api() as api:
+        answer = api.resume(job_id, force=force)
     views.print_json(answer) if json_out else print(answer.job_id)
 
 
 @cli.command()
 def results(job_id: str, json_out: JsonOpt = False) -> None:
     """Show a job's partial results: every finished item, in order, and the failed ones."""
-    partial = service.partial_results(job_id, tenant=_tenant())
+    with _api() as api:
+        partial = api.results(job_id)
     views.print_json(partial) if json_out else views.print_partial_results(console, partial)
 
 
@@ -509,6 +501,9 @@ def main() -> None:
     except AndonError as exc:
         print(f"andon: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 1))
+    except AndonAPIError as exc:  # what the API refused, or an API that isn't there: one line
+        print(f"andon: {exc}", file=sys.stderr)
+        sys.exit(1)
     except RedisConnectionError as exc:
         print(f"andon: cannot reach Redis ({exc}); is `andon up` running?", file=sys.stderr)
         sys.exit(1)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, Header, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from db.settings import Settings, get_settings
+from db.vocabulary import CancellationSource
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -23,6 +24,9 @@ class Caller:
     tenant: str | None = None
     #: ANDON_ADMIN_TOKEN: unscoped, and the only caller allowed cross-tenant operations.
     admin: bool = False
+    #: The source a cancel from this caller is recorded with: ``cli`` when the request says
+    #: ``X-Andon-Client: cli`` (the andon CLI over HTTP), else ``api``.
+    source: CancellationSource = CancellationSource.API
 
 
 def _unauthorized() -> HTTPException:
@@ -71,8 +75,13 @@ async def reader(
 async def writer(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     settings: Annotated[Settings, Depends(current_settings)],
+    x_andon_client: Annotated[str | None, Header(description="`cli`: the andon CLI (cancels recorded with "
+                                                             "source `cli`)", max_length=64)] = None,
 ) -> Caller:
-    return _caller(credentials, settings, write=True)
+    caller = _caller(credentials, settings, write=True)
+    if x_andon_client == "cli":
+        return replace(caller, source=CancellationSource.CLI)
+    return caller
 
 
 async def metrics_reader(

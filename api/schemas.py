@@ -40,6 +40,8 @@ class SubmitRequest(BaseModel):
     #: Cancel every unfinished job of the caller's tenant submitted with this key (source
     #: ``superseded``); submits with one key are serialized and the newest wins.
     supersede_key: str | None = Field(default=None, pattern=KEY_PATTERN, examples=["conversation:42"])
+    #: Where andon POSTs the job object, signed, when the job ends (only hosts in ANDON_WEBHOOK_HOSTS).
+    callback_url: str | None = Field(default=None, min_length=1, max_length=2048)
 
     @model_validator(mode="after")
     def items_or_documents(self) -> SubmitRequest:

@@ -15,14 +15,13 @@ from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from celery import chain, chord
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import selectinload
 
 from api import metrics
 from api.schemas import (
     KEY_PATTERN,
     BulkCancelResponse,
-    CancelLatency,
     CancelResponse,
     ChainRequest,
     ChainResponse,
@@ -30,7 +29,6 @@ from api.schemas import (
     ChordResponse,
     FailedItem,
     InterruptedItem,
-    JobUsage,
     JobView,
     PartialResultView,
     PipelineView,
@@ -63,44 +61,11 @@ from tasks.errors import (
 from tasks.intake import check_storable, check_submission, unstorable
 from tasks.sending import enqueue, enqueue_many, job_signature
 from tasks.tags import check_tags
+from tasks.webhooks import check_callback_url
 
 
-def _ms(start, end) -> float | None:
-    return round((end - start).total_seconds() * 1000, 3) if start and end else None
-
-
-def _latency(job: Job) -> CancelLatency | None:
-    if job.cancel_requested_at is None:
-        return None
-    return CancelLatency(request_to_observe_ms=_ms(job.cancel_requested_at, job.cancel_observed_at),
-                        observe_to_stop_ms=_ms(job.cancel_observed_at, job.finished_at))
-
-
-def _view(job: Job) -> JobView:
-    return JobView(
-        job_id=job.id,
-        pipeline=job.pipeline,
-        status=JobStatus(job.status),
-        cancelled=job.status == JobStatus.CANCELLED,
-        cancellation_reason=job.cancellation_reason,
-        cancellation_message=job.cancellation_message,
-        cancellation_source=job.cancellation_source,
-        total_items=job.total_items,
-        completed_items=job.completed_items,
-        failed_items=job.failed_items,
-        resumable=job.resumable,
-        error=job.error,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        cancel_requested_at=job.cancel_requested_at,
-        cancel_observed_at=job.cancel_observed_at,
-        finished_at=job.finished_at,
-        cancel_latency=_latency(job),
-        resumed_from=job.resumed_from,
-        resumed_by=job.resumed_by,
-        parent_job_id=job.parent_job_id,
-        tags=job.tags,
-    )
+def _view(job: Job, usage: dict[str, Any] | None = None) -> JobView:
+    return JobView.model_validate(job_rows.job_object(job, usage))
 
 
 def check_job_id(job_id: str) -> None:
@@ -138,6 +103,7 @@ def submit_job(
     pipeline: str = "documents",
     items_field: str = "items",
     supersede_key: str | None = None,
+    callback_url: str | None = None,
 ) -> SubmitResponse:
     """Check the submission, make the job row, commit, *then* enqueue (the worker must find the row).
 
@@ -151,6 +117,8 @@ def submit_job(
     options = submission.options
     queue = queue or submission.pipeline.queue
     tags = check_tags(tags or [])
+    if callback_url is not None:
+        check_callback_url(callback_url)
     with session_scope() as session:
         parent_status = None
         if parent_job_id is not None:
@@ -163,7 +131,7 @@ def submit_job(
         superseded = supersede.claim(session, tenant, supersede_key, job_id) if supersede_key else []
         job_rows.create_job(session, job_id, submission.items, options, pipeline=submission.pipeline.name, queue=queue,
                             deadline_s=deadline_s, parent_job_id=parent_job_id, deferred=deferred, tenant=tenant,
-                            tags=tags, actor=actor, supersede_key=supersede_key)
+                            tags=tags, actor=actor, supersede_key=supersede_key, callback_url=callback_url)
     _supersede(superseded, job_id, actor)
     if parent_status is not None and parent_status is not JobStatus.COMPLETED:
         if parent_status.is_terminal:  # the parent already failed or was cancelled: never run
@@ -480,24 +448,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 def get_job(job_id: str, tenant: str | None = None) -> JobView:
     with session_scope() as session:
-        view = _view(_visible(session, job_id, tenant))
-        view.usage = _usage(session, job_id)
-        return view
-
-
-def _usage(session, job_id: str) -> JobUsage | None:
-    """The job's LLM token totals, summed over its items in one indexed query."""
-    reported = JobItem.prompt_tokens.is_not(None)
-    items, prompt, completion, cut, estimated = session.execute(
-        select(func.count(), func.coalesce(func.sum(JobItem.prompt_tokens), 0),
-               func.coalesce(func.sum(JobItem.completion_tokens), 0),
-               func.coalesce(func.sum(case((JobItem.usage_cut_short.is_(True), 1), else_=0)), 0),
-               func.coalesce(func.max(case((JobItem.usage_estimated.is_(True), 1), else_=0)), 0))
-        .where(JobItem.job_id == job_id, reported)).one()
-    if not items:
-        return None
-    return JobUsage(prompt_tokens=prompt, completion_tokens=completion, items=items, cut_short_items=cut,
-                    estimated=bool(estimated))
+        return _view(_visible(session, job_id, tenant), job_rows.usage_totals(session, job_id))
 
 
 def cancel_job(

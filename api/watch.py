@@ -10,7 +10,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -20,9 +19,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from api.client import AndonClient
 from api.views import literal, printable
-from db.settings import get_settings
-from tasks.errors import AndonError, JobNotFound
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -39,18 +37,10 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def follow(job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    settings = get_settings()
-    url = f"{settings.resolved_api_url}/api/jobs/{job_id}/events"
-    headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
-    try:
-        with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(10, read=None)) as response:
-            if response.status_code == 404:
-                raise JobNotFound(job_id)
-            if response.status_code != 200:
-                raise AndonError(f"the API answered {response.status_code} for {url}")
-            yield from parse_sse(response.iter_lines())
-    except httpx.TransportError as exc:
-        raise AndonError(f"cannot reach the API at {settings.resolved_api_url} ({exc}); is `andon up` running?")
+    """The job's events from the API (ANDON_API_URL, ANDON_API_TOKEN), as ``(event, data)``."""
+    with AndonClient(client_name="cli") as api:
+        for event in api.events(job_id):
+            yield event.event, event.data
 
 
 def summary_lines(end: dict[str, Any]) -> list[str]:

@@ -107,12 +107,14 @@ class Actions:
     def do_cli_cancel(self, job_id: str, reason: str) -> str:
         def run():
             done = subprocess.run([*self.cli, "cancel", job_id, "--reason", reason, "--message", "chaos: cli"],
-                                  capture_output=True, text=True, timeout=90, cwd=str(ROOT))
+                                  capture_output=True, text=True, timeout=90, cwd=str(ROOT),
+                                  env={**os.environ, "ANDON_API_URL": self.stack.api_url})  # the CLI speaks HTTP
             if done.returncode == 0:
                 return "accepted"
             if "already" in done.stderr:
                 return "terminal"
-            if "cannot reach Redis" in done.stderr or "database error" in done.stderr:
+            if any(why in done.stderr for why in ("cannot reach Redis", "database error", "cannot reach the API",
+                                                  "(HTTP 5")):
                 raise Transient(done.stderr.strip()[:200])
             raise RuntimeError(f"andon cancel exited {done.returncode}: {done.stderr.strip()[:300]}")
 

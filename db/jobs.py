@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, bindparam, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
@@ -210,6 +210,7 @@ def create_job(
     waits_for: list[str] | tuple[str, ...] = (),
     actor: str | None = None,
     supersede_key: str | None = None,
+    callback_url: str | None = None,
 ) -> Job:
     """A new ``pending`` job row and its ``submitted`` event. ``waits_for``: the jobs it waits for
     besides ``parent_job_id`` (a chord's body waits for every header job)."""
@@ -229,6 +230,7 @@ def create_job(
         deferred=deferred,
         tenant=tenant,
         supersede_key=supersede_key,
+        callback_url=callback_url,
         created_at=utcnow(),
         tag_rows=[JobTag(tag=tag) for tag in dict.fromkeys(tags)],
     )
@@ -285,3 +287,39 @@ def delete_jobs(session: Session, job_ids: list[str]) -> int:
     for column in (_jobs.c.parent_job_id, _jobs.c.resumed_from):
         session.execute(update(_jobs).where(column.in_(job_ids)).values({column: None}))
     return session.execute(delete(_jobs).where(_jobs.c.id.in_(job_ids))).rowcount
+
+
+def _ms(start: datetime | None, end: datetime | None) -> float | None:
+    return round((end - start).total_seconds() * 1000, 3) if start and end else None
+
+
+def usage_totals(session: Session, job_id: str) -> dict[str, Any] | None:
+    """The job's LLM token totals over its items that reported usage, in one indexed query."""
+    items, prompt, completion, cut, estimated = session.execute(
+        select(func.count(), func.coalesce(func.sum(JobItem.prompt_tokens), 0),
+               func.coalesce(func.sum(JobItem.completion_tokens), 0),
+               func.coalesce(func.sum(case((JobItem.usage_cut_short.is_(True), 1), else_=0)), 0),
+               func.coalesce(func.max(case((JobItem.usage_estimated.is_(True), 1), else_=0)), 0))
+        .where(JobItem.job_id == job_id, JobItem.prompt_tokens.is_not(None))).one()
+    if not items:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "items": items, "cut_short_items": cut,
+            "estimated": bool(estimated)}
+
+
+def job_object(job: Job, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A job as andon shows it to the world — ``GET /api/jobs/{id}``, the dashboard and the webhook
+    body are all this one dict (times as datetimes; the API's JobView serializes them)."""
+    latency = None if job.cancel_requested_at is None else {
+        "request_to_observe_ms": _ms(job.cancel_requested_at, job.cancel_observed_at),
+        "observe_to_stop_ms": _ms(job.cancel_observed_at, job.finished_at)}
+    return {
+        "job_id": job.id, "pipeline": job.pipeline, "status": job.status,
+        "cancelled": job.status == JobStatus.CANCELLED.value, "cancellation_reason": job.cancellation_reason,
+        "cancellation_message": job.cancellation_message, "cancellation_source": job.cancellation_source,
+        "total_items": job.total_items, "completed_items": job.completed_items, "failed_items": job.failed_items,
+        "resumable": job.resumable, "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
+        "cancel_requested_at": job.cancel_requested_at, "cancel_observed_at": job.cancel_observed_at,
+        "finished_at": job.finished_at, "cancel_latency": latency, "resumed_from": job.resumed_from,
+        "resumed_by": job.resumed_by, "parent_job_id": job.parent_job_id, "tags": job.tags, "usage": usage,
+    }

@@ -103,6 +103,8 @@ class Job(Base):
     deferred: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     deadline_s: Mapped[float | None] = mapped_column(Float)
+    #: Where andon POSTs the job object, signed, once the job is terminal (tasks/webhooks.py).
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
     parent_job_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="SET NULL"),
                                                          index=True)
     #: The cancelled job this one resumes (each job is resumed at most once).

@@ -119,6 +119,20 @@ class Settings(BaseSettings):
     #: Largest request body the API reads; a larger one is answered 413 before parsing or auth.
     max_body_bytes: int = Field(16 * 2**20, ge=1)
 
+    #: Webhooks (tasks/webhooks.py): the key every delivery is signed with, and the hosts (``host`` or
+    #: ``host:port``, comma-separated) a ``callback_url`` may reach. Without both, ``callback_url`` is a 422.
+    webhook_secret: str | None = None
+    webhook_hosts: str | None = None
+    #: Deliveries of one event, at most; the waits between them double from ``webhook_backoff_s``
+    #: (with jitter): 8 attempts at 5 s span about ten minutes.
+    webhook_max_attempts: int = Field(8, ge=1, le=100)
+    webhook_backoff_s: float = Field(5.0, gt=0)
+    #: Longest one delivery may take (connect, send, read the answer); its task's time limit is a little more.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300)
+    #: The Celery queue deliveries go to (unset: the default queue). A worker of its own
+    #: (``celery -A tasks.app worker -Q andon-webhooks``) keeps deliveries off the job workers' slots.
+    webhook_queue: str | None = None
+
 
     def is_admin(self, token: str | None) -> bool:
         """Whether ``token`` is ANDON_ADMIN_TOKEN (never, when that is unset)."""
@@ -131,6 +145,10 @@ class Settings(BaseSettings):
         if self.allowed_hosts is None:
             return list(DEFAULT_ALLOWED_HOSTS)
         return [host.strip().lower() for host in self.allowed_hosts.split(",") if host.strip()]
+
+    @property
+    def webhook_host_list(self) -> list[str]:
+        return [host.strip().lower() for host in (self.webhook_hosts or "").split(",") if host.strip()]
 
     def tenant_for(self, token: str | None) -> str | None:
         """The tenant an API token belongs to (None if it belongs to none)."""

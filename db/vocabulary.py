@@ -71,6 +71,8 @@ class EventKind(StrEnum):
     TAKEN_OVER = "taken_over"
     #: A queued job whose message the broker lost was sent again.
     RESENT = "resent"
+    #: One delivery attempt of a job's webhook (tasks/webhooks.py): status, error, next retry.
+    WEBHOOK_ATTEMPT = "webhook_attempt"
 
 
 class ItemStatus(StrEnum):

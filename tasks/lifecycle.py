@@ -19,6 +19,7 @@ from db import jobs as job_rows
 from db.models import Job
 from db.session import session_scope
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
+from tasks import webhooks
 from tasks.cancellation import CancellationError, CancelRequest
 from tasks.errors import JobAlreadyTerminal, JobNotFound
 from tasks.policy import resumable
@@ -92,9 +93,9 @@ def finish_ran_through(job_id: str, fence: int | None = None) -> JobOutcome:
         job = session.get(Job, job_id)
         if job.total_items and job.completed_items == 0:
             error = f"all {job.total_items} items failed"
-            if job_rows.transition(session, job_id, JobStatus.FAILED, fence=fence, error=error):
+            if _end(session, job_id, JobStatus.FAILED, fence=fence, error=error):
                 return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
-        elif job_rows.transition(session, job_id, JobStatus.COMPLETED, fence=fence):
+        elif _end(session, job_id, JobStatus.COMPLETED, fence=fence):
             return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
     return outcome_of(job_id, ran=True)  # a finalizer ended it first: report what the row says
 
@@ -117,7 +118,7 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
         values: dict[str, Any] = {}
         if requested_at is not None:
             values["cancel_requested_at"] = requested_at
-        return job_rows.transition(
+        return _end(
             session, job_id, JobStatus.CANCELLED, fence=fence, **job_rows.cancel_values(error), **values,
             cancel_observed_at=now, cancelled_at_item=at_item, resumable=resumable(pipeline, error.reason),
         )
@@ -125,7 +126,7 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
 
 def end_failed(job_id: str, error: str, fence: int | None = None) -> bool:
     with session_scope() as session:
-        return job_rows.transition(session, job_id, JobStatus.FAILED, fence=fence, error=error)
+        return _end(session, job_id, JobStatus.FAILED, fence=fence, error=error)
 
 
 def requeue(job_id: str, source: CancellationSource, actor: str | None, detail: dict[str, Any]) -> bool:
@@ -172,7 +173,7 @@ def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tup
             raise JobAlreadyTerminal(job_id, status.value)
         if status is JobStatus.CANCELLING:
             return status, requested_cancels([job_id], session).get(job_id, request)
-        if status is JobStatus.PENDING and job_rows.transition(
+        if status is JobStatus.PENDING and _end(
             session, job_id, JobStatus.CANCELLED, only_from=JobStatus.PENDING, cancelled_at_item=0,
             resumable=resumable(pipeline, request.reason), **values,
         ):
@@ -194,4 +195,13 @@ def cancel_queued(session: Session, job_ids: list[str], request: CancelRequest) 
             update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.PENDING.value, Job.pipeline == pipeline)
             .values(**values, resumable=resumable(pipeline, request.reason))
             .returning(Job.id).execution_options(synchronize_session=False))
+    webhooks.after_commit(session, ended)
     return ended
+
+
+def _end(session: Session, job_id: str, to: JobStatus, **kwargs: Any) -> bool:
+    """A terminal transition; if it won, the job's webhook goes out once this transaction commits."""
+    won = job_rows.transition(session, job_id, to, **kwargs)
+    if won:
+        webhooks.after_commit(session, [job_id])
+    return won

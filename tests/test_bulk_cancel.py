@@ -61,8 +61,10 @@ def test_bulk_cancel_over_http_by_parent_and_status(api_client):
     wait_terminal(parent)
 
 
-def test_tags_find_and_bulk_cancel_a_batch_over_http_and_the_cli(api_client):
+def test_tags_find_and_bulk_cancel_a_batch_over_http_and_the_cli(api_client, api_server, monkeypatch):
     from tests.test_cli import andon
+
+    monkeypatch.setenv("ANDON_API_URL", api_server)  # the CLI's job verbs speak HTTP
 
     batch_a = [api_client.post("/api/jobs", json={"documents": ["One. Two."] * 100, "tags": ["batch-a", "nightly"],
                                                   "options": {"stage_delay_s": 0.05}}).json()["job_id"]

@@ -1,8 +1,10 @@
-"""The `andon` CLI as a user runs it: a real subprocess against the session's stack."""
+"""The `andon` CLI as a user runs it: a real subprocess whose job verbs speak HTTP to the session's real
+uvicorn API (ANDON_API_URL), like any operator's laptop would."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,14 @@ from tests.jobs_helpers import wait_items, wait_terminal
 ANDON = str(Path(sys.executable).parent / "andon")
 
 
-def andon(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([ANDON, *args], capture_output=True, text=True, input=stdin, timeout=60)
+def andon(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([ANDON, *args], capture_output=True, text=True, input=stdin, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(autouse=True)
+def cli_reaches_the_api(api_server, monkeypatch):
+    monkeypatch.setenv("ANDON_API_URL", api_server)
 
 
 def test_submit_show_ls_results_cancel_round_trip(worker):
@@ -92,15 +100,52 @@ def test_cancelling_a_finished_job_is_an_error(worker):
     assert done.returncode == 1 and "already completed" in done.stderr
 
 
-def test_unreachable_redis_is_one_line(worker, tmp_path):
-    import os
+def test_an_unreachable_api_is_one_line(worker):
+    for args in (["submit", "x"], ["ls"], ["show", "x"], ["cancel", "a", "b"], ["cancel", "--all", "--tag", "t"]):
+        done = andon(*args, env={"ANDON_API_URL": "http://127.0.0.1:1"})
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "cannot reach the API at http://127.0.0.1:1" in done.stderr and "Traceback" not in done.stderr
 
-    env = {**os.environ, "ANDON_REDIS_URL": "redis://127.0.0.1:1/0", "ANDON_BROKER_URL": "redis://127.0.0.1:1/0"}
-    done = subprocess.run([ANDON, "submit", "x"], capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "could not enqueue" in done.stderr
-    # the row it made is not left pending forever
-    from api import service
 
-    newest = service.list_jobs(limit=1)[0]
-    assert newest.status.value == "failed" and "could not enqueue" in newest.error
+def test_job_verbs_need_no_database_or_redis(worker):
+    """Only the API's URL and token: a database or Redis the CLI can't reach doesn't matter."""
+    nowhere = {"ANDON_DATABASE_URL": "postgresql+psycopg://nobody:wrong@127.0.0.1:1/none",
+               "ANDON_REDIS_URL": "redis://127.0.0.1:1/0", "ANDON_BROKER_URL": "redis://127.0.0.1:1/0"}
+    submitted = andon("submit", "--json", "--stage-delay", "0.05", *[f"D{i}." for i in range(40)], env=nowhere)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    wait_items(job_id, 1)
+    assert andon("cancel", job_id, "--message", "laptop", env=nowhere).returncode == 0
+    job = wait_terminal(job_id)
+    assert (job.status, job.cancellation_source, job.cancellation_message) == ("cancelled", "cli", "laptop")
+    for args, needle in ((["show", job_id], job_id), (["ls", "--json"], job_id), (["results", job_id], "Partial results"),
+                         (["pipelines"], "documents"), (["watch", job_id, "--json"], '"event": "end"')):
+        done = andon(*args, env=nowhere)
+        assert done.returncode == 0 and needle in done.stdout, (args, done.stderr)
+    resumed = andon("resume", job_id, "--force", "--json", env=nowhere)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed_from"] == job_id, resumed.stderr
+    wait_terminal(json.loads(resumed.stdout)["job_id"])
+
+
+def test_bulk_cancel_from_the_cli_is_recorded_as_cli(worker):
+    ids = [json.loads(andon("submit", "--json", "--tag", "cli-bulk", "--stage-delay", "0.05",
+                            *[f"D{i}." for i in range(100)]).stdout)["job_id"] for _ in range(2)]
+    done = andon("cancel", "--all", "--tag", "cli-bulk", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["matched"] == 2, done.stderr
+    assert {wait_terminal(job_id).cancellation_source for job_id in ids} == {"cli"}
+
+
+def test_ls_filters_and_limits_over_http(worker):
+    ids = {json.loads(andon("submit", "--json", "--tag", "cli-pages", "x").stdout)["job_id"] for _ in range(3)}
+    listed = json.loads(andon("ls", "--tag", "cli-pages", "--limit", "2", "--json").stdout)
+    assert len(listed) == 2 and {j["job_id"] for j in listed} < ids
+    everything = json.loads(andon("ls", "--tag", "cli-pages", "--json").stdout)
+    assert {j["job_id"] for j in everything} == ids
+    for job_id in ids:
+        wait_terminal(job_id)
+
+
+def test_a_422_from_the_api_is_one_line_naming_the_field(worker):
+    done = andon("submit", "--deadline", "1e12", "x")
+    assert done.returncode == 1 and "deadline_s" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from api.stack import free_port, start_redis, stop_process
+from api.supervisor import api_service
 from db.vocabulary import CancellationReason
 from tasks.cancellation import CancellationStore, TokenWatcher
 from tests.jobs_helpers import (
@@ -67,7 +68,9 @@ def test_a_cancel_published_while_the_listener_is_disconnected_is_observed_after
 def test_a_redis_restart_mid_job_does_not_lose_a_cancel(own_redis, database, tmp_path):
     env = {"ANDON_REDIS_URL": own_redis["url"], "ANDON_BROKER_URL": own_redis["url"]}
     worker = WorkerProcess(f"own-redis-{own_redis['port']}", tmp_path, concurrency=1, env=env).start()
-    cli_env = {**os.environ, **env}
+    api_port = free_port()  # the CLI speaks HTTP: an API on this Redis too
+    api = api_service(api_port, tmp_path / "api.log", env=env).start()
+    cli_env = {**os.environ, **env, "ANDON_API_URL": f"http://127.0.0.1:{api_port}"}
     try:
         submitted = subprocess.run([ANDON, "submit", "--json", "--stage-delay", "0.05",
                                     *[f"Doc {i}. Text here." for i in range(100)]],
@@ -91,4 +94,5 @@ def test_a_redis_restart_mid_job_does_not_lose_a_cancel(own_redis, database, tmp
         assert all(r.finished_at <= job.cancel_observed_at for r in items(job_id))
         assert_one_terminal(job_id)
     finally:
+        api.stop(timeout=15)
         worker.stop(timeout=20)

@@ -26,6 +26,14 @@ def andon(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
                           env={**os.environ, "COLUMNS": "250", **(env or {})})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cli_reaches_the_api(api_server):
+    """The CLI's job verbs speak HTTP to the session's real API."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANDON_API_URL", api_server)
+        yield
+
+
 @pytest.fixture(scope="module")
 def cancelled_job(worker) -> str:
     submitted = andon("submit", "--json", "--stage-delay", "0.05", DOCUMENT, *[f"Doc {i}. Fine text." for i in range(40)])
@@ -60,8 +68,8 @@ def test_ls_survives_markup_in_the_listed_jobs(cancelled_job):
     assert cancelled_job in out
 
 
-def test_watch_prints_the_end_literally(cancelled_job, api_server):
-    out = assert_literal(andon("watch", cancelled_job, env={"ANDON_API_URL": api_server}))
+def test_watch_prints_the_end_literally(cancelled_job):
+    out = assert_literal(andon("watch", cancelled_job))
     assert f"reason: user_requested (cli): {SHOWN}" in out
 
 

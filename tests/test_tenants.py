@@ -57,19 +57,28 @@ def test_a_tenant_can_neither_see_nor_cancel_another_tenants_jobs(api_client, te
     assert wait_terminal(job_id).tenant == "acme"
 
 
-def test_the_cli_acts_as_the_tenant_of_its_token(worker, api_client, tenants):
+def test_the_cli_acts_as_the_tenant_of_its_token(worker, api_client, tenants, home):
+    """The CLI speaks HTTP: the API it reaches decides which tenant a token is (and refuses the rest)."""
+    from api.supervisor import api_service, free_port
+
     job_id = api_client.post("/api/jobs", json={"documents": ["a"]}, headers=tenants["acme"]).json()["job_id"]
     wait_terminal(job_id)
-    env = {**os.environ, "ANDON_API_TOKENS": json.dumps(TOKENS)}
-    as_globex = subprocess.run([ANDON, "show", job_id], capture_output=True, text=True, timeout=60,
-                               env={**env, "ANDON_API_TOKEN": "globex-token"})
-    assert as_globex.returncode == 1 and "not found" in as_globex.stderr
-    as_acme = subprocess.run([ANDON, "show", job_id, "--json"], capture_output=True, text=True, timeout=60,
-                             env={**env, "ANDON_API_TOKEN": "acme-token"})
-    assert as_acme.returncode == 0 and json.loads(as_acme.stdout)["job_id"] == job_id
-    nobody = subprocess.run([ANDON, "ls"], capture_output=True, text=True, timeout=60,
-                            env={**env, "ANDON_API_TOKEN": "stolen"})
-    assert nobody.returncode == 1 and "belongs to no tenant" in nobody.stderr
+    port = free_port()
+    api = api_service(port, home / "logs" / "api-tenants.log", env={"ANDON_API_TOKENS": json.dumps(TOKENS)}).start()
+    env = {**os.environ, "ANDON_API_URL": f"http://127.0.0.1:{port}"}
+    try:
+        as_globex = subprocess.run([ANDON, "show", job_id], capture_output=True, text=True, timeout=60,
+                                   env={**env, "ANDON_API_TOKEN": "globex-token"})
+        assert as_globex.returncode == 1 and "not found" in as_globex.stderr
+        as_acme = subprocess.run([ANDON, "show", job_id, "--json"], capture_output=True, text=True, timeout=60,
+                                 env={**env, "ANDON_API_TOKEN": "acme-token"})
+        assert as_acme.returncode == 0 and json.loads(as_acme.stdout)["job_id"] == job_id
+        nobody = subprocess.run([ANDON, "ls"], capture_output=True, text=True, timeout=60,
+                                env={**env, "ANDON_API_TOKEN": "stolen"})
+        assert nobody.returncode == 1 and "missing or invalid bearer token (HTTP 401)" in nobody.stderr
+        assert len(nobody.stderr.strip().splitlines()) == 1
+    finally:
+        api.stop(timeout=15)
 
 
 def test_pickle_is_refused_by_the_worker(worker):

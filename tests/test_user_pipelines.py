@@ -35,16 +35,16 @@ def andon(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 # --- the doors ------------------------------------------------------------------------------------
 
 
-def test_pipelines_are_listed_over_http_and_the_cli(api_client):
+def test_pipelines_are_listed_over_http_and_the_cli(api_client, api_server):
     listed = {p["name"]: p for p in api_client.get("/api/pipelines").json()}
     assert listed["documents"]["stages"] == ["parse", "embed", "analyze"]
     assert listed["user-async"] == {"name": "user-async", "stages": ["fetch", "llm", "finish"], "concurrency": 4,
                                     "description": "async stages, four items in flight", "queue": None}
     assert listed["user-queued"]["queue"] == "andon-test-special"
-    shown = andon("pipelines", "--json")
+    shown = andon("pipelines", "--json", env={"ANDON_API_URL": api_server})
     assert shown.returncode == 0, shown.stderr
     assert {p["name"] for p in json.loads(shown.stdout)} >= {"documents", "user-sync", "user-async"}
-    assert "user-mixed" in andon("pipelines").stdout
+    assert "user-mixed" in andon("pipelines", env={"ANDON_API_URL": api_server}).stdout
 
 
 @pytest.mark.parametrize("pipeline", ["user-sync", "user-async", "user-mixed"])
@@ -92,7 +92,8 @@ def test_bad_submissions_are_422s_that_name_the_field(api_client):
     assert items(job.id)[0].result == {"title": "URGENT THING", "urgent": True}
 
 
-def test_the_cli_submits_to_a_user_pipeline(worker, tmp_path):
+def test_the_cli_submits_to_a_user_pipeline(worker, api_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANDON_API_URL", api_server)  # the CLI's job verbs speak HTTP
     done = andon("submit", "--pipeline", "user-sync", "--json-items", '{"n": 1}', "[2]", "--json")
     assert done.returncode == 0, done.stderr
     job = wait_terminal(json.loads(done.stdout)["job_id"])

@@ -25,7 +25,7 @@ from api.schemas import (
     SubmitRequest,
     SubmitResponse,
 )
-from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from db.vocabulary import CancellationReason, JobStatus
 from tasks.tags import TAG_PATTERN
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
@@ -47,7 +47,7 @@ def submit(body: SubmitRequest, caller: WriterDep,
     return idempotency.respond(caller, idempotency_key, "POST /api/jobs", body, lambda: service.submit_job(
         items, body.options, body.deadline_s, actor=caller.actor, parent_job_id=body.parent_job_id,
         tenant=caller.tenant, tags=body.tags, pipeline=body.pipeline, items_field=field,
-        supersede_key=body.supersede_key))
+        supersede_key=body.supersede_key, callback_url=body.callback_url))
 
 
 @router.post("/batch", status_code=status.HTTP_202_ACCEPTED, response_model=BatchSubmitResponse,
@@ -63,7 +63,7 @@ def submit_batch(body: BatchSubmitRequest, caller: WriterDep) -> BatchSubmitResp
 def cancel_matching(body: BulkCancelRequest, caller: WriterDep) -> BulkCancelResponse:
     """Cancel every unfinished job matching the filter in one pass (queued ones never start)."""
     return service.cancel_matching(JobStatus(body.status) if body.status else None, body.parent_job_id,
-                                   body.tag, body.reason, body.message, CancellationSource.API, actor=caller.actor,
+                                   body.tag, body.reason, body.message, caller.source, actor=caller.actor,
                                    tenant=caller.tenant)
 
 
@@ -127,7 +127,7 @@ def get_job(job_id: str, caller: ReaderDep) -> JobView:
 )
 def cancel(job_id: str, caller: WriterDep, body: CancelRequestBody | None = None) -> CancelResponse:
     body = body or CancelRequestBody()
-    return service.cancel_job(job_id, body.reason, body.message, CancellationSource.API, actor=caller.actor,
+    return service.cancel_job(job_id, body.reason, body.message, caller.source, actor=caller.actor,
                               cascade=body.cascade, tenant=caller.tenant)
 
 
