@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 from redis.exceptions import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import Job, utcnow
+from db.models import Job, JobItem, utcnow
 from db.session import session_scope
 from db.vocabulary import TERMINAL_STATUSES, JobStatus
 from tasks.cancellation.keys import rows_deleted_key
@@ -39,6 +40,8 @@ BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 SAMPLE = 10_000
 #: How far the watermark trails the clock (see the module docstring).
 SETTLE_S = 60.0
+#: How often the LLM token totals are summed again (seconds).
+TOKENS_EVERY_S = 30.0
 _TERMINAL = [s.value for s in TERMINAL_STATUSES]
 _UNFINISHED = [s.value for s in JobStatus if s not in TERMINAL_STATUSES]
 
@@ -55,12 +58,15 @@ class JobMetrics(Collector):
         self._settled: Counter[tuple[str, str | None]] = Counter()
         self._through: datetime | None = None
         self._deletions: bytes | None = None
+        self._token_rows: list | None = None
+        self._tokens_at = 0.0
 
     def describe(self) -> Iterator:
         """Names without data, so registering doesn't query a database that may not exist yet."""
         yield GaugeMetricFamily("andon_jobs", "Jobs by status and cancellation reason", labels=["status", "reason"])
         yield HistogramMetricFamily("andon_cancel_request_to_observe_seconds", "")
         yield HistogramMetricFamily("andon_cancel_observe_to_terminal_seconds", "")
+        yield CounterMetricFamily("andon_llm_tokens", "", labels=["pipeline", "kind", "cut_short"])
 
     def collect(self) -> Iterator:
         try:
@@ -78,6 +84,27 @@ class JobMetrics(Collector):
                          "From a cancel request to the checkpoint that observed it", to_observe)
         yield _histogram("andon_cancel_observe_to_terminal_seconds",
                          "From the observing checkpoint to the committed terminal row", to_stop)
+        yield self._tokens()
+
+    def _tokens(self) -> CounterMetricFamily:
+        """LLM tokens the items reported, by pipeline and by whether the item was cut short; summed
+        in SQL at most every TOKENS_EVERY_S (a scrape doesn't walk the items each time)."""
+        now = time.monotonic()
+        if self._token_rows is None or now - self._tokens_at >= TOKENS_EVERY_S:
+            with session_scope() as session:
+                self._token_rows = session.execute(
+                    select(Job.pipeline, JobItem.usage_cut_short, func.sum(JobItem.prompt_tokens),
+                           func.sum(JobItem.completion_tokens))
+                    .join(Job, Job.id == JobItem.job_id).where(JobItem.prompt_tokens.is_not(None))
+                    .group_by(Job.pipeline, JobItem.usage_cut_short)).all()
+            self._tokens_at = now
+        family = CounterMetricFamily("andon_llm_tokens", "LLM tokens the items reported (estimated where the "
+                                     "server sent no usage)", labels=["pipeline", "kind", "cut_short"])
+        for pipeline, cut_short, prompt, completion in self._token_rows:
+            cut = "true" if cut_short else "false"
+            family.add_metric([pipeline, "prompt", cut], prompt or 0)
+            family.add_metric([pipeline, "completion", cut], completion or 0)
+        return family
 
     def _read(self) -> tuple[list, list]:
         deletions = _deletions(self._deletions)

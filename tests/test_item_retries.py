@@ -84,3 +84,14 @@ def test_llm_usage_adds_up_on_the_job(worker, api_client):
     plain = service.submit_job(["One. Two."]).job_id
     wait_terminal(plain)
     assert api_client.get(f"/api/jobs/{plain}").json()["usage"] is None
+    from prometheus_client.registry import REGISTRY
+
+    from api.metrics import JobMetrics
+
+    for collector in list(REGISTRY._collector_to_names):  # /metrics sums tokens at most every 30 s
+        if isinstance(collector, JobMetrics):
+            collector._token_rows = None
+    scraped = api_client.get("/metrics").text
+    line = next(x for x in scraped.splitlines()
+                if x.startswith("andon_llm_tokens_total{") and 'pipeline="user-llm"' in x and 'kind="completion"' in x)
+    assert float(line.rsplit(" ", 1)[1]) >= 33
