@@ -246,6 +246,10 @@ def submit_batch(bodies: list[SubmitRequest], actor: str | None = None,
         raise InvalidInput([{"loc": ["body", "jobs"], "msg": f"at most {MAX_BATCH} jobs", "type": "too_long"}])
     jobs: list[dict[str, Any]] = []
     for i, body in enumerate(bodies):
+        for name in ("supersede_key", "callback_url"):  # per-job serialization and webhooks: single submits
+            if getattr(body, name, None) is not None:
+                raise InvalidInput([{"loc": ["body", "jobs", i, name], "type": "value_error",
+                                     "msg": f"{name} is not taken in a batch; submit that job on its own"}])
         items, field = body.inputs
         try:
             submission = check_submission(body.pipeline, items, body.options, items_field=field)

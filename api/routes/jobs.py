@@ -51,12 +51,15 @@ def submit(body: SubmitRequest, caller: WriterDep,
 
 
 @router.post("/batch", status_code=status.HTTP_202_ACCEPTED, response_model=BatchSubmitResponse,
-             responses={**BAD_BODY, 422: {"description": "a body is rejected: `loc` names its index in `jobs`"}})
-def submit_batch(body: BatchSubmitRequest, caller: WriterDep) -> BatchSubmitResponse:
+             responses={**BAD_BODY, **idempotency.RESPONSES,
+                        422: {"description": "a body is rejected: `loc` names its index in `jobs`"}})
+def submit_batch(body: BatchSubmitRequest, caller: WriterDep,
+                 idempotency_key: idempotency.IdempotencyKeyHeader = None) -> BatchSubmitResponse:
     """Submit up to 10,000 jobs in one request; their ids come back in the same order. All or
     nothing: if any body is rejected, the 422 names its index (`["body", "jobs", 3, "items", 0, ...]`)
-    and no job is made."""
-    return BatchSubmitResponse(job_ids=service.submit_batch(body.jobs, actor=caller.actor, tenant=caller.tenant))
+    and no job is made. `Idempotency-Key` makes a retry safe, as on a single submit."""
+    return idempotency.respond(caller, idempotency_key, "POST /api/jobs/batch", body, lambda: BatchSubmitResponse(
+        job_ids=service.submit_batch(body.jobs, actor=caller.actor, tenant=caller.tenant)))
 
 
 @router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse, responses=BAD_BODY)
