@@ -113,6 +113,8 @@ def never_ran(job_id: str) -> bool:
 
 
 def test_a_job_runs_to_completion(api, rabbit_worker, rabbitmq_server):
+    ready = api.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["checks"]["broker"] == "ok", ready  # an AMQP handshake
     rabbit_worker()
     job_id = submit(api, 4)
     job = wait_terminal(job_id)
@@ -219,3 +221,45 @@ def test_a_sigkilled_child_is_redelivered_once_and_resumes_where_it_stopped(api,
     assert kinds.count("requeued") == 1 and kinds.count("started") == 2
     assert_one_terminal(job_id)
     assert_drained(rabbitmq_server)
+
+
+def test_the_broker_sweep_resends_by_age_on_rabbitmq_and_the_duplicate_is_harmless(
+        api, rabbit_worker, rabbitmq_server, monkeypatch):
+    """tasks/broker.py can read kombu's Redis queues, not RabbitMQ's: on amqp the lost-message sweep
+    re-sends a job queued too long (by age only) and never touches a parked message; the job then has
+    two messages, and runs once."""
+    from datetime import UTC, datetime, timedelta
+
+    from db.models import Job
+    from db.session import session_scope
+    from tasks import broker
+    from tasks.celery_app import RUN_PIPELINE
+
+    job_id = submit(api, 2)  # no worker yet: its message waits in RabbitMQ
+    with session_scope() as session:  # queued for two hours (and nothing else in this session is)
+        session.get(Job, job_id).created_at = datetime.now(UTC) - timedelta(hours=2)
+    rabbit_settings = get_settings().model_copy(update={"broker_url": rabbitmq_server.url})
+    sender = Celery("andon-sender", broker=rabbitmq_server.url)
+    sent = []
+
+    def send(job, options=None, queue=None):  # what tasks.sending.enqueue does, on this broker
+        sender.send_task(RUN_PIPELINE, args=[job], task_id=job, queue=queue or QUEUE)
+        sent.append(job)
+
+    monkeypatch.setattr(broker, "get_settings", lambda: rabbit_settings)
+    monkeypatch.setattr(broker, "enqueue", send)
+    try:
+        assert broker.release_parked(0) == []  # RabbitMQ redelivers unacked messages itself
+        assert job_id not in broker.resend_lost(120, 3 * 3600)  # not queued that long yet
+        assert job_id in broker.resend_lost(120, 3600) and sent == [job_id]
+        assert job_id not in broker.resend_lost(120, 3600)  # once per interval, not every sweep
+    finally:
+        sender.close()
+    resent = [e for e in events(job_id) if e.kind == "resent"]
+    assert len(resent) == 1 and resent[0].detail == {"why": "queued too long"}
+    assert queue_ready(rabbitmq_server) == 2
+
+    rabbit_worker()
+    job = wait_terminal(job_id)
+    assert job.status == "completed" and [e.kind for e in events(job_id)].count("started") == 1
+    assert_drained(rabbitmq_server)  # the second message was delivered, found the job done, and acked
