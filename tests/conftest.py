@@ -154,6 +154,22 @@ def postgres_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def rabbitmq_server():
+    """A private RabbitMQ node (tests/rabbitserver.py), for the tests of andon on an AMQP broker."""
+    from tests.rabbitserver import RabbitServer, rabbitmq_available
+
+    reason = rabbitmq_available()
+    if reason:
+        pytest.skip(f"RabbitMQ tests need a local server: {reason}")
+    try:
+        server = RabbitServer().start()
+    except RuntimeError as exc:
+        pytest.skip(f"RabbitMQ could not start here: {str(exc).splitlines()[0]}")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path):
     """A fresh, migrated database of each kind, for tests of the rows themselves."""

@@ -214,7 +214,9 @@ def test_the_schema_check_is_not_vacuous():
 def test_compose_file_wires_the_stack_as_intended():
     doc = compose()
     services = doc["services"]
-    assert set(services) == {"redis", "postgres", "migrate", "api", "worker", "flower"}
+    assert set(services) == {"redis", "postgres", "rabbitmq", "migrate", "api", "worker", "flower"}
+    # the default profile is Redis: only RabbitMQ sits in a profile of its own
+    assert {name for name, svc in services.items() if svc.get("profiles")} == {"rabbitmq"}
     for name, deps in services.items():
         for dep in deps.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
@@ -298,6 +300,49 @@ def test_flower_command_refuses_to_run_without_auth():
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 64, (bad, result.stdout, result.stderr)
         assert "ANDON_FLOWER_BASIC_AUTH=user:password" in result.stderr
+
+
+#: What the README's .env for the `rabbitmq` profile sets (besides the secrets above).
+RABBITMQ_PROFILE = {"COMPOSE_PROFILES": "rabbitmq", "RABBITMQ_PASSWORD": "compose-test-rabbit",
+                    "ANDON_BROKER_URL": "amqp://andon:compose-test-rabbit@rabbitmq:5672/andon"}
+
+
+def test_the_rabbitmq_profile_points_the_andon_services_at_rabbitmq():
+    assert schema_errors(compose(RABBITMQ_PROFILE)) == []
+    default, services = compose(), compose(RABBITMQ_PROFILE)["services"]
+    assert default["x-andon-env"]["ANDON_BROKER_URL"] == "redis://redis:6379/0"
+    rabbit = services["rabbitmq"]
+    assert rabbit["profiles"] == ["rabbitmq"] and rabbit["hostname"] == "rabbitmq"
+    assert rabbit["environment"]["RABBITMQ_DEFAULT_USER"] == "andon"
+    assert rabbit["environment"]["RABBITMQ_DEFAULT_PASS"] == RABBITMQ_PROFILE["RABBITMQ_PASSWORD"]
+    assert rabbit["environment"]["RABBITMQ_DEFAULT_VHOST"] == "andon"
+    assert "rabbitmq-data:/var/lib/rabbitmq" in rabbit["volumes"] and rabbit["healthcheck"]["test"]
+    for name in ANDON_SERVICES:  # the broker is RabbitMQ; tokens, results and pub/sub stay in Redis
+        env = services[name]["environment"]
+        assert env["ANDON_BROKER_URL"] == RABBITMQ_PROFILE["ANDON_BROKER_URL"], name
+        assert env["ANDON_REDIS_URL"] == "redis://redis:6379/0", name
+    for name in ("api", "worker", "flower"):  # they wait for it when the profile runs it, not otherwise
+        assert services[name]["depends_on"]["rabbitmq"] == {"condition": "service_healthy", "required": False}
+
+
+def test_the_rabbitmq_consumer_timeout_outlasts_any_job():
+    """acks_late: a running job's message stays unacked; RabbitMQ's consumer_timeout (30 min by
+    default) must be far above the longest job, or it closes the channel and redelivers the job."""
+    args = compose()["services"]["rabbitmq"]["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"].split()
+    timeout_ms = int(args[args.index("consumer_timeout") + 1])
+    assert args[args.index("consumer_timeout") - 1] == "-rabbit"
+    assert timeout_ms >= 12 * 3600 * 1000
+    custom = compose({"RABBITMQ_CONSUMER_TIMEOUT_MS": "90000000"})["services"]["rabbitmq"]
+    assert "consumer_timeout 90000000" in custom["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"]
+
+
+def test_rabbitmq_command_refuses_to_run_without_a_password():
+    rabbit = compose()["services"]["rabbitmq"]
+    assert rabbit["environment"]["RABBITMQ_DEFAULT_PASS"] == ""  # no default credentials
+    result = subprocess.run(rabbit["command"], env={**os.environ, "RABBITMQ_DEFAULT_PASS": ""},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 64 and "set RABBITMQ_PASSWORD" in result.stderr, result.stderr
+    assert rabbit["command"][-1].endswith("exec docker-entrypoint.sh rabbitmq-server")
 
 
 # --- 2. the same commands, run here ---------------------------------------------------------------------

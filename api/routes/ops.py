@@ -1,4 +1,4 @@
-"""Operations: /healthz (liveness), /readyz (readiness: the database and Redis answer), /metrics."""
+"""Operations: /healthz (liveness), /readyz (readiness: the database, Redis and the broker answer), /metrics."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency (database, Redis) is unreachable"}})
+@router.get("/readyz", responses={503: {"description": "a dependency (database, Redis, broker) is unreachable"}})
 async def readyz() -> JSONResponse:
-    """Readiness: 200 when the database and Redis each answer within ``ANDON_READY_TIMEOUT_S``,
-    else 503 naming the ones that don't."""
+    """Readiness: 200 when the database and Redis (and a separate broker: Redis or AMQP) each answer
+    within ``ANDON_READY_TIMEOUT_S``, else 503 naming the ones that don't."""
     settings = get_settings()
     timeout = settings.ready_timeout_s
     probes: dict[str, Callable[[], Awaitable[None]]] = {
@@ -40,6 +40,8 @@ async def readyz() -> JSONResponse:
     broker = settings.resolved_broker_url
     if broker != settings.resolved_redis_url and broker.startswith(("redis://", "rediss://")):
         probes["broker"] = lambda: _ping_redis(broker, timeout)
+    elif broker.startswith(("amqp://", "amqps://", "pyamqp://")):  # RabbitMQ: an AMQP handshake
+        probes["broker"] = lambda: asyncio.to_thread(_ping_amqp, broker, timeout)
     names = list(probes)
     answers = await asyncio.gather(*(_probe(name, probes[name], timeout) for name in names))
     checks = {name: answer or "ok" for name, answer in zip(names, answers)}
@@ -59,6 +61,13 @@ def metrics() -> PlainTextResponse:
 def _ping_database() -> None:
     with get_engine().connect() as connection:
         connection.execute(text("SELECT 1"))
+
+
+def _ping_amqp(url: str, timeout: float) -> None:
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=timeout) as connection:
+        connection.connect()
 
 
 async def _ping_redis(url: str, timeout: float) -> None:
