@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -56,13 +57,13 @@ def test_a_submit_supersedes_a_running_job_with_its_key(api_client):
 
 def test_a_queued_job_is_superseded_before_it_runs(worker):
     key = _key()
-    parent = submit(40, stage_delay_s=0.03)  # holds the queued job back: it waits for its parent
+    parent = submit(400, stage_delay_s=0.03)  # holds the queued job back: it waits for its parent
     queued = service.submit_job(docs(2), parent_job_id=parent, supersede_key=key).job_id
     newer = service.submit_job(docs(2), supersede_key=key).job_id
     job = assert_superseded(queued, by=newer)
     assert job.started_at is None
     assert wait_terminal(newer).status == "completed"
-    service.cancel_job(parent)
+    service.cancel_job(parent)  # still running: 400 items take far longer than this test
 
 
 def test_only_the_same_tenants_unfinished_jobs_with_the_key_are_superseded(worker):
@@ -113,11 +114,11 @@ def test_racing_submits_with_one_key_leave_exactly_one_job_unfinished(api_server
     wait_terminal(newest)
 
 
-def test_the_cli_supersedes_by_key(worker):
+def test_the_cli_supersedes_by_key(worker, api_server):
     key = _key()
-    first = submit(40, stage_delay_s=0.03, supersede_key=key)
+    first = submit(400, stage_delay_s=0.03, supersede_key=key)
     done = subprocess.run([ANDON, "submit", "--supersede-key", key, "a document"], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env={**os.environ, "ANDON_API_URL": api_server})
     assert done.returncode == 0, done.stderr
     assert_superseded(first, by=done.stdout.strip())
 

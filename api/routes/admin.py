@@ -12,7 +12,8 @@ router = APIRouter(prefix="/api/admin", tags=["admin"])
 
 
 @router.post("/prune", response_model=PruneResponse,
-             responses={403: {"model": ErrorResponse, "description": "with tenants set: not the admin token"}})
+             responses={400: {"model": ErrorResponse, "description": "the body could not be parsed"},
+                        403: {"model": ErrorResponse, "description": "with tenants set: not the admin token"}})
 def prune(body: PruneRequest, caller: OperatorDep) -> PruneResponse:
     """Delete jobs that ended more than `older_than_s` seconds ago, with their items, events and tags,
     1,000 jobs per transaction (running jobs' writes go on in between). Unfinished jobs are never
