@@ -68,6 +68,10 @@ class Actions:
             return
         if kind == "sigkill":
             return self.sigkill()
+        if kind in ("dup_send_task", "dup_flower_apply"):
+            return self.duplicate_delivery(kind)
+        if kind == "lose_message":
+            return self.lose_message()
         job_id = self.pick_long_target() if kind == "cli_cancel" else self.pick_cancel_target()
         if job_id is None:
             return

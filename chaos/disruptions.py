@@ -10,8 +10,21 @@ import traceback
 class Disruptions:
     """Phase 1's disruptions: warm worker restarts (same node name) and a Redis restart, at set shares of Mixed into ``chaos.harness.Harness``, whose state it uses."""
 
+    def disruption_gate(self, n: int) -> bool:
+        """May the submitter send job number ``n``? Not past a disruption's share while an earlier one
+        still runs: each fault lands with jobs running and queued, not after the last submit."""
+        targets = [int(self.plan.jobs * share) for share, _ in self.plan.disruptions]
+        return all(self.disruptions_done[j - 1].is_set() for j, t in enumerate(targets) if j and n >= t)
+
     def disruptor(self) -> None:
-        for share, what in self.plan.disruptions:
+        try:
+            self._disrupt()
+        finally:
+            for done in self.disruptions_done:  # never leave the submitter gated
+                done.set()
+
+    def _disrupt(self) -> None:
+        for i, (share, what) in enumerate(self.plan.disruptions):
             target = int(self.plan.jobs * share)
             deadline = time.monotonic() + self.plan.budget_s * 0.5
             while len(self.submitted("chaos")) < target and time.monotonic() < deadline:
@@ -23,10 +36,13 @@ class Disruptions:
             try:
                 if what == "redis":
                     self.restart_redis()
-                else:
+                elif what.startswith("restart:"):
                     self.restart_worker(what.split(":", 1)[1])
+                else:
+                    self.run_fault(what)
             except Exception as exc:
                 self.note(f"disruption {what} failed: {exc}\n{traceback.format_exc()}")
+            self.disruptions_done[i].set()
 
     def restart_worker(self, name: str) -> None:
         worker = next(w for w in self.stack.workers if w.name == name)

@@ -19,6 +19,7 @@ from chaos.console import fmt_s, say
 from chaos.disruptions import Disruptions
 from chaos.errors import Transient
 from chaos.evidence import Evidence
+from chaos.faults import Faults
 from chaos.plan import Plan
 from chaos.race import Race
 from chaos.workload import Workload
@@ -26,8 +27,9 @@ from chaos.workload import Workload
 ACTIVE = ("pending", "running", "cancelling")
 
 
-class Harness(Workload, Actions, Disruptions, Race, Evidence):
-    def __init__(self, plan: Plan, seed: int, home: Path, ports: dict[str, int], flower_auth: str) -> None:
+class Harness(Workload, Actions, Disruptions, Faults, Race, Evidence):
+    def __init__(self, plan: Plan, seed: int, home: Path, ports: dict[str, int], flower_auth: str,
+                 database_url: str | None = None, pg=None) -> None:
         import httpx
 
         from chaos.checks import Record
@@ -46,6 +48,11 @@ class Harness(Workload, Actions, Disruptions, Race, Evidence):
         self.stop_actions = threading.Event()
         self.active: dict[str, str] = {}  # job id -> status, for every non-terminal job in the database
         self.redis_down = threading.Event()
+        self.disruptions_done = [threading.Event() for _ in plan.disruptions]
+        self.hold_submits = threading.Event()  # no new submits while Redis is paused or down for long
+        self.database_url = database_url or f"sqlite:///{home / 'andon.db'}"
+        self.db = "sqlite" if self.database_url.startswith("sqlite") else "postgres"
+        self.pg = pg  # tests.pgserver.PostgresServer for the Postgres phase
         self.restarting: set[str] = set()
         self.given_up: set[str] = set()
         self.celery_meta: dict[str, dict] = {}
@@ -205,6 +212,6 @@ class Harness(Workload, Actions, Disruptions, Race, Evidence):
             poller.join(timeout=5)
         self.phase_times["chaos"] = time.monotonic() - started
         drain = time.monotonic()
-        self.wait_terminal(45, "phase 1 drain")
+        self.wait_terminal(self.plan.drain_s, "phase 1 drain")
         self.phase_times["chaos drain"] = time.monotonic() - drain
         self.mark(f"phase 1 done: {len(self.submitted('chaos'))} jobs, {len(self.record.actions)} actions")
