@@ -153,11 +153,12 @@ def check_streams(record: Record) -> list[tuple[str, str, str]]:
 def check_rows(record: Record, jobs: list, items: list, events: list, partials: dict[str, dict],
                states: dict[str, str | None], parked: dict[str, datetime] | None = None,
                celery_meta: dict[str, dict] | None = None, slack_s: float = 1.0,
-               integrity: dict[str, str] | None = None):
+               integrity: dict[str, str] | None = None, worker_errors: dict[str, str] | None = None):
     """Return (violations, info): violations as (check, job_id, message); info as counters for the report.
     ``integrity``: job id → a worker log line where writing its items raised IntegrityError."""
     out: list[tuple[str, str, str]] = check_streams(record)
     integrity = integrity or {}
+    worker_errors = worker_errors or {}
     redis_windows = windows(record, REDIS_FAULTS)
     by_id = {j.id: j for j in jobs}
     items_of: dict[str, list] = defaultdict(list)
@@ -270,7 +271,8 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
                         "kombu's unacked hash)" if parked_at is not None else "")
                 near = faults_near(record, job.finished_at)
                 out.append(("celery-state", jid, f"row {job.status}, Celery result {state}{note}"
-                            + (f"; faults around it: {near}" if near else "")))
+                            + (f"; faults around it: {near}" if near else "")
+                            + (f"; {worker_errors[jid]}" if jid in worker_errors else "")))
 
         # -- who asked it to stop -------------------------------------------------------------------
         requests = [e for e in evs if e.kind == "cancel_requested"]
@@ -412,7 +414,8 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
                                                             for a in dups + lost_msg]
             if near and not (m and killed_here):
                 out.append(("fault-failed", jid, f"failed: {job.error!r}; faults around it: {near}; events "
-                            f"{[e.kind for e in evs]}"))
+                            f"{[(e.kind, e.actor, e.at.strftime('%H:%M:%S.%f')[:12]) for e in evs]}"
+                            + (f"; {worker_errors[jid]}" if jid in worker_errors else "")))
             elif not m:
                 out.append(("failed", jid, f"failed: {job.error!r}"))
             elif not (killed_here or lost_evidence) or requeued < int(m.group(1)) - 1:

@@ -116,3 +116,17 @@ class Evidence:
                     found[last_id] = f"{log.name}: {line.strip()[:300]}"
         return found
 
+    def worker_errors(self) -> dict[str, str]:
+        """The first ERROR line a worker logged naming each job (what a fault made its task raise):
+        job id → "log: line", to point a violation at its cause."""
+        import re
+
+        task = re.compile(r"ERROR/.*?\[([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\]")
+        found: dict[str, str] = {}
+        for log in sorted((self.home / "logs").glob("worker-*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                m = task.search(line)
+                if m and m.group(1) not in found:
+                    found[m.group(1)] = f"{log.name}: {line.strip()[:260]}"
+        return found
+

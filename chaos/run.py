@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres", action="store_true", help="also run the Postgres phase (required)")
     parser.add_argument("--no-postgres", action="store_true", help="skip the Postgres phase")
     parser.add_argument("--db", choices=("sqlite", "postgres"), help="run this backend only")
+    parser.add_argument("--faults", help="only these disruptions, comma-separated (restart, redis, streams, "
+                        "redis-pause, redis-down, db-lock, pg-restart), or 'none'")
+    parser.add_argument("--fault-s", type=float, help="every fault this long (smoke tests; the real run draws "
+                        "10–30 s, 12–15 s for the lock)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     if args.db:
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("quick", "keep"):
             if getattr(args, flag):
                 child.append(f"--{flag}")
-        for opt in ("jobs", "race", "budget_s"):
+        for opt in ("jobs", "race", "budget_s", "faults", "fault_s"):
             if getattr(args, opt) is not None:
                 child += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
         try:
@@ -124,6 +128,16 @@ def run_one(args, seed: int, db: str) -> int:
         plan.race = args.race
     if args.budget_s:
         plan.budget_s = args.budget_s
+    if args.faults:
+        keep = set() if args.faults == "none" else set(args.faults.split(","))
+        unknown = keep - {"restart", "redis", "streams", "redis-pause", "redis-down", "db-lock", "pg-restart"}
+        if unknown:
+            say(f"--faults: unknown {sorted(unknown)}")
+            return 2
+        plan.disruptions = tuple((share, what) for share, what in plan.disruptions
+                                 if what.split(":", 1)[0] in keep)
+    if args.fault_s:
+        plan.redis_pause_s = plan.redis_outage_s = plan.db_lock_s = (args.fault_s, args.fault_s)
 
     home = Path(tempfile.mkdtemp(prefix="andon-chaos-"))
     ports = {"redis": free_port(), "api": free_port(), "flower": free_port()}
@@ -182,7 +196,7 @@ def run_one(args, seed: int, db: str) -> int:
         states = h.celery_states(jobs)
         parked = h.parked_messages()
         violations, info = check_rows(h.record, jobs, items, events, partials, states, parked, h.celery_meta,
-                                      integrity=h.integrity_errors())
+                                      integrity=h.integrity_errors(), worker_errors=h.worker_errors())
         race = race_summary(h.record, jobs, events)
     except KeyboardInterrupt:
         say("interrupted: stopping the stack")
