@@ -120,8 +120,9 @@ def faults_near(record: Record, at: datetime | None, kinds: set[str] | None = No
     out = []
     for kind, began, ended in windows(record, kinds or (DB_FAULTS | REDIS_FAULTS)):
         if began - timedelta(seconds=FAULT_BEFORE_S) <= at <= ended + timedelta(seconds=after_s):
-            out.append(f"{kind} {began.strftime('%H:%M:%S')}→{ended.strftime('%H:%M:%S')}")
-    return out
+            distance = max((began - at).total_seconds(), (at - ended).total_seconds(), 0.0)
+            out.append((distance, f"{kind} {began.strftime('%H:%M:%S')}→{ended.strftime('%H:%M:%S')}"))
+    return [text for _, text in sorted(out)]  # the nearest first (inside its window: distance 0)
 
 
 def check_streams(record: Record) -> list[tuple[str, str, str]]:
