@@ -52,6 +52,7 @@ CHECKS = {
     "db-unavailable": "a job stopped by a database outage ended cancelled/system_shutdown/database_unavailable, "
                       "resumable",
     "streams": "with 100–200 event streams open the API answered promptly, and released them once closed",
+    "worker-died": "no worker main process exited unless the harness stopped it",
 }
 
 #: actions that ask a job to stop (or kill it); the others (duplicate delivery, lost message) must not
@@ -94,6 +95,8 @@ class Record:
     redis_restart: tuple[datetime, datetime] | None = None
     #: the harsher faults: {"kind", "began", "ended", ...} (chaos/faults.py)
     faults: list[dict[str, Any]] = field(default_factory=list)
+    #: worker main processes that exited on their own: {"worker", "life", "code", "noticed", "log", "why"}
+    worker_deaths: list[dict[str, Any]] = field(default_factory=list)
     submit_errors: list[str] = field(default_factory=list)
     transient: Counter = field(default_factory=Counter)
 
@@ -158,6 +161,9 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
     """Return (violations, info): violations as (check, job_id, message); info as counters for the report.
     ``integrity``: job id → a worker log line where writing its items raised IntegrityError."""
     out: list[tuple[str, str, str]] = check_streams(record)
+    for d in record.worker_deaths:
+        out.append(("worker-died", "-", f"worker {d['worker']} (life {d['life']}, logs/{d['log']}) exited with code "
+                    f"{d['code']}, noticed {d['noticed']}: {d['why'] or 'no CRITICAL line in its log'}"))
     integrity = integrity or {}
     worker_errors = worker_errors or {}
     redis_windows = windows(record, REDIS_FAULTS)

@@ -44,8 +44,32 @@ class Disruptions:
                 self.note(f"disruption {what} failed: {exc}\n{traceback.format_exc()}")
             self.disruptions_done[i].set()
 
+    def worker_deaths(self, when: str) -> None:
+        """Record every worker main process that exited on its own (the harness only ever stops one
+        with SIGTERM in a warm restart), with the worker log's CRITICAL line if there is one."""
+        for worker in self.stack.workers:
+            if worker.proc is None or worker.proc.poll() is None or worker.proc.pid in self.reported_deaths:
+                continue
+            self.reported_deaths.add(worker.proc.pid)
+            why = ""
+            try:
+                for line in worker.log.read_text(errors="replace").splitlines():
+                    if "CRITICAL" in line or "Unrecoverable error" in line:
+                        why = line.strip()[:300]
+                        break
+            except OSError:
+                pass
+            with self.lock:
+                self.record.worker_deaths.append({"worker": worker.name, "life": worker.starts,
+                                                  "code": worker.proc.returncode, "noticed": when,
+                                                  "log": worker.log.name, "why": why})
+            self.mark(f"worker {worker.name} (life {worker.starts}) had exited on its own with code "
+                      f"{worker.proc.returncode}, noticed {when}: {why or 'no CRITICAL line in its log'}")
+
     def restart_worker(self, name: str) -> None:
+        self.worker_deaths(f"before the warm restart of {name}")
         worker = next(w for w in self.stack.workers if w.name == name)
+        dead_before = worker.proc is not None and worker.proc.poll() is not None  # reported as worker-died
         with self.lock:
             running = sum(1 for s in self.active.values() if s == "running")
             self.restarting.add(name)
@@ -59,7 +83,7 @@ class Disruptions:
             self.record.restarts.append(info)
         if not info["warm"]:
             self.note(f"worker {name} did not exit within 60s of SIGTERM (killed)")
-        if info["exit_code"] not in (0, None):
+        if info["exit_code"] not in (0, None) and not dead_before:
             self.note(f"worker {name} exited with code {info['exit_code']} on a warm shutdown")
         if info["group_left_behind"]:
             self.note(f"worker {name}'s process group outlived its warm shutdown")

@@ -215,10 +215,29 @@ class Faults:
     # -- weighted actions ------------------------------------------------------------------------------
 
     def _running_target(self, name: str) -> str | None:
+        """A running job with much work left (of the three with the most), so that the second delivery
+        — queued behind the others — reaches a worker while the first still runs."""
+        from sqlalchemy import select
+
+        from db.models import Job
+        from db.session import session_scope
+
         with self.lock:
             running = sorted(j for j, s in self.active.items()
-                             if s == "running" and self.record.submitted.get(j, {}).get("phase") == "chaos")
-        return self.frand(name, "choice", running) if running else None
+                             if s == "running" and self.record.submitted.get(j, {}).get("phase") == "chaos"
+                             and j not in self.protected)
+        if not running:
+            return None
+        try:
+            with session_scope() as session:
+                rows = session.execute(select(Job.id, Job.total_items, Job.completed_items, Job.options)
+                                       .where(Job.id.in_(running), Job.status == "running")).all()
+        except Exception:
+            return None
+        left = {j: (total - done) * float((options or {}).get("stage_delay_s") or 0)
+                for j, total, done, options in rows}
+        longest = sorted(left, key=lambda j: (-left[j], j))[:3]
+        return self.frand(name, "choice", longest) if longest else None
 
     def duplicate_delivery(self, kind: str) -> None:
         """Deliver a running job's own message again: ``send_task`` with its id, or Flower's apply."""
@@ -254,7 +273,8 @@ class Faults:
             return
         with self.lock:
             queued = sorted(j for j, s in self.active.items()
-                            if s == "pending" and self.record.submitted.get(j, {}).get("phase") == "chaos")
+                            if s == "pending" and self.record.submitted.get(j, {}).get("phase") == "chaos"
+                            and j not in self.protected)
         if not queued:
             return
         redis = get_redis()
@@ -277,6 +297,7 @@ class Faults:
         act = Act("lose_message", job_id, now())
         with self.lock:
             self.record.actions.append(act)
+            self.protected.add(job_id)  # before the LREM: no action may end it meanwhile
         name, raw = by_id[job_id]
         try:
             removed = redis.lrem(name, 1, raw)

@@ -49,6 +49,10 @@ class Harness(Workload, Actions, Disruptions, Faults, Race, Evidence):
         self.active: dict[str, str] = {}  # job id -> status, for every non-terminal job in the database
         self.redis_down = threading.Event()
         self.disruptions_done = [threading.Event() for _ in plan.disruptions]
+        self.reported_deaths: set[int] = set()
+        #: jobs whose message the harness deleted: no action targets them, the submitter doesn't count them
+        #: in flight — nothing but andon may end them (re-sent and completed, or ended with a clear reason)
+        self.protected: set[str] = set()
         self.hold_submits = threading.Event()  # no new submits while Redis is paused or down for long
         self.database_url = database_url or f"sqlite:///{home / 'andon.db'}"
         self.db = "sqlite" if self.database_url.startswith("sqlite") else "postgres"
@@ -142,7 +146,8 @@ class Harness(Workload, Actions, Disruptions, Faults, Race, Evidence):
 
     def in_flight(self) -> int:
         with self.lock:
-            return sum(1 for j in self.active if self.record.submitted.get(j, {}).get("phase") == "chaos")
+            return sum(1 for j in self.active if self.record.submitted.get(j, {}).get("phase") == "chaos"
+                       and j not in self.protected)
 
     # -- waiting ---------------------------------------------------------------------------------------
 
@@ -210,6 +215,7 @@ class Harness(Workload, Actions, Disruptions, Faults, Race, Evidence):
             pool.shutdown(wait=True)
             stop_poll.set()
             poller.join(timeout=5)
+        self.worker_deaths("at the end of phase 1")
         self.phase_times["chaos"] = time.monotonic() - started
         drain = time.monotonic()
         self.wait_terminal(self.plan.drain_s, "phase 1 drain")

@@ -227,6 +227,7 @@ def run_one(args, seed: int, db: str) -> int:
         "redis_restart": [t.isoformat() for t in h.record.redis_restart] if h.record.redis_restart else None,
         "faults": [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in f.items()}
                    for f in h.record.faults],
+        "worker_deaths": h.record.worker_deaths,
     }, indent=1, default=str))
     if total:
         code = 1
