@@ -29,10 +29,15 @@ class Disruptions:
             deadline = time.monotonic() + self.plan.budget_s * 0.5
             while len(self.submitted("chaos")) < target and time.monotonic() < deadline:
                 time.sleep(0.1)
-            # only disrupt while something runs, so the disruption lands on jobs
+            # only disrupt while something runs, so the disruption lands on jobs; the harsher faults also
+            # wait (bounded) for the submitter to refill the queue after the previous fault
             until = time.monotonic() + (0 if what == "redis" else 10)
             while time.monotonic() < until and not any(s == "running" for s in dict(self.active).values()):
                 time.sleep(0.05)
+            if not what.startswith("restart:") and what != "redis":
+                until = time.monotonic() + 15
+                while time.monotonic() < until and not (self.running_count() >= 2 and self.queued_count() >= 1):
+                    time.sleep(0.05)
             try:
                 if what == "redis":
                     self.restart_redis()
