@@ -200,7 +200,7 @@ class Faults:
         # what the API still holds for them (idle worker threads leave after ~10 s: wait that long)
         settle_until = time.monotonic() + 15
         conns_after, threads_after = api_conns(), threads()
-        while time.monotonic() < settle_until and (conns_after > base_conns + 2 or threads_after > base_threads + 5):
+        while time.monotonic() < settle_until and (conns_after > base_conns + 2 or threads_after > base_threads + 10):
             time.sleep(0.5)
             conns_after, threads_after = api_conns(), threads()
         result = {"streams": n, "hold_s": hold, "statuses": statuses, "open_errors": open_errors,
