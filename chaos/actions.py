@@ -26,7 +26,8 @@ class Actions:
 
     def pick_cancel_target(self) -> str | None:
         with self.lock:
-            ours = {j: s for j, s in self.active.items() if self.record.submitted.get(j, {}).get("phase") == "chaos"}
+            ours = {j: s for j, s in self.active.items()
+                    if self.record.submitted.get(j, {}).get("phase") == "chaos" and j not in self.protected}
         if not ours:
             return None
         acted = self.acted_on()
@@ -49,7 +50,8 @@ class Actions:
         from db.session import session_scope
 
         with self.lock:
-            ours = [j for j in self.active if self.record.submitted.get(j, {}).get("phase") == "chaos"]
+            ours = [j for j in self.active
+                    if self.record.submitted.get(j, {}).get("phase") == "chaos" and j not in self.protected]
         if not ours:
             return None
         with session_scope() as session:
@@ -68,6 +70,10 @@ class Actions:
             return
         if kind == "sigkill":
             return self.sigkill()
+        if kind in ("dup_send_task", "dup_flower_apply"):
+            return self.duplicate_delivery(kind)
+        if kind == "lose_message":
+            return self.lose_message()
         job_id = self.pick_long_target() if kind == "cli_cancel" else self.pick_cancel_target()
         if job_id is None:
             return
@@ -146,7 +152,7 @@ class Actions:
         if self.redis_down.is_set():
             return
         with self.lock:
-            running = [j for j, s in self.active.items() if s == "running"]
+            running = [j for j, s in self.active.items() if s == "running" and j not in self.protected]
             killed = Counter(a.job_id for a in self.record.actions if a.kind == "sigkill")
         if not running:
             return
@@ -193,7 +199,12 @@ class Actions:
             busy.append(pool.submit(self._guarded, kind))
 
     def _guarded(self, kind: str) -> None:
+        from sqlalchemy.exc import OperationalError
+
         try:
             self.act(kind)
+        except OperationalError as exc:  # picking a target reads the database, which a fault may hold
+            with self.lock:
+                self.record.transient[f"{kind} target: {type(exc).__name__}"] += 1
         except Exception:
             self.note(f"action {kind} crashed:\n{traceback.format_exc()}")

@@ -43,7 +43,38 @@ CHECKS = {
     "temp-dirs": "no directory left under $ANDON_HOME/tmp/jobs/",
     "processes": "no process left behind after the stack stopped",
     "harness": "the harness's own calls succeeded (after retries) and stayed within bounds",
+    # issue 11's harsher faults
+    "fault-failed": "no harsher fault (Redis pause/down, DB lock/restart, duplicate delivery, lost message) "
+                    "ended a job failed",
+    "two-owners": "one owner at a time: no second `started` without a requeue/takeover between, no item "
+                  "written twice",
+    "lost-message": "a job whose queue message was deleted was re-sent (or ended) within the drain",
+    "db-unavailable": "a job stopped by a database outage ended cancelled/system_shutdown/database_unavailable, "
+                      "resumable",
+    "streams": "with 100–200 event streams open the API answered promptly, and released them once closed",
+    "worker-died": "no worker main process exited unless the harness stopped it",
 }
+
+#: actions that ask a job to stop (or kill it); the others (duplicate delivery, lost message) must not
+#: change how a job ends
+STOP_KINDS = {"api_cancel", "cli_cancel", "flower_revoke", "flower_terminate", "sigkill", "race_cancel"}
+DUP_KINDS = {"dup_send_task", "dup_flower_apply"}
+DB_FAULTS = {"db-lock", "pg-restart"}
+REDIS_FAULTS = {"redis-pause", "redis-down", "redis-restart"}
+DB_UNAVAILABLE = ("system_shutdown", "database_unavailable")
+#: event kinds that hand a job from one owner to the next (today `requeued`; a takeover by a new
+#: delivery when the owner is dead may get its own kind)
+HANDOVER = re.compile(r"requeue|takeover|take_over|taken_over|resent|re_sent|redeliver|reclaim")
+#: what a fault may explain: from this long before it began until this long after it ended (a job
+#: retrying its database writes for a bounded time, a reaper noticing a missed beat)
+FAULT_BEFORE_S = 5.0
+FAULT_AFTER_S = 120.0
+#: the stream storm's bounds: GET /api/jobs/ID answers within these while streams are open / after
+STREAMS_DURING_S = 5.0
+STREAMS_AFTER_S = 2.0
+#: threads the API may have gained for good (an executor warms up a fixed pool — seen: +5 or +6 — while
+#: a thread held per stream would be +100 and more)
+STREAMS_THREAD_SLACK = 10
 
 
 @dataclass
@@ -65,6 +96,10 @@ class Record:
     actions: list[Act] = field(default_factory=list)
     restarts: list[dict[str, Any]] = field(default_factory=list)
     redis_restart: tuple[datetime, datetime] | None = None
+    #: the harsher faults: {"kind", "began", "ended", ...} (chaos/faults.py)
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    #: worker main processes that exited on their own: {"worker", "life", "code", "noticed", "log", "why"}
+    worker_deaths: list[dict[str, Any]] = field(default_factory=list)
     submit_errors: list[str] = field(default_factory=list)
     transient: Counter = field(default_factory=Counter)
 
@@ -76,11 +111,65 @@ def _node(actor: str | None) -> str | None:
     return actor.split("@", 1)[0] if actor and "@" in actor else None
 
 
+def windows(record: Record, kinds: set[str]) -> list[tuple[str, datetime, datetime]]:
+    found = [(f["kind"], f["began"], f["ended"]) for f in record.faults if f["kind"] in kinds]
+    if "redis-restart" in kinds and record.redis_restart:
+        found.append(("redis-restart", *record.redis_restart))
+    return found
+
+
+def faults_near(record: Record, at: datetime | None, kinds: set[str] | None = None,
+                after_s: float = FAULT_AFTER_S) -> list[str]:
+    """The faults whose window (widened) holds ``at``, as "kind began→ended" strings."""
+    if at is None:
+        return []
+    out = []
+    for kind, began, ended in windows(record, kinds or (DB_FAULTS | REDIS_FAULTS)):
+        if began - timedelta(seconds=FAULT_BEFORE_S) <= at <= ended + timedelta(seconds=after_s):
+            distance = max((began - at).total_seconds(), (at - ended).total_seconds(), 0.0)
+            out.append((distance, f"{kind} {began.strftime('%H:%M:%S')}→{ended.strftime('%H:%M:%S')}"))
+    return [text for _, text in sorted(out)]  # the nearest first (inside its window: distance 0)
+
+
+def check_streams(record: Record) -> list[tuple[str, str, str]]:
+    out = []
+    for f in record.faults:
+        if f["kind"] != "streams":
+            continue
+        bad = {k: v for k, v in f["statuses"].items() if k != "200"}
+        if bad or f["open_errors"]:
+            out.append(("streams", "-", f"of {f['streams']} streams, answered {f['statuses']}, "
+                        f"{f['open_errors']} connections refused"))
+        if f["during_max_s"] is None or f["during_max_s"] > STREAMS_DURING_S:
+            out.append(("streams", "-", f"GET /api/jobs/ID took up to {f['during_max_s']}s (or failed) while "
+                        f"{f['streams']} streams were open (bound {STREAMS_DURING_S}s)"))
+        if f["after_max_s"] > STREAMS_AFTER_S:
+            out.append(("streams", "-", f"GET /api/jobs/ID took up to {f['after_max_s']}s (or failed) right after "
+                        f"the streams were closed (bound {STREAMS_AFTER_S}s)"))
+        base, _, after = f["conns"]
+        if after > base + 2:
+            out.append(("streams", "-", f"API still holds {after} connections 15 s after the streams were "
+                        f"closed (baseline {base})"))
+        tbase, _, tafter = f["threads"]
+        if tafter > tbase + STREAMS_THREAD_SLACK:
+            out.append(("streams", "-", f"API process has {tafter} threads 15 s after the streams were closed "
+                        f"(baseline {tbase})"))
+    return out
+
+
 def check_rows(record: Record, jobs: list, items: list, events: list, partials: dict[str, dict],
                states: dict[str, str | None], parked: dict[str, datetime] | None = None,
-               celery_meta: dict[str, dict] | None = None, slack_s: float = 1.0):
-    """Return (violations, info): violations as (check, job_id, message); info as counters for the report."""
-    out: list[tuple[str, str, str]] = []
+               celery_meta: dict[str, dict] | None = None, slack_s: float = 1.0,
+               integrity: dict[str, str] | None = None, worker_errors: dict[str, str] | None = None):
+    """Return (violations, info): violations as (check, job_id, message); info as counters for the report.
+    ``integrity``: job id → a worker log line where writing its items raised IntegrityError."""
+    out: list[tuple[str, str, str]] = check_streams(record)
+    for d in record.worker_deaths:
+        out.append(("worker-died", "-", f"worker {d['worker']} (life {d['life']}, logs/{d['log']}) exited with code "
+                    f"{d['code']}, noticed {d['noticed']}: {d['why'] or 'no CRITICAL line in its log'}"))
+    integrity = integrity or {}
+    worker_errors = worker_errors or {}
+    redis_windows = windows(record, REDIS_FAULTS)
     by_id = {j.id: j for j in jobs}
     items_of: dict[str, list] = defaultdict(list)
     for it in items:
@@ -118,16 +207,24 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
         parked_at = (parked or {}).get(jid)
         if parked_at is not None:
             info["parked"][job.status] += 1
+        lost_msg = [a for a in acts if a.kind == "lose_message" and a.result == "removed"]
+        dups = [a for a in acts if a.kind in DUP_KINDS and a.result == "sent"]
         if job.status not in TERMINAL:
             why = ""
-            if origin == "orphan" and record.redis_restart and (
-                    record.redis_restart[0] - slack <= job.created_at <= record.redis_restart[1] + slack):
-                why = "; made during the Redis outage by a submit that answered 500, never enqueued"
+            if origin == "orphan" and any(b - slack <= job.created_at <= e + slack for _, b, e in redis_windows):
+                why = "; made during a Redis outage by a submit that answered 5xx, never enqueued"
             if parked_at is not None:
                 why += (f"; its message was delivered at {parked_at.isoformat()} and sits in kombu's unacked "
                         "hash (redelivered after the 12 h visibility timeout)")
+            if lost_msg:
+                out.append(("lost-message", jid, f"still {job.status} after the drain: its queue message was "
+                            f"deleted at {lost_msg[0].at.isoformat()} and nothing re-sent it "
+                            f"(events: {[e.kind for e in evs]}){why}"))
+                continue
+            near = faults_near(record, job.created_at) + [f"{a.kind} at {a.at.isoformat()}" for a in dups]
             out.append(("non-terminal", jid, f"{origin} job still {job.status} "
-                        f"(events: {[e.kind for e in evs]}){why}"))
+                        f"(events: {[e.kind for e in evs]}){why}"
+                        + (f"; faults around it: {near}" if near else "")))
             continue
 
         if origin == "orphan" and job.status == "failed" and (job.error or "").startswith("could not enqueue"):
@@ -165,12 +262,15 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
         done_at = datetime.fromisoformat(meta["date_done"]) if meta.get("date_done") else None
         if done_at is not None and done_at.tzinfo is None:
             done_at = done_at.replace(tzinfo=job.created_at.tzinfo)
-        during_outage = record.redis_restart is not None and any(
-            t is not None and record.redis_restart[0] - slack <= t <= record.redis_restart[1] + 10 * slack
+        during_outage = any(
+            t is not None and b - slack <= t <= e + 10 * slack
+            for _, b, e in redis_windows
             for t in (job.finished_at, done_at if meta.get("exc_type") in OUTAGE_ERRORS else None))
         expected = {"completed": {"SUCCESS"}, "cancelled": {"REVOKED"}, "failed": {"FAILURE"}}[job.status]
         if job.status == "failed" and any(a.kind.startswith("flower") for a in acts):
             expected = expected | {"REVOKED"}  # a revoke of its requeued message after it failed
+        if lost_msg and not any(e.kind == "started" for e in evs):
+            expected = expected | {None}  # the harness deleted its message: no worker ever saw it
         if state not in expected:
             if during_outage and state == "FAILURE":
                 # Celery could not store the result while Redis (its result backend) was away and
@@ -179,7 +279,10 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
             else:
                 note = (f"; its message was delivered at {parked_at.isoformat()} and never acked (parked in "
                         "kombu's unacked hash)" if parked_at is not None else "")
-                out.append(("celery-state", jid, f"row {job.status}, Celery result {state}{note}"))
+                near = faults_near(record, job.finished_at)
+                out.append(("celery-state", jid, f"row {job.status}, Celery result {state}{note}"
+                            + (f"; faults around it: {near}" if near else "")
+                            + (f"; {worker_errors[jid]}" if jid in worker_errors else "")))
 
         # -- who asked it to stop -------------------------------------------------------------------
         requests = [e for e in evs if e.kind == "cancel_requested"]
@@ -194,6 +297,18 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
                     continue
                 out.append(("unexpected-request", jid, f"deadline cancel at {ev.at.isoformat()} before the "
                             f"deadline {due.isoformat()}"))
+                continue
+            if pair == DB_UNAVAILABLE:
+                near = faults_near(record, ev.at, DB_FAULTS)
+                if near:
+                    info["db-unavailable"][near[0].split(" ")[0]] += 1
+                    continue
+                out.append(("db-unavailable", jid, f"cancel_requested {pair} at {ev.at.isoformat()} with no "
+                            "database fault near that time"))
+                continue
+            if ev.source == "database_unavailable":
+                out.append(("db-unavailable", jid, f"a database outage asked it to stop as {ev.reason} "
+                            "(must be system_shutdown)"))
                 continue
             if pair == SHUTDOWN:
                 node = _node(ev.actor)
@@ -213,28 +328,59 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
         if job.status == "failed" and LOST.search(job.error or ""):
             lost_evidence.append(("failed (lost)", job.finished_at))
         killed_here = [a for a in acts if a.kind == "sigkill"]
+        stops = [a for a in acts if a.kind in STOP_KINDS]
         for kind, at in lost_evidence:
             if killed_here:
                 break
-            if any(at - timedelta(seconds=20) <= k.at <= at + slack for k in kills):
+            redis_near = faults_near(record, at, REDIS_FAULTS, after_s=30)
+            if not redis_near and any(at - timedelta(seconds=20) <= k.at <= at + slack for k in kills):
+                # (not right after a Redis fault: there a reaper that lost sight of a live job is the
+                # likelier story, and the one this run is looking for)
                 info["kills"]["collateral (the killed process had moved on to this job)"] += 1
                 continue
+            near = faults_near(record, at) + [f"{a.kind} at {a.at.isoformat()}" for a in dups]
             out.append(("lost-without-kill", jid, f"{kind} at {at.isoformat()} with no SIGKILL by the "
-                        "harness near that time"))
-        started = sum(e.kind == "started" for e in evs)
+                        "harness near that time" + (f"; faults around it: {near}" if near else "")))
+        reaped = [e for e in evs if e.kind == "cancel_observed" and e.source == "worker_lost"]
+        if len(reaped) > 1:
+            out.append(("two-owners", jid, f"declared lost {len(reaped)} times by "
+                        f"{[(e.actor, e.at.isoformat()) for e in reaped]}"
+                        + (f"; faults around it: {faults_near(record, reaped[0].at)}"
+                           if faults_near(record, reaped[0].at) else "")))
         requeued = sum(e.kind == "requeued" for e in evs)
-        if started > 1 + requeued and not (killed_here or lost_evidence):
-            out.append(("duplicate-run", jid, f"started {started} times, requeued {requeued} times, never "
-                        f"killed: {[(e.kind, e.actor, e.detail) for e in evs if e.kind == 'started']}"))
+        # one owner at a time: between two `started` there must be a handover (requeue/takeover) or a
+        # SIGKILL of its process by the harness
+        last_start = None
+        for ev in evs:
+            if HANDOVER.search(ev.kind):
+                last_start = None
+            elif ev.kind == "started":
+                if last_start is not None and not any(last_start.at - slack <= k.at <= ev.at + slack
+                                                      for k in killed_here):
+                    what = ("two-owners" if dups or faults_near(record, ev.at) else "duplicate-run")
+                    near = faults_near(record, ev.at) + [f"{a.kind} at {a.at.isoformat()}" for a in dups]
+                    out.append((what, jid, f"started again at {ev.at.isoformat()} by {ev.actor} while the start at "
+                                f"{last_start.at.isoformat()} by {last_start.actor} had no requeue/takeover after "
+                                f"it; status {job.status}" + (f"; {near}" if near else "")))
+                    break
+                last_start = ev
+        twice = integrity.get(jid) or next((job.error for _ in [0] if job.error and re.search(
+            r"IntegrityError|UNIQUE constraint|duplicate key", job.error)), None)
+        if twice:
+            near = [f"{a.kind} at {a.at.isoformat()}" for a in dups] + faults_near(record, job.finished_at)
+            out.append(("two-owners", jid, f"an item written twice (IntegrityError): {twice[:200]}; status "
+                        f"{job.status}" + (f"; {near}" if near else "")))
 
         if job.status == "cancelled":
             if first is None:
                 out.append(("reason-source", jid, f"cancelled ({job.cancellation_reason}/"
                             f"{job.cancellation_source}) with no cancel_requested event"))
             elif (job.cancellation_reason, job.cancellation_source) != (first.reason, first.source):
+                near = faults_near(record, job.finished_at)
                 out.append(("reason-source", jid, f"ended {job.cancellation_reason}/{job.cancellation_source}, "
                             f"first request was {first.reason}/{first.source} by {first.actor}; requests: "
-                            f"{[(e.reason, e.source, e.actor) for e in requests]}"))
+                            f"{[(e.reason, e.source, e.actor) for e in requests]}"
+                            + (f"; faults around it: {near}" if near else "")))
             # a job cancelled while queued is never observed at a checkpoint: its request is the bound
             bound = job.cancel_observed_at or job.cancel_requested_at
             if bound is None:
@@ -270,19 +416,28 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
             if job.completed_items + job.failed_items != job.total_items:
                 out.append(("item-counts", jid, f"completed with {job.completed_items}+{job.failed_items} of "
                             f"{job.total_items} items"))
-            if not requests and not acts and not job.deadline_s:
+            if not requests and not stops and not job.deadline_s:
                 info["untouched"]["completed"] += 1
         elif job.status == "failed":
             m = LOST.search(job.error or "")
-            if not m:
+            near = faults_near(record, job.finished_at) + [f"{a.kind} at {a.at.isoformat()}"
+                                                            for a in dups + lost_msg]
+            if near and not (m and killed_here):
+                out.append(("fault-failed", jid, f"failed: {job.error!r}; faults around it: {near}; events "
+                            f"{[(e.kind, e.actor, e.at.strftime('%H:%M:%S.%f')[:12]) for e in evs]}"
+                            + (f"; {worker_errors[jid]}" if jid in worker_errors else "")))
+            elif not m:
                 out.append(("failed", jid, f"failed: {job.error!r}"))
             elif not (killed_here or lost_evidence) or requeued < int(m.group(1)) - 1:
                 out.append(("failed", jid, f"{job.error!r} but killed {len(killed_here)}x, requeued {requeued}x"))
             elif requests:
                 out.append(("failed", jid, f"{job.error!r} although a cancel had been requested "
                             f"({first.reason}/{first.source}): should end cancelled"))
-        if job.status != "completed" and not requests and not acts and not job.deadline_s and not lost_evidence:
-            out.append(("untouched", jid, f"nothing stopped it, yet it ended {job.status} ({job.error})"))
+        if job.status != "completed" and not requests and not stops and not job.deadline_s and not lost_evidence \
+                and job.status != "failed":  # a failed one is reported by "failed" / "fault-failed"
+            near = faults_near(record, job.finished_at) + [f"{a.kind} at {a.at.isoformat()}" for a in dups + lost_msg]
+            out.append(("untouched", jid, f"nothing stopped it, yet it ended {job.status} ({job.error})"
+                        + (f"; faults around it: {near}" if near else "")))
 
         # -- auto-resume after a warm restart -------------------------------------------------------
         if (job.status == "cancelled" and (job.cancellation_reason, job.cancellation_source) == SHUTDOWN

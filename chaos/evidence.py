@@ -97,3 +97,36 @@ class Evidence:
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.25)
+
+    def integrity_errors(self) -> dict[str, str]:
+        """Jobs whose item write raised an IntegrityError in a worker (an item written twice: two owners),
+        from the worker logs: job id → the first such line."""
+        import re
+
+        uuid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+        bad = re.compile(r"IntegrityError|UNIQUE constraint failed|duplicate key value")
+        found: dict[str, str] = {}
+        for log in sorted((self.home / "logs").glob("worker-*.log")):
+            last_id = None
+            for line in log.read_text(errors="replace").splitlines():
+                ids = uuid.findall(line)
+                if ids:
+                    last_id = ids[0]
+                if bad.search(line) and last_id and last_id not in found:
+                    found[last_id] = f"{log.name}: {line.strip()[:300]}"
+        return found
+
+    def worker_errors(self) -> dict[str, str]:
+        """The first ERROR line a worker logged naming each job (what a fault made its task raise):
+        job id → "log: line", to point a violation at its cause."""
+        import re
+
+        task = re.compile(r"ERROR/.*?\[([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\]")
+        found: dict[str, str] = {}
+        for log in sorted((self.home / "logs").glob("worker-*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                m = task.search(line)
+                if m and m.group(1) not in found:
+                    found[m.group(1)] = f"{log.name}: {line.strip()[:260]}"
+        return found
+

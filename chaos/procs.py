@@ -24,7 +24,7 @@ from chaos.console import now
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def configure_env(home: Path, redis_port: int, flower_auth: str) -> None:
+def configure_env(home: Path, redis_port: int, flower_auth: str, database_url: str | None = None) -> None:
     """Before any andon import: its settings are read once (lru_cache)."""
     from db.settings import embedded_env
 
@@ -32,7 +32,11 @@ def configure_env(home: Path, redis_port: int, flower_auth: str) -> None:
         embedded_env(home, redis_port),
         ANDON_FLOWER_BASIC_AUTH=flower_auth,
         ANDON_AUTO_RESUME="1",
+        # the stream storm opens up to 200 streams from one client: the cap must not be what it probes
+        ANDON_MAX_STREAMS="256",
     )
+    if database_url:  # the Postgres phase: the same stack over a real PostgreSQL
+        os.environ["ANDON_DATABASE_URL"] = database_url
     for var in ("ANDON_API_TOKEN", "ANDON_API_TOKENS", "ANDON_API_URL", "ANDON_JOB_TIME_LIMIT_S",
                 "ANDON_JOB_SOFT_TIME_LIMIT_S", "ANDON_MAX_JOB_RSS_MB", "ANDON_HEARTBEAT_S",
                 "ANDON_TERMINATE_GRACE_S", "ANDON_ESCALATE_AFTER_S", "ANDON_KILL_AFTER_S"):
@@ -98,6 +102,7 @@ class ChaosStack:
         self.flower: subprocess.Popen | None = None
         self.spawned: set[int] = set()
         self.services: dict[str, Service] = {}
+        self.redis_paused = False
 
     @property
     def api_url(self) -> str:
@@ -142,6 +147,59 @@ class ChaosStack:
         self.start_redis()
         return down, now()
 
+    def pause_redis(self, seconds: float) -> tuple[datetime, datetime]:
+        """SIGSTOP the server for ``seconds`` (its clients' sockets stay open, every call just hangs),
+        then SIGCONT. The SIGCONT is sent whatever happens (``stop`` sends one too)."""
+        pid = self.redis.pid
+        began = now()
+        os.kill(pid, signal.SIGSTOP)
+        self.redis_paused = True
+        try:
+            time.sleep(seconds)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            self.redis_paused = False
+        return began, now()
+
+    def hold_db_lock(self, seconds: float, database_url: str) -> tuple[datetime, datetime]:
+        """Another process takes the database's write lock and holds it for ``seconds``: SQLite's
+        ``BEGIN IMMEDIATE`` (longer than andon's 10 s busy timeout), or on Postgres an EXCLUSIVE lock
+        on the job tables (reads go on, every write waits)."""
+        if database_url.startswith("sqlite"):
+            path = database_url.split("///", 1)[1]
+            code = ("import sqlite3, sys, time\n"
+                    "c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+                    "c.execute('BEGIN IMMEDIATE')\n"
+                    "print('locked', flush=True)\n"
+                    "time.sleep(float(sys.argv[2]))\n"
+                    "c.execute('ROLLBACK')\n")
+            argv = [sys.executable, "-c", code, path, str(seconds)]
+        else:
+            code = ("import psycopg, sys, time\n"
+                    "url = sys.argv[1].replace('postgresql+psycopg://', 'postgresql://')\n"
+                    "c = psycopg.connect(url)\n"
+                    "c.execute('LOCK TABLE jobs, job_items, job_events IN EXCLUSIVE MODE')\n"
+                    "print('locked', flush=True)\n"
+                    "time.sleep(float(sys.argv[2]))\n"
+                    "c.rollback()\n")
+            argv = [sys.executable, "-c", code, database_url, str(seconds)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+        self.spawned.add(proc.pid)
+        try:
+            line = proc.stdout.readline()  # blocks until the lock is held (it may queue behind a writer)
+            began = now()
+            if line.strip() != "locked":
+                raise RuntimeError(f"the lock holder did not get its lock: {line!r} {proc.stderr.read()[-500:]}")
+            code_ = proc.wait(timeout=seconds + 30)
+            ended = now()
+            if code_ != 0:
+                raise RuntimeError(f"the lock holder exited {code_}: {proc.stderr.read()[-500:]}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        return began, ended
+
     def restart_worker(self, worker: Worker, timeout: float = 60.0) -> dict:
         """Warm restart: SIGTERM the main process, wait for it to exit, start it under the same name."""
         worker.remember_children()
@@ -183,6 +241,11 @@ class ChaosStack:
 
     def stop(self) -> None:
         """Workers first (warm), then the front ends, Redis last."""
+        if self.redis is not None and self.redis.poll() is None:
+            try:  # a paused Redis (SIGSTOP) would make every warm shutdown wait on it
+                os.kill(self.redis.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         for worker in self.workers:
             if worker.proc is not None:
                 worker.remember_children()
@@ -194,14 +257,16 @@ class ChaosStack:
             stop_process(self.redis, signal.SIGTERM, timeout=10)
 
 
-def leftover_processes(home: Path, known: set[int]) -> list[str]:
-    """Processes still alive that we started: by pid, or by carrying our ANDON_HOME in their env."""
+def leftover_processes(home: Path, known: set[int], pg_dir: Path | None = None) -> list[str]:
+    """Processes still alive that we started: by pid, or by carrying our ANDON_HOME in their env, or
+    (Postgres phase) a postgres serving our throwaway cluster's data dir."""
     found = []
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         if proc.info["pid"] == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        ours = proc.info["pid"] in known
+        ours = proc.info["pid"] in known or (
+            pg_dir is not None and str(pg_dir) in " ".join(proc.info["cmdline"] or []))
         if not ours:
             try:
                 ours = proc.environ().get("ANDON_HOME") == str(home)

@@ -26,6 +26,7 @@ class Race:
             t.join(timeout=self.plan.budget_s * 0.4)
         self.phase_times["race"] = time.monotonic() - started
         self.wait_terminal(30, "phase 2 drain")
+        self.worker_deaths("at the end of phase 2")
         self.mark(f"phase 2 done in {fmt_s(self.phase_times['race'])}")
 
     def _race_thread(self, n: int) -> None:

@@ -24,7 +24,7 @@ def report(h: Harness, jobs, events, violations, info, race, leftovers_dirs, lef
     add = lines.append
     add("=" * 100)
     add(f"andon chaos report — seed {h.seed}, {h.plan.workers} workers × {h.plan.concurrency} pool processes, "
-        f"SQLite, ran {fmt_s(total_s)}")
+        f"{'SQLite' if h.db == 'sqlite' else 'PostgreSQL'}, ran {fmt_s(total_s)}")
     add("=" * 100)
     chaos_ids = set(h.submitted("chaos"))
     deadline_jobs = sum(1 for j in chaos_ids if rec.submitted[j].get("deadline_s"))
@@ -36,10 +36,12 @@ def report(h: Harness, jobs, events, violations, info, race, leftovers_dirs, lef
     for a in acts:
         by_kind[a.kind][a.result.split(" ")[0].rstrip(":") if a.result else "?"] += 1
     add("  actions:")
-    for kind in ("api_cancel", "cli_cancel", "flower_revoke", "flower_terminate", "sigkill"):
+    for kind in ("api_cancel", "cli_cancel", "flower_revoke", "flower_terminate", "sigkill", "dup_send_task",
+                 "dup_flower_apply", "lose_message"):
         c = by_kind.get(kind, Counter())
         add(f"    {kind:<18} {sum(c.values()):>4}   " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    per_job = Counter(a.job_id for a in acts if a.kind != "sigkill")
+    per_job = Counter(a.job_id for a in acts if a.kind not in ("sigkill", "dup_send_task", "dup_flower_apply",
+                                                                "lose_message"))
     kills = Counter(a.job_id for a in acts if a.kind == "sigkill")
     add(f"    jobs asked to stop: {len(per_job)} ({sum(1 for v in per_job.values() if v > 1)} of them by two or "
         f"more harness calls); jobs SIGKILLed: {len(kills)} ({sum(1 for v in kills.values() if v > 1)} twice)")
@@ -50,6 +52,10 @@ def report(h: Harness, jobs, events, violations, info, race, leftovers_dirs, lef
     if rec.redis_restart:
         down, up = rec.redis_restart
         add(f"    Redis restart (SIGTERM, same port and appendonly dir): down {(up - down).total_seconds():.1f}s")
+    lines.extend(h.fault_lines())
+    if info.get("db-unavailable"):
+        add("    jobs a database outage asked to stop (system_shutdown/database_unavailable): " +
+            ", ".join(f"{k} {v}" for k, v in sorted(info["db-unavailable"].items())))
     shutdown = info.get("shutdown-requests", Counter())
     if shutdown:
         add("    jobs asked to stop by a warm shutdown: " + ", ".join(f"{k} {v}" for k, v in sorted(shutdown.items())))
@@ -61,7 +67,7 @@ def report(h: Harness, jobs, events, violations, info, race, leftovers_dirs, lef
     origin = info.get("origin", Counter())
     add(f"  jobs in the database: {sum(origin.values())} — "
         + ", ".join(f"{k} {v}" for k, v in sorted(origin.items())))
-    for phase in ("chaos", "auto-resumed", "orphan"):
+    for phase in ("chaos", "anchor", "auto-resumed", "orphan"):
         outcome = info.get(f"outcome:{phase}")
         if not outcome:
             continue

@@ -5,16 +5,27 @@ API, Flower behind basic auth — all on 127.0.0.1 under a fresh temporary ANDON
 
 1. chaos: submits a few hundred jobs through the API over time, and while they run cancels them at
    random through the API, the CLI, Flower's Revoke and Terminate, SIGKILLs worker pool children
-   mid-job, warm-restarts workers (same node name, auto-resume on) and restarts Redis once;
+   mid-job, re-delivers running jobs' messages (send_task with the job's id, Flower's apply), deletes
+   queued jobs' messages from the broker, warm-restarts workers (same node name, auto-resume on),
+   restarts Redis once, pauses it (SIGSTOP) and stops it for 10–30 s, holds the database's write lock
+   past its busy timeout, and opens 100–200 event streams at once;
 2. race: a thousand one-item jobs, each cancelled a random moment after its submit (cancel vs
    complete);
 3. checks every row (see chaos/checks.py and docs/chaos.md), prints a report, stops everything,
    and exits 1 on any violation (2 if the harness itself could not run).
 
-    --jobs N --race N    sizes (default 320 and 1000); --quick: 80 and 200
+Then, when PostgreSQL is available (initdb/pg_ctl on PATH), the Postgres phase: the same workload
+over a throwaway PostgreSQL 15, restarted mid-run (pg_ctl restart -m fast) and write-locked for 12–15 s
+(a subprocess of this script, ``--db postgres``; skipped with the reason printed otherwise).
+
+    --jobs N --race N    sizes (default 320 and 1000); --quick: 60 and 150, each fault once, shortest
     --seed N             random seed (default: time-based, printed)
+    --postgres           run the Postgres phase (an error if Postgres is missing); default: when available,
+                         except with --quick
+    --no-postgres        skip the Postgres phase
+    --db sqlite|postgres run one backend only (the Postgres phase alone: --db postgres)
     --keep               keep the temporary ANDON_HOME (logs, database) even when everything passed
-    --budget-s S         hard bound on the whole run (default 600 s)
+    --budget-s S         hard bound on each phase's run (default 600 s)
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -50,35 +62,118 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, help="phase 1 jobs (default 320)")
     parser.add_argument("--race", type=int, help="phase 2 cancel-vs-complete jobs (default 1000)")
     parser.add_argument("--seed", type=int, help="random seed (default: from the clock; printed)")
-    parser.add_argument("--quick", action="store_true", help="80 jobs and 200 races (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="60 jobs and 150 races, each fault once (a smoke run)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary ANDON_HOME even if all passed")
-    parser.add_argument("--budget-s", type=float, help="hard bound on the whole run (default 600)")
+    parser.add_argument("--budget-s", type=float, help="hard bound on each phase's run (default 600)")
+    parser.add_argument("--postgres", action="store_true", help="also run the Postgres phase (required)")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the Postgres phase")
+    parser.add_argument("--db", choices=("sqlite", "postgres"), help="run this backend only")
+    parser.add_argument("--faults", help="only these disruptions, comma-separated (restart, redis, streams, "
+                        "redis-pause, redis-down, db-lock, pg-restart), or 'none'")
+    parser.add_argument("--fault-s", type=float, help="every fault this long (smoke tests; the real run draws "
+                        "10–30 s, 12–15 s for the lock)")
     args = parser.parse_args(argv)
-    plan = Plan.quick() if args.quick else Plan()
+    seed = args.seed if args.seed is not None else int(time.time()) % 100000
+    if args.db:
+        return run_one(args, seed, args.db)
+    code = run_one(args, seed, "sqlite")
+    if code == 130:
+        return code
+    pg_code = None
+    skip = postgres_skip_reason(args)
+    if skip:
+        say(f"Postgres phase skipped: {skip}")
+        if args.postgres:
+            return 2
+    else:
+        say("Postgres phase: the same run over PostgreSQL 15 (a subprocess: --db postgres)")
+        child = [sys.executable, str(Path(__file__).resolve()), "--db", "postgres", "--seed", str(seed)]
+        for flag in ("quick", "keep"):
+            if getattr(args, flag):
+                child.append(f"--{flag}")
+        for opt in ("jobs", "race", "budget_s", "faults", "fault_s"):
+            if getattr(args, opt) is not None:
+                child += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+        try:
+            pg_code = subprocess.run(child, cwd=str(ROOT)).returncode
+        except KeyboardInterrupt:
+            return 130
+    say(f"summary (seed {seed}): SQLite run exit {code}" +
+        (f", Postgres run exit {pg_code}" if pg_code is not None else f", Postgres run skipped ({skip})"))
+    codes = {code, pg_code} - {None}
+    return 130 if 130 in codes else 2 if 2 in codes else 1 if 1 in codes else 0
+
+
+def postgres_skip_reason(args) -> str | None:
+    if args.no_postgres:
+        return "--no-postgres"
+    if args.quick and not args.postgres:
+        return "--quick (add --postgres to include it)"
+    try:
+        from tests.pgserver import postgres_available
+    except ImportError as exc:
+        return f"tests/pgserver.py not importable: {exc}"
+    return postgres_available()
+
+
+def run_one(args, seed: int, db: str) -> int:
+    if db == "postgres":
+        plan = Plan.postgres(quick=args.quick)
+        plan.budget_s = 480.0
+    else:
+        plan = Plan.quick() if args.quick else Plan()
     if args.jobs is not None:
         plan.jobs = args.jobs
     if args.race is not None:
         plan.race = args.race
     if args.budget_s:
         plan.budget_s = args.budget_s
-    seed = args.seed if args.seed is not None else int(time.time()) % 100000
+    if args.faults:
+        keep = set() if args.faults == "none" else set(args.faults.split(","))
+        unknown = keep - {"restart", "redis", "streams", "redis-pause", "redis-down", "db-lock", "pg-restart"}
+        if unknown:
+            say(f"--faults: unknown {sorted(unknown)}")
+            return 2
+        plan.disruptions = tuple((share, what) for share, what in plan.disruptions
+                                 if what.split(":", 1)[0] in keep)
+    if args.fault_s:
+        plan.redis_pause_s = plan.redis_outage_s = plan.db_lock_s = (args.fault_s, args.fault_s)
 
     home = Path(tempfile.mkdtemp(prefix="andon-chaos-"))
     ports = {"redis": free_port(), "api": free_port(), "flower": free_port()}
     flower_auth = f"chaos:{secrets.token_urlsafe(12)}"
-    configure_env(home, ports["redis"], flower_auth)
+    pg = None
+    database_url = None
+    if db == "postgres":
+        reason = postgres_skip_reason(argparse.Namespace(no_postgres=False, quick=False, postgres=True))
+        if reason:
+            say(f"Postgres phase: cannot run: {reason}")
+            return 2
+        from tests.pgserver import PostgresServer
+
+        say("starting a throwaway PostgreSQL (tests/pgserver.py)")
+        pg = PostgresServer().start()
+        database_url = pg.create_database("andon_chaos")
+    configure_env(home, ports["redis"], flower_auth, database_url)
 
     from chaos.checks import check_rows, race_summary
     from chaos.procs import leftover_processes
 
-    h = Harness(plan, seed, home, ports, flower_auth)
+    h = Harness(plan, seed, home, ports, flower_auth, database_url=database_url, pg=pg)
     started = time.monotonic()
+
+    def stop_all() -> None:
+        try:
+            h.stack.stop()
+        finally:
+            if pg is not None:
+                pg.stop()
 
     def watchdog() -> None:  # the hard bound: whatever hangs, the run ends and leaves nothing behind
         time.sleep(plan.budget_s)
         say(f"BUDGET of {plan.budget_s:.0f}s EXCEEDED: stopping everything")
         try:
-            h.stack.stop()
+            stop_all()
         finally:
             print(f"logs kept in {home}", flush=True)
             os._exit(2)
@@ -100,23 +195,24 @@ def main(argv: list[str] | None = None) -> int:
         partials = h.fetch_partials([j.id for j in jobs])
         states = h.celery_states(jobs)
         parked = h.parked_messages()
-        violations, info = check_rows(h.record, jobs, items, events, partials, states, parked, h.celery_meta)
+        violations, info = check_rows(h.record, jobs, items, events, partials, states, parked, h.celery_meta,
+                                      integrity=h.integrity_errors(), worker_errors=h.worker_errors())
         race = race_summary(h.record, jobs, events)
     except KeyboardInterrupt:
         say("interrupted: stopping the stack")
-        h.stack.stop()
+        stop_all()
         print(f"logs kept in {home}", flush=True)
         return 130
     except Exception:
         say("the harness failed:\n" + traceback.format_exc())
-        h.stack.stop()
+        stop_all()
         print(f"logs kept in {home}", flush=True)
         return 2
     say("stopping the stack")
     known = h.stack.all_pids()
-    h.stack.stop()
+    stop_all()
     time.sleep(0.5)
-    procs = leftover_processes(home, known)
+    procs = leftover_processes(home, known, pg.base_dir if pg is not None else None)
     text, total = report(h, jobs, events, violations, info, race, leftovers_dirs, procs,
                          time.monotonic() - started)
     print(text, flush=True)
@@ -129,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         "restarts": [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items()}
                      for r in h.record.restarts],
         "redis_restart": [t.isoformat() for t in h.record.redis_restart] if h.record.redis_restart else None,
-    }, indent=1))
+        "faults": [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in f.items()}
+                   for f in h.record.faults],
+        "worker_deaths": h.record.worker_deaths,
+    }, indent=1, default=str))
     if total:
         code = 1
     if total or args.keep:

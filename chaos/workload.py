@@ -16,12 +16,18 @@ class Workload:
         return [f"Chaos document {tag}-{i}. The quick brown fox jumps over the lazy dog. Foxes are quick."
                 for i in range(n)]
 
-    def submit_one(self) -> str:
-        body = {"documents": self.documents(),
-                "options": {"stage_delay_s": round(self.rand("uniform", self.plan.min_delay_s,
-                                                            self.plan.max_delay_s), 3)}}
-        if self.rand("random") < self.plan.deadline_share:
-            body["deadline_s"] = round(self.rand("uniform", 0.4, 3.0), 2)
+    def submit_one(self, phase: str = "chaos", docs: int | None = None, delay: float | None = None) -> str:
+        """Submit a job through the API. ``phase="anchor"``: a long job the stream storm listens to, with
+        ``docs`` documents and ``delay`` per stage, that no harness action targets."""
+        if phase == "anchor":
+            body = {"documents": [f"Anchor document {i}. It keeps an event stream open." for i in range(docs)],
+                    "options": {"stage_delay_s": delay}}
+        else:
+            body = {"documents": self.documents(),
+                    "options": {"stage_delay_s": round(self.rand("uniform", self.plan.min_delay_s,
+                                                                self.plan.max_delay_s), 3)}}
+            if self.rand("random") < self.plan.deadline_share:
+                body["deadline_s"] = round(self.rand("uniform", 0.4, 3.0), 2)
 
         def post():
             answer = self.client().post(f"{self.stack.api_url}/api/jobs", json=body)
@@ -35,7 +41,7 @@ class Workload:
 
         job_id = self.retry("submit", post)
         with self.lock:
-            self.record.submitted[job_id] = {"phase": "chaos", "deadline_s": body.get("deadline_s"),
+            self.record.submitted[job_id] = {"phase": phase, "deadline_s": body.get("deadline_s"),
                                              "docs": len(body["documents"])}
             self.active.setdefault(job_id, "pending")
         return job_id
@@ -46,6 +52,9 @@ class Workload:
             if time.monotonic() > deadline:
                 self.note(f"submitting stopped at {len(self.submitted('chaos'))} jobs: out of time")
                 return
+            if self.hold_submits.is_set() or not self.disruption_gate(len(self.submitted("chaos"))):
+                time.sleep(0.1)
+                continue
             if self.in_flight() < self.plan.in_flight:
                 self.submit_one()
                 time.sleep(self.rand("uniform", 0.02, 0.12))
