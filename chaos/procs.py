@@ -34,6 +34,9 @@ def configure_env(home: Path, redis_port: int, flower_auth: str, database_url: s
         ANDON_AUTO_RESUME="1",
         # the stream storm opens up to 200 streams from one client: the cap must not be what it probes
         ANDON_MAX_STREAMS="256",
+        # lost messages are looked for every 2 s and re-sent after 5 s: within the harness's drain
+        ANDON_BROKER_SWEEP_S="2",
+        ANDON_LOST_MESSAGE_AFTER_S="5",
     )
     if database_url:  # the Postgres phase: the same stack over a real PostgreSQL
         os.environ["ANDON_DATABASE_URL"] = database_url

@@ -13,12 +13,13 @@ from sqlalchemy import select, update
 
 from db import jobs as job_rows
 from db.models import Job
-from db.session import session_scope
+from db.session import retry_transient, session_scope
+from db.settings import get_settings
 from db.vocabulary import TERMINAL_STATUSES, CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import lifecycle
 from tasks.after_stop import act_after_cancel
 from tasks.cancellation import CancelRequest
-from tasks.cancellation.keys import lost_key
+from tasks.cancellation.keys import lost_key, lost_run_key
 from tasks.errors import AndonError, InvalidJobId
 from tasks.paths import job_scratch_dir, remove_tree
 from tasks.policy import NEVER_AUTOMATIC
@@ -62,13 +63,19 @@ def request_cancel(
     # must find the row already `cancelling`, or it could finish before our request is on record.
     # The row decides which request wins (one conditional UPDATE does), and only the winner sets the
     # token, so Redis can never hold a different first reason than the row.
-    with session_scope() as session:
-        status, winner = lifecycle.mark_requested(session, job_id, requested)
-        won = winner is requested
-        job_rows.add_event(
-            session, job_id, EventKind.CANCEL_REQUESTED, reason=reason.value, source=source.value,
-            actor=actor, detail={"message": message, "status": status.value, "won": won}, at=requested.at,
-        )
+    def record() -> tuple[JobStatus, CancelRequest]:
+        with session_scope() as session:
+            status, winner = lifecycle.mark_requested(session, job_id, requested)
+            job_rows.add_event(
+                session, job_id, EventKind.CANCEL_REQUESTED, reason=reason.value, source=source.value, actor=actor,
+                detail={"message": message, "status": status.value, "won": winner is requested}, at=requested.at,
+            )
+            return status, winner
+
+    # a database blip (a lock past the busy timeout, a restart) is waited out: the request and its
+    # event are one transaction, retried whole, so no cancel wins without its record
+    status, winner = retry_transient(record, within_s=get_settings().db_retry_s, what="cancel request")
+    won = winner is requested
     if won:
         try:
             get_store().apply(job_id, winner)
@@ -148,6 +155,11 @@ def recover_lost_run(job_id: str, actor: str | None, *, resend: bool) -> str:
                          "worker process lost after a cancel was requested", actor=actor)
         return "cancelled"
     redis = get_store().redis
+    with session_scope() as session:
+        fence = session.scalar(select(Job.fence).where(Job.id == job_id))
+    # one recovery per lost run, however many noticed it (the child's main process, every reaper)
+    if not redis.set(lost_run_key(job_id, fence), actor or "?", nx=True, ex=7 * 24 * 3600):
+        return "ended"
     losses = redis.incr(lost_key(job_id))
     redis.expire(lost_key(job_id), 7 * 24 * 3600)
     if losses >= MAX_LOSSES:

@@ -6,7 +6,7 @@ All keys carry a TTL, so an abandoned job never leaks.
 from __future__ import annotations
 
 __all__ = [
-    "cancel_key", "cancel_requests_key", "cancellations_channel", "heartbeat_key", "job_changes_channel", "lost_key",
+    "cancel_key", "cancel_requests_key", "cancellations_channel", "heartbeat_key", "job_changes_channel", "lost_key", "lost_run_key",
     "rows_deleted_key", "sweep_lock_key",
 ]
 
@@ -29,6 +29,11 @@ def heartbeat_key(job_id: str) -> str:
 def lost_key(job_id: str) -> str:
     """How many times a job's worker process was lost (a poison job is failed, not requeued forever)."""
     return f"andon:lost:{job_id}"
+
+
+def lost_run_key(job_id: str, fence: int) -> str:
+    """Set by whoever recovers run ``fence`` of a job once it is lost: one recovery per lost run."""
+    return f"andon:lost:{job_id}:run-{fence}"
 
 
 def cancellations_channel(db: int) -> str:
