@@ -150,7 +150,8 @@ def test_the_python_api_takes_the_same_steps(worker):
     assert wait_terminal(body).status == "completed"
 
 
-def test_andon_chain_and_chord(worker, tmp_path):
+def test_andon_chain_and_chord(worker, tmp_path, api_server, monkeypatch):
+    monkeypatch.setenv("ANDON_API_URL", api_server)  # the CLI speaks HTTP to the API
     done = andon("chain", "--step", '{"documents": ["a", "b"]}', "--step", '{"pipeline": "user-sync", "items": [1]}')
     assert done.returncode == 0, done.stderr
     first, second = done.stdout.split()
@@ -178,10 +179,11 @@ def test_andon_chain_and_chord(worker, tmp_path):
     (["chain", "--step", '{"pipeline": "nope", "items": [1]}'], "unknown pipeline 'nope'"),
     (["chord", "--header", '{"documents": ["a"]}'], "--body"),
     (["chord", "--header", '{"documents": ["a"]}', "--body", '{"documents": ["b"], "parent_job_id": "x"}'],
-     "body.body.parent_job_id"),
+     "parent_job_id: not allowed"),
     (["chain", "--file", "/nonexistent/chain.json"], "cannot read"),
 ])
-def test_cli_mistakes_are_one_line(worker, args, says):
+def test_cli_mistakes_are_one_line(worker, args, says, api_server, monkeypatch):
+    monkeypatch.setenv("ANDON_API_URL", api_server)
     done = andon(*args)
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr.startswith("andon: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
