@@ -74,6 +74,8 @@ class Actions:
             return self.duplicate_delivery(kind)
         if kind == "lose_message":
             return self.lose_message()
+        if kind in ("supersede_race", "idem_retry"):  # chaos/beyond.py (issue 13)
+            return getattr(self, kind)()
         job_id = self.pick_long_target() if kind == "cli_cancel" else self.pick_cancel_target()
         if job_id is None:
             return

@@ -53,6 +53,13 @@ CHECKS = {
                       "resumable",
     "streams": "with 100–200 event streams open the API answered promptly, and released them once closed",
     "worker-died": "no worker main process exited unless the harness stopped it",
+    # issue 13: beyond cancel
+    "supersede": "a supersede race leaves one job standing (the newest); the others ended cancelled/superseded "
+                 "by a job of the same key, and none of them was resumed",
+    "idempotency": "one Idempotency-Key, one body: every answer the same job_id, one row; another body: 409, "
+                   "no row",
+    "policy-resume": "every timeout-cancelled job was resumed by the policy (policy:auto_resume) unless its "
+                     "chain held max_resumes policy resumes (then skipped); none resumed twice or otherwise",
 }
 
 #: actions that ask a job to stop (or kill it); the others (duplicate delivery, lost message) must not
@@ -102,6 +109,10 @@ class Record:
     worker_deaths: list[dict[str, Any]] = field(default_factory=list)
     submit_errors: list[str] = field(default_factory=list)
     transient: Counter = field(default_factory=Counter)
+    #: issue 13: supersede key -> the job ids its race's submits answered
+    supersedes: dict[str, list[str]] = field(default_factory=dict)
+    #: issue 13: one dict per idempotent-retry action (key, tag, answers, other)
+    idempotent: list[dict[str, Any]] = field(default_factory=list)
 
 
 LOST = re.compile(r"worker process lost (\d+) times")
@@ -291,6 +302,8 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
             pair = (ev.reason, ev.source)
             if pair in allowed:
                 continue
+            if pair == ("user_requested", "superseded") and job.supersede_key:
+                continue  # a newer submit with its supersede_key (check_beyond checks the rest)
             if pair == DEADLINE and job.deadline_s:
                 due = job.created_at + timedelta(seconds=job.deadline_s)
                 if ev.at >= due - timedelta(seconds=0.05):
@@ -492,3 +505,171 @@ def race_summary(record: Record, jobs: list, events: list) -> Counter:
         if not started and job.status != "cancelled":
             summary["ended without starting (unexpected)"] += 1
     return summary
+
+
+# -- issue 13: supersede races, idempotent retries, policy resumes -----------------------------------
+
+SUPERSEDED_MSG = re.compile(r"superseded by job ([0-9a-f-]{36})")
+REFUSED = "could not enqueue"
+
+
+def _refused(job) -> bool:
+    """A row its submit's 5xx answer ended at once (Redis away): the honest outcome, not a job that ran."""
+    return job.status == "failed" and (job.error or "").startswith(REFUSED)
+
+
+def check_beyond(record: Record, jobs: list, events: list, winners: dict[str, str], max_resumes: int,
+                 policy_on: bool = True, slack_s: float = 1.0):
+    """Supersede races, idempotent retries and policy resumes: (violations, info)."""
+    out: list[tuple[str, str, str]] = []
+    info: dict[str, Counter] = defaultdict(Counter)
+    by_id = {j.id: j for j in jobs}
+    events_of: dict[str, list] = defaultdict(list)
+    for ev in sorted(events, key=lambda e: e.id):
+        events_of[ev.job_id].append(ev)
+    children: dict[str, list] = defaultdict(list)
+    for j in jobs:
+        if j.resumed_from:
+            children[j.resumed_from].append(j)
+    slack = timedelta(seconds=slack_s)
+
+    def superseded(job) -> bool:
+        return job.status == "cancelled" and job.cancellation_source == "superseded"
+
+    # -- supersede races ----------------------------------------------------------------------------
+    for key, answered in record.supersedes.items():
+        group = [j for j in jobs if j.supersede_key == key]
+        ids = {j.id for j in group}
+        for jid in answered:
+            if jid not in ids:
+                out.append(("supersede", jid, f"answered 202 for key {key} but no row carries that key"))
+        if not group:
+            continue
+        info["supersede"]["races"] += 1
+        info["supersede"]["jobs"] += len(group)
+        winner = winners.get(key)
+        if winner not in ids:
+            out.append(("supersede", winner or "-", f"key {key}: supersede_keys names {winner}, not one of its "
+                        f"jobs {sorted(ids)}"))
+        elif superseded(by_id[winner]):
+            out.append(("supersede", winner, f"key {key}: the newest job (supersede_keys) was itself superseded: "
+                        f"{by_id[winner].cancellation_message!r}"))
+        else:
+            info["supersede"][f"winner {by_id[winner].status}"] += 1
+        standing = []
+        for job in group:
+            if superseded(job):
+                info["supersede"]["superseded"] += 1
+                m = SUPERSEDED_MSG.search(job.cancellation_message or "")
+                if m is None or m.group(1) not in ids or m.group(1) == job.id:
+                    out.append(("supersede", job.id, f"superseded with message {job.cancellation_message!r}, "
+                                f"which names no other job of key {key}"))
+                if job.resumed_by or children.get(job.id):
+                    out.append(("supersede", job.id, f"superseded, yet resumed as "
+                                f"{job.resumed_by or [c.id for c in children[job.id]]}"))
+                if job.cancellation_reason != "user_requested":
+                    out.append(("supersede", job.id, f"superseded with reason {job.cancellation_reason}"))
+            elif _refused(job):
+                info["supersede"]["refused at submit (5xx, retried)"] += 1
+            elif job.id != winner:
+                standing.append(job)
+        w = by_id.get(winner)
+        for job in standing:
+            # an older job that had already ended when the newest was submitted has nothing to supersede
+            if w is not None and job.finished_at is not None and job.finished_at <= w.created_at + slack:
+                info["supersede"]["ended before the newest submit"] += 1
+                continue
+            out.append(("supersede", job.id, f"key {key}: ended {job.status}"
+                        f"{'/' + str(job.cancellation_reason) + '/' + str(job.cancellation_source) if job.status == 'cancelled' else ''}"
+                        f" (finished {job.finished_at}), not superseded, while {winner} is the newest "
+                        f"(created {w.created_at if w else '?'}); events {[e.kind for e in events_of[job.id]]}"))
+
+    # -- idempotent retries ---------------------------------------------------------------------------
+    for entry in record.idempotent:
+        key, tag = entry["key"], entry["tag"]
+        if not entry["answers"]:
+            continue
+        info["idempotency"]["actions"] += 1
+        first_doc = f"Beyond document {tag}-0."
+        rows = [j for j in jobs if j.inputs and str(j.inputs[0]).startswith(first_doc)]
+        same_rows = [j for j in rows if not str(j.inputs[-1]).endswith(f"{tag}-other.")]
+        other_rows = [j for j in rows if j not in same_rows]
+        kept = [j for j in same_rows if not _refused(j)]
+        answers = entry["answers"]
+        statuses = Counter(s for s, _ in answers)
+        ids = {p.get("job_id") for s, p in answers if isinstance(p, dict) and s == 202}
+        if set(statuses) != {202} or len(ids) != 1:
+            out.append(("idempotency", key, f"{len(answers)} same-body requests answered {dict(statuses)} "
+                        f"with job ids {sorted(map(str, ids))}"))
+        if len(kept) != 1 or (ids and kept and kept[0].id not in ids):
+            out.append(("idempotency", key, f"same body: {len(kept)} rows {[j.id for j in kept]} for answered "
+                        f"ids {sorted(map(str, ids))}"))
+        else:
+            info["idempotency"]["one job"] += 1
+        if len(same_rows) > len(kept):
+            info["idempotency"]["refused at submit (5xx, retried)"] += len(same_rows) - len(kept)
+        other = entry.get("other")
+        if other is None:
+            out.append(("idempotency", key, "the other-body request got no answer"))
+        elif other[0] != 409:
+            out.append(("idempotency", key, f"the same key with another body answered {other[0]}: {other[1]}"))
+        else:
+            info["idempotency"]["other body 409"] += 1
+        if other_rows:
+            out.append(("idempotency", key, f"the other body (409) still made rows {[j.id for j in other_rows]}"))
+
+    # -- policy resumes -------------------------------------------------------------------------------
+    def made_by_policy(job) -> bool:
+        return any(e.kind == "resumed" and (e.actor or "").startswith("policy:") and
+                   not (e.detail or {}).get("skipped") for e in events_of[job.id])
+
+    def chain_policy_resumes(job) -> int:
+        count, current, seen = 0, job, set()
+        while current is not None and current.id not in seen:
+            seen.add(current.id)
+            count += made_by_policy(current)
+            current = by_id.get(current.resumed_from) if current.resumed_from else None
+        return count
+
+    for job in jobs:
+        kids = children.get(job.id, [])
+        policy_kids = [c for c in kids if made_by_policy(c)]
+        skipped = [e for e in events_of[job.id] if e.kind == "resumed" and (e.detail or {}).get("skipped")]
+        if len(kids) > 1:
+            out.append(("policy-resume", job.id, f"resumed {len(kids)} times: {[c.id for c in kids]}"))
+        if policy_kids and (job.status != "cancelled" or job.cancellation_reason != "timeout"
+                            or job.cancellation_source == "superseded"):
+            out.append(("policy-resume", job.id, f"resumed by policy as {policy_kids[0].id}, yet it ended "
+                        f"{job.status}/{job.cancellation_reason}/{job.cancellation_source}"))
+        for c in policy_kids:
+            ev = next(e for e in events_of[c.id] if e.kind == "resumed")
+            if ev.actor != "policy:auto_resume":
+                out.append(("policy-resume", c.id, f"resumed event by {ev.actor}, not policy:auto_resume"))
+            if job.resumed_by != c.id:
+                out.append(("policy-resume", job.id, f"resumed by policy as {c.id}, yet resumed_by={job.resumed_by}"))
+        if not policy_on or job.status != "cancelled" or job.cancellation_reason != "timeout":
+            continue
+        info["policy"]["timeout-cancelled"] += 1
+        done = chain_policy_resumes(job)
+        if policy_kids:
+            info["policy"]["resumed by policy"] += 1
+            if skipped:
+                out.append(("policy-resume", job.id, f"resumed by policy as {policy_kids[0].id} and also "
+                            f"skipped: {skipped[0].detail}"))
+            if done >= max_resumes:
+                out.append(("policy-resume", job.id, f"its chain already held {done} policy resumes "
+                            f"(max {max_resumes}), yet it was resumed again as {policy_kids[0].id}"))
+        elif skipped:
+            info["policy"]["skipped at the limit"] += 1
+            if done < max_resumes:
+                out.append(("policy-resume", job.id, f"skipped ({skipped[0].detail}) with only {done} policy "
+                            f"resumes on its chain (max {max_resumes})"))
+        elif kids:
+            info["policy"]["resumed by another hand"] += 1  # e.g. a warm restart's auto-resume won the race
+        else:
+            near = faults_near(record, job.finished_at)
+            out.append(("policy-resume", job.id, f"cancelled for timeout ({job.cancellation_source}) at "
+                        f"{job.finished_at}, {done} policy resumes on its chain: neither resumed nor skipped"
+                        + (f"; faults around it: {near}" if near else "")))
+        info["policy"][f"chain depth {done}"] += 1
+    return out, info

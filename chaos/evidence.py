@@ -28,6 +28,16 @@ class Evidence:
                 session.expunge(obj)
         return jobs, items, events
 
+    def supersede_winners(self) -> dict[str, str]:
+        """supersede key → the job andon holds as its newest (the ``supersede_keys`` table)."""
+        from sqlalchemy import select
+
+        from db.models import SupersedeKey
+        from db.session import session_scope
+
+        with session_scope() as session:
+            return dict(session.execute(select(SupersedeKey.key, SupersedeKey.job_id)).all())
+
     def fetch_partials(self, job_ids: list[str]) -> dict[str, dict]:
         out: dict[str, dict] = {}
 

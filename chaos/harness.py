@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from chaos.actions import Actions
+from chaos.beyond import BeyondCancel
 from chaos.console import fmt_s, say
 from chaos.disruptions import Disruptions
 from chaos.errors import Transient
@@ -27,7 +28,7 @@ from chaos.workload import Workload
 ACTIVE = ("pending", "running", "cancelling")
 
 
-class Harness(Workload, Actions, Disruptions, Faults, Race, Evidence):
+class Harness(Workload, Actions, BeyondCancel, Disruptions, Faults, Race, Evidence):
     def __init__(self, plan: Plan, seed: int, home: Path, ports: dict[str, int], flower_auth: str,
                  database_url: str | None = None, pg=None) -> None:
         import httpx

@@ -17,7 +17,11 @@ class Plan:
     max_docs: int = 15
     min_delay_s: float = 0.02
     max_delay_s: float = 0.1
-    deadline_share: float = 0.15
+    deadline_share: float = 0.2
+    #: issue 13: ANDON_POLICY for the whole run: a job cancelled for timeout resumes at once, at most
+    #: ``max_policy_resumes`` times along one chain of resumes
+    policy: str = '{"timeout": "auto_resume"}'
+    max_policy_resumes: int = 3
     in_flight: int = 8  # harness jobs pending or running at a time (4 pool slots: about half queued)
     action_every_s: float = 0.3
     #: action mix (relative weights)
@@ -25,7 +29,10 @@ class Plan:
                       ("sigkill", 14), ("nothing", 10),
                       # issue 11: a running job's own message delivered again (send_task with its id,
                       # Flower's async-apply), and a queued job's message deleted from the broker list
-                      ("dup_send_task", 5), ("dup_flower_apply", 4), ("lose_message", 4))
+                      ("dup_send_task", 5), ("dup_flower_apply", 4), ("lose_message", 4),
+                      # issue 13: concurrent submits with one supersede_key, one submit retried with one
+                      # Idempotency-Key (plus the key with another body)
+                      ("supersede_race", 5), ("idem_retry", 5))
     #: disruptions, each when this share of the jobs has been submitted
     #: (the Redis restart follows the second worker restart at once: it lands while that worker,
     #: just back, auto-resumes what its shutdown stopped — a host reboot does no better)

@@ -24,7 +24,8 @@ from chaos.console import now
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def configure_env(home: Path, redis_port: int, flower_auth: str, database_url: str | None = None) -> None:
+def configure_env(home: Path, redis_port: int, flower_auth: str, database_url: str | None = None,
+                  policy: str | None = None, max_policy_resumes: int = 3) -> None:
     """Before any andon import: its settings are read once (lru_cache)."""
     from db.settings import embedded_env
 
@@ -37,7 +38,13 @@ def configure_env(home: Path, redis_port: int, flower_auth: str, database_url: s
         # lost messages are looked for every 2 s and re-sent after 5 s: within the harness's drain
         ANDON_BROKER_SWEEP_S="2",
         ANDON_LOST_MESSAGE_AFTER_S="5",
+        # issue 13: per-reason policy (timeout → auto_resume) for every process of the stack
+        ANDON_MAX_POLICY_RESUMES=str(max_policy_resumes),
     )
+    if policy:
+        os.environ["ANDON_POLICY"] = policy
+    else:
+        os.environ.pop("ANDON_POLICY", None)
     if database_url:  # the Postgres phase: the same stack over a real PostgreSQL
         os.environ["ANDON_DATABASE_URL"] = database_url
     for var in ("ANDON_API_TOKEN", "ANDON_API_TOKENS", "ANDON_API_URL", "ANDON_JOB_TIME_LIMIT_S",

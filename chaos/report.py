@@ -31,17 +31,17 @@ def report(h: Harness, jobs, events, violations, info, race, leftovers_dirs, lef
     add(f"phase 1 — chaos: {len(chaos_ids)} jobs submitted through the API ({deadline_jobs} with a deadline_s), "
         f"{h.plan.min_docs}–{h.plan.max_docs} items, stage_delay_s {h.plan.min_delay_s}–{h.plan.max_delay_s}; "
         f"{fmt_s(h.phase_times.get('chaos', 0))} + drain {fmt_s(h.phase_times.get('chaos drain', 0))}")
-    acts = [a for a in rec.actions if a.job_id in chaos_ids or a.kind == "sigkill"]
+    acts = [a for a in rec.actions if a.job_id in chaos_ids or a.kind in ("sigkill", "supersede_race", "idem_retry")]
     by_kind: dict[str, Counter] = defaultdict(Counter)
     for a in acts:
         by_kind[a.kind][a.result.split(" ")[0].rstrip(":") if a.result else "?"] += 1
     add("  actions:")
     for kind in ("api_cancel", "cli_cancel", "flower_revoke", "flower_terminate", "sigkill", "dup_send_task",
-                 "dup_flower_apply", "lose_message"):
+                 "dup_flower_apply", "lose_message", "supersede_race", "idem_retry"):
         c = by_kind.get(kind, Counter())
         add(f"    {kind:<18} {sum(c.values()):>4}   " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
     per_job = Counter(a.job_id for a in acts if a.kind not in ("sigkill", "dup_send_task", "dup_flower_apply",
-                                                                "lose_message"))
+                                                                "lose_message", "supersede_race", "idem_retry"))
     kills = Counter(a.job_id for a in acts if a.kind == "sigkill")
     add(f"    jobs asked to stop: {len(per_job)} ({sum(1 for v in per_job.values() if v > 1)} of them by two or "
         f"more harness calls); jobs SIGKILLed: {len(kills)} ({sum(1 for v in kills.values() if v > 1)} twice)")
@@ -67,7 +67,7 @@ def report(h: Harness, jobs, events, violations, info, race, leftovers_dirs, lef
     origin = info.get("origin", Counter())
     add(f"  jobs in the database: {sum(origin.values())} — "
         + ", ".join(f"{k} {v}" for k, v in sorted(origin.items())))
-    for phase in ("chaos", "anchor", "auto-resumed", "orphan"):
+    for phase in ("chaos", "supersede", "idem", "anchor", "auto-resumed", "orphan"):
         outcome = info.get(f"outcome:{phase}")
         if not outcome:
             continue
@@ -76,6 +76,11 @@ def report(h: Harness, jobs, events, violations, info, race, leftovers_dirs, lef
             add(f"    {status:<10} {reason or '':<18} {source or '':<16} {n:>5}")
     add(f"  untouched jobs (no stop path, no deadline): {info.get('untouched', Counter())['completed']} — all "
         "must end completed")
+    for name, title in (("supersede", "supersede races"), ("idempotency", "idempotent retries"),
+                        ("policy", f"policy resumes (ANDON_POLICY={h.plan.policy}, max "
+                                   f"{h.plan.max_policy_resumes} per chain)")):
+        if info.get(name):
+            add(f"  {title}: " + ", ".join(f"{k} {v}" for k, v in sorted(info[name].items())))
     if info.get("auto-resume"):
         add(f"  auto-resumed after a warm restart: {info['auto-resume']['resumed']} jobs")
     if info.get("celery-state"):

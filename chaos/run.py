@@ -154,9 +154,9 @@ def run_one(args, seed: int, db: str) -> int:
         say("starting a throwaway PostgreSQL (tests/pgserver.py)")
         pg = PostgresServer().start()
         database_url = pg.create_database("andon_chaos")
-    configure_env(home, ports["redis"], flower_auth, database_url)
+    configure_env(home, ports["redis"], flower_auth, database_url, plan.policy, plan.max_policy_resumes)
 
-    from chaos.checks import check_rows, race_summary
+    from chaos.checks import check_beyond, check_rows, race_summary
     from chaos.procs import leftover_processes
 
     h = Harness(plan, seed, home, ports, flower_auth, database_url=database_url, pg=pg)
@@ -197,6 +197,10 @@ def run_one(args, seed: int, db: str) -> int:
         parked = h.parked_messages()
         violations, info = check_rows(h.record, jobs, items, events, partials, states, parked, h.celery_meta,
                                       integrity=h.integrity_errors(), worker_errors=h.worker_errors())
+        more, beyond = check_beyond(h.record, jobs, events, h.supersede_winners(), plan.max_policy_resumes,
+                                    policy_on="auto_resume" in (plan.policy or ""))
+        violations += more
+        info.update(beyond)
         race = race_summary(h.record, jobs, events)
     except KeyboardInterrupt:
         say("interrupted: stopping the stack")

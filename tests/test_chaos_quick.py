@@ -36,7 +36,10 @@ def test_quick_chaos_runs() -> None:
     for line in ("stream storm: ", "redis-pause: ", "db-lock (BEGIN IMMEDIATE on the SQLite file): "):
         assert line in out, line
     for check in ("no harsher fault", "one owner at a time", "a job whose queue message was deleted",
-                  "database outage", "event streams open"):
+                  "database outage", "event streams open",
+                  # issue 13: supersede races, idempotent retries, policy resumes
+                  "a supersede race leaves one job standing", "one Idempotency-Key, one body",
+                  "every timeout-cancelled job was resumed by the policy"):
         assert check in out, check
     assert "the harness failed" not in out
     assert "no process left behind after the stack stopped" in out
