@@ -38,6 +38,8 @@ def configure_env(home: Path, redis_port: int, flower_auth: str, database_url: s
         # lost messages are looked for every 2 s and re-sent after 5 s: within the harness's drain
         ANDON_BROKER_SWEEP_S="2",
         ANDON_LOST_MESSAGE_AFTER_S="5",
+        # a message delivered but unacked this long (its worker died) counts as lost for a queued job
+        ANDON_PARKED_AFTER_S="20",
         # issue 13: per-reason policy (timeout → auto_resume) for every process of the stack
         ANDON_MAX_POLICY_RESUMES=str(max_policy_resumes),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
@@ -10,11 +11,11 @@ from db import jobs as job_rows
 from db.models import Job, JobEvent
 from db.session import session_scope
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
-from tasks import resume
+from tasks import registry, resume
 from tasks.errors import AndonError
-from tasks.policy import FINAL, REQUEUE, RESUMABLE, max_resumes_for, policy_for
+from tasks.policy import FINAL, NEVER_AUTOMATIC, REQUEUE, RESUMABLE, max_resumes_for, policy_for
 
-__all__ = ["act_after_cancel"]
+__all__ = ["act_after_cancel", "apply_pending_policies"]
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,10 @@ def _act(job_id: str) -> str | None:
     done = _policy_resumes_before(job_id)
     if done >= limit:
         with session_scope() as session:
-            job_rows.add_event(session, job_id, EventKind.RESUMED, actor="policy",
-                               detail={"policy": action, "skipped": f"resumed by policy {done} times already "
-                                                                   f"(max_resumes {limit})"})
+            if not _skip_recorded(session, job_id):
+                job_rows.add_event(session, job_id, EventKind.RESUMED, actor="policy",
+                                   detail={"policy": action, "skipped": f"resumed by policy {done} times already "
+                                                                       f"(max_resumes {limit})"})
         return None
     queue = action[len(REQUEUE):] if action.startswith(REQUEUE) else None
     return resume.resume_job(job_id, force=True, actor=f"policy:{action}", queue=queue,
@@ -66,3 +68,36 @@ def _policy_resumes_before(job_id: str) -> int:
             if current is None:
                 break
     return count
+
+
+def _skip_recorded(session, job_id: str) -> bool:
+    return session.scalar(select(JobEvent.id).where(
+        JobEvent.job_id == job_id, JobEvent.kind == EventKind.RESUMED.value, JobEvent.actor == "policy").limit(1)) \
+        is not None
+
+
+def apply_pending_policies(within_s: float = 24 * 3600, grace_s: float = 5.0, limit: int = 500) -> list[str]:
+    """The policy step for jobs whose cancelling process couldn't take it: it died right after the
+    commit, or the broker was away when it tried to queue the resume. Run by the reaper's sweep:
+    every job cancelled (more than ``grace_s`` ago, less than ``within_s``) for a reason some policy
+    resumes automatically, and neither resumed nor skipped yet, gets its policy applied now. Returns
+    the new jobs' ids."""
+    automatic = {reason.value for reason in CancellationReason if reason not in NEVER_AUTOMATIC
+                 and any(policy_for(p)[reason] not in (FINAL, RESUMABLE) for p in (None, *registry.names()))}
+    if not automatic:
+        return []
+    now = datetime.now(UTC)
+    skipped = select(JobEvent.job_id).where(JobEvent.kind == EventKind.RESUMED.value, JobEvent.actor == "policy")
+    with session_scope() as session:
+        pending = list(session.scalars(select(Job.id).where(
+            Job.status == JobStatus.CANCELLED.value, Job.resumed_by.is_(None),
+            Job.cancellation_reason.in_(automatic),
+            Job.cancellation_source != CancellationSource.SUPERSEDED.value,
+            Job.finished_at < now - timedelta(seconds=grace_s), Job.finished_at > now - timedelta(seconds=within_s),
+            Job.id.not_in(skipped)).limit(limit)))
+    resumed = []
+    for job_id in pending:
+        new_id = act_after_cancel(job_id)
+        if new_id:
+            resumed.append(new_id)
+    return resumed

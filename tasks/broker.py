@@ -80,7 +80,8 @@ def resend_lost(older_than_s: float, uninspectable_after_s: float, actor: str = 
     if not stale:
         return []
     if broker is not None:
-        present = _ids_held(broker, {queue or app.conf.task_default_queue for _, queue, _ in stale})
+        present = _ids_held(broker, {queue or app.conf.task_default_queue for _, queue, _ in stale},
+                            unacked_since=time.time() - get_settings().parked_after_s)
         stale = [row for row in stale if row[0] not in present]
     resent = []
     for job_id, queue, options in stale:
@@ -92,12 +93,16 @@ def resend_lost(older_than_s: float, uninspectable_after_s: float, actor: str = 
     return resent
 
 
-def _ids_held(broker: redis.Redis, queues: set[str]) -> set[str]:
+def _ids_held(broker: redis.Redis, queues: set[str], unacked_since: float) -> set[str]:
+    """Job ids whose message is in a queue, or delivered (unacked) since ``unacked_since``: one
+    unacked for longer belongs to a worker that died or lost its ack, and counts as lost."""
     held: set[str] = set()
     for queue in queues:
         for suffix in PRIORITY_SUFFIXES:
             held.update(filter(None, map(_message_id, broker.lrange(queue + suffix, 0, -1))))
-    held.update(filter(None, map(_message_id, broker.hvals(UNACKED))))
+    recent = broker.zrangebyscore(UNACKED_INDEX, unacked_since, "+inf")
+    if recent:
+        held.update(filter(None, map(_message_id, filter(None, broker.hmget(UNACKED, recent)))))
     return held
 
 

@@ -18,6 +18,7 @@ from db.models import Job
 from db.session import session_scope
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from tasks.after_stop import apply_pending_policies
 from tasks.broker import release_parked, resend_lost
 from tasks.cancellation.keys import sweep_lock_key
 from tasks.control import finalize_stopped, request_cancel
@@ -164,6 +165,8 @@ def _sweep_broker(hostname: str | None) -> None:
             log.warning("andon: job %s had lost its message; sent again", job_id)
         for job_id in release_parked(settings.parked_after_s):
             log.warning("andon: acked the parked message of ended job %s", job_id)
+        for job_id in apply_pending_policies():
+            log.warning("andon: a policy resume its cancelling process couldn't queue was made now: %s", job_id)
     except Exception:
         log.exception("andon: broker sweep failed")
 

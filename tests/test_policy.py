@@ -97,3 +97,26 @@ def test_user_requested_stops_are_never_resumed_by_a_policy(worker):
     service.cancel_job(job_id)
     job = wait_terminal(job_id)
     assert job.status == "cancelled" and job.resumed_by is None and not job.resumable
+
+
+def test_a_policy_step_its_cancelling_process_never_took_is_taken_by_the_sweep(worker):
+    """The process that cancelled a job died right after the commit (or the broker was away when it
+    queued the resume): the reaper's sweep applies the policy later, once."""
+    from datetime import UTC, datetime, timedelta
+
+    from db import jobs as job_rows
+    from db.session import session_scope
+    from db.vocabulary import JobStatus
+    from tasks.after_stop import apply_pending_policies
+
+    job_id = str(uuid.uuid4())
+    with session_scope() as session:
+        job_rows.create_job(session, job_id, [1, 2], {}, pipeline="user-autoresume")
+    with session_scope() as session:  # cancelled for a timeout, its policy step never taken
+        assert job_rows.transition(session, job_id, JobStatus.CANCELLED, cancellation_reason="timeout",
+                                   cancellation_source="deadline", resumable=True,
+                                   finished_at=datetime.now(UTC) - timedelta(seconds=10))
+    resumed = apply_pending_policies(grace_s=1)
+    new_id = job_row(job_id).resumed_by
+    assert new_id in resumed and wait_terminal(new_id).status == "completed"
+    assert apply_pending_policies(grace_s=1) == []  # once
