@@ -19,6 +19,10 @@ REDIS_PORT = free_port()
 os.environ.update(embedded_env(HOME, REDIS_PORT))
 for var in ("ANDON_API_TOKEN", "ANDON_API_URL", "ANDON_API_TOKENS", "ANDON_ADMIN_TOKEN", "ANDON_PUBLIC_READS"):
     os.environ.pop(var, None)
+# The CLI's job verbs and the Python client speak HTTP to ANDON_API_URL: the session's API answers
+# there (the `api_server` fixture; a test that runs the CLI asks for it, or the autouse below does).
+API_PORT = free_port()
+os.environ["ANDON_API_URL"] = f"http://127.0.0.1:{API_PORT}"
 # TestClient sends `Host: testserver`; uvicorn tests reach 127.0.0.1 (the defaults, kept here).
 os.environ["ANDON_ALLOWED_HOSTS"] = "localhost,127.0.0.1,::1,testserver"
 
@@ -102,10 +106,17 @@ def api_server(worker):
     """The API as a real uvicorn process (for streaming and CLI clients); yields its base URL."""
     from api.supervisor import api_service
 
-    port = free_port()
-    service = api_service(port, HOME / "logs" / "api.log").start()
-    yield f"http://127.0.0.1:{port}"
+    service = api_service(API_PORT, HOME / "logs" / "api.log").start()
+    yield f"http://127.0.0.1:{API_PORT}"
     service.stop(timeout=15)
+
+
+@pytest.fixture(autouse=True)
+def cli_reaches_the_api(request):
+    """Tests that run the `andon` CLI get the session's API at ANDON_API_URL, started on first use."""
+    if "worker" in request.fixturenames and any(
+            name in (request.module.__dict__ or {}) for name in ("ANDON", "andon")):
+        request.getfixturevalue("api_server")
 
 
 @pytest.fixture

@@ -181,4 +181,4 @@ def test_the_cli_replays_with_its_idempotency_key(worker):
     assert len(other.stderr.strip().splitlines()) == 1
     bad = subprocess.run([ANDON, "submit", "--idempotency-key", "a b", "x"], capture_output=True, text=True,
                          timeout=60)
-    assert bad.returncode == 1 and "--idempotency-key" in bad.stderr
+    assert bad.returncode == 1 and "Idempotency-Key" in bad.stderr  # the server says what is wrong with it
