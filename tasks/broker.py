@@ -107,8 +107,11 @@ def _ids_held(broker: redis.Redis, queues: set[str], unacked_since: float) -> se
 
 
 def release_parked(older_than_s: float) -> list[str]:
-    """Ack the delivered-but-unacked messages of jobs that have ended (parked for longer than
-    ``older_than_s``), writing the result backend's state where it has none; returns the job ids."""
+    """Settle the delivered-but-unacked messages of jobs that have ended (parked for longer than
+    ``older_than_s``): the result backend's state is written where it has none, and the message goes
+    back to its queue — as kombu restores a message on Redis — rather than being acked here. A worker
+    then takes it, finds the job ended and acks it; so a message a busy worker still holds (prefetched,
+    not parked) is never lost, and a duplicate is harmless. Returns the job ids."""
     broker = _broker()
     if broker is None:
         return []
@@ -129,11 +132,21 @@ def release_parked(older_than_s: float) -> list[str]:
     released = []
     for job_id, job in ended.items():
         tag = by_job[job_id]
-        _settle_backend(job)  # first: whoever sees the message gone sees the job's state written
-        with broker.pipeline() as pipe:  # exactly what kombu's ack does on Redis
-            pipe.zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
+        _settle_backend(job)  # first: whoever sees the message move sees the job's state written
+        _restore(broker, tag, entries[tag])
         released.append(job_id)
     return released
+
+
+def _restore(broker: redis.Redis, tag: bytes, raw: bytes) -> None:
+    """What kombu's ``restore_by_tag`` does: the message back on its queue, out of the unacked hash,
+    in one transaction (so it is in exactly one of the two)."""
+    try:
+        message, _exchange, routing_key = json.loads(raw)
+    except (ValueError, TypeError):
+        return
+    with broker.pipeline() as pipe:
+        pipe.zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).lpush(routing_key, json.dumps(message)).execute()
 
 
 def _settle_backend(job: Job) -> None:

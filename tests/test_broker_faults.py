@@ -1,6 +1,6 @@
 """Messages the broker loses or parks (issue 11 items 8 and 9), on the real Redis broker: a queued job
-whose message is gone is sent again, and a delivered-but-never-acked message of an ended job is acked
-with the result backend's state written. Faults are made the way they happen: the message removed
+whose message is gone is sent again, and a delivered-but-never-acked message of an ended job goes back
+to its queue with the result backend's state written (a worker then acks it). Faults are made the way they happen: the message removed
 from its queue, or left in kombu's unacked hash as a lost ack leaves it."""
 
 from __future__ import annotations
@@ -61,6 +61,14 @@ def test_a_parked_message_of_an_ended_job_is_acked_and_its_state_written(start_w
     assert AsyncResult(job_id, app=app).state == "PENDING"
     redis_client.delete(sweep_lock_key())
     start_worker(concurrency=1, queue=f"q-other-{uuid.uuid4().hex[:8]}", **FAST_SWEEP)
-    wait_for(lambda: not redis_client.hexists(UNACKED, tag), 60, what="the parked message to be acked")
+    wait_for(lambda: not redis_client.hexists(UNACKED, tag), 60, what="the parked message to be released")
     assert redis_client.zscore(UNACKED_INDEX, tag) is None
     assert AsyncResult(job_id, app=app).state == "REVOKED"
+    # back on its queue, never lost: a worker serving it takes it, finds the job ended, and acks it
+    assert any(job_id.encode() in m for m in redis_client.lrange(queue, 0, -1))
+    start_worker(concurrency=1, queue=queue)
+    wait_for(lambda: redis_client.llen(queue) == 0, 60, what="the worker to take the restored message")
+    wait_for(lambda: AsyncResult(job_id, app=app).state == "REVOKED" and not any(
+        job_id.encode() in held for held in redis_client.hvals(UNACKED)), 30,
+             what="the worker to settle it")  # the queued cancel stays the job's end; nothing is left parked
+    assert job_row(job_id).started_at is None
