@@ -158,15 +158,32 @@ def recover_lost_run(job_id: str, actor: str | None, *, resend: bool) -> str:
     with session_scope() as session:
         fence = session.scalar(select(Job.fence).where(Job.id == job_id))
     # one recovery per lost run, however many noticed it (the child's main process, every reaper)
-    if not redis.set(lost_run_key(job_id, fence), actor or "?", nx=True, ex=7 * 24 * 3600):
+    claim = lost_run_key(job_id, fence)
+    if not redis.set(claim, actor or "?", nx=True, ex=7 * 24 * 3600):
         return "ended"
+    try:
+        return _recover(job_id, actor, resend, redis)
+    except Exception:
+        # the database or the broker failed us midway: give the claim back, so the next reaper
+        # pass (or delivery) recovers this run instead of finding it "already handled"
+        redis.delete(claim)
+        redis.decr(lost_key(job_id))
+        raise
+
+
+def _recover(job_id: str, actor: str | None, resend: bool, redis) -> str:
     losses = redis.incr(lost_key(job_id))
     redis.expire(lost_key(job_id), 7 * 24 * 3600)
+    within = get_settings().db_retry_s
     if losses >= MAX_LOSSES:
-        finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.WORKER_LOST,
-                         fail_with=f"worker process lost {losses} times", actor=actor)
+        retry_transient(lambda: finalize_stopped(job_id, CancellationReason.USER_REQUESTED,
+                                                 CancellationSource.WORKER_LOST,
+                                                 fail_with=f"worker process lost {losses} times", actor=actor),
+                        within_s=within, what="lost job's end")
         return "failed"
-    if not lifecycle.requeue(job_id, CancellationSource.WORKER_LOST, actor, {"losses": losses, "resent": resend}):
+    if not retry_transient(lambda: lifecycle.requeue(job_id, CancellationSource.WORKER_LOST, actor,
+                                                     {"losses": losses, "resent": resend}),
+                           within_s=within, what="lost job's requeue"):
         return "ended"
     try:  # the dead run's scratch space: the next run makes its own
         remove_tree(job_scratch_dir(job_id))
