@@ -237,9 +237,7 @@ class ItemRun:
             # the thread runs on until its next checkpoint (the token is cancelled) or the ladder forces
             # it; the item ends only then, so nothing of it is left running after the job has ended
             await asyncio.wait([future])
-            if self.token.is_cancelled and not future.cancelled() and future.exception() is None:
-                return future.result()  # the stage finished its work: keep it; the next checkpoint stops the item
-            raise
+            raise  # even if it finished meanwhile: nothing of a job is recorded done after its cancel was seen
 
     def _call_in_thread(self, stage: Stage, value: Any, ctx: JobContext) -> Any:
         ident = threading.get_ident()
