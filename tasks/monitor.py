@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -69,6 +70,9 @@ class JobMonitor:
         self._job_thread = threading.get_ident()
         #: The ladder's first step; the runner points it at the job's item run.
         self.force = self._raise_into_job_thread
+        #: Runs just before the ladder kills this child; the runner writes the items still in its
+        #: commit window there, so the kill loses nothing that ended.
+        self.before_kill: Callable[[], object] = lambda: None
         self._ladder_lock = threading.Lock()
         self._forced_job_thread = False
         self._stop = threading.Event()
@@ -174,6 +178,10 @@ class JobMonitor:
             self._step = 2
             self._record("kill the worker child", waited)
             log.error("job %s ignored its cancel for %.1fs: killing this child", self.job_id, waited)
+            try:
+                self.before_kill()
+            except Exception:
+                log.exception("job %s: before the kill", self.job_id)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _record(self, step: str, waited: float) -> None:
