@@ -20,6 +20,9 @@ import time
 import uuid
 from contextlib import ExitStack
 from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select
 
 from db import jobs as job_rows
 from db.jobs import NotOwner
@@ -64,8 +67,8 @@ def run_job(job_id: str) -> JobOutcome:
     """
     check_job_id(job_id)
     settings = get_settings()
-    with session_scope() as session:
-        row = session.get(Job, job_id)
+    with session_scope() as session:  # not the row's items (its inputs): the run reads those once it owns it
+        row = session.execute(select(Job.status, Job.fence, Job.pipeline).where(Job.id == job_id)).one_or_none()
         if row is None:
             raise JobNotFound(job_id)
         status, seen_fence = JobStatus(row.status), row.fence
@@ -115,10 +118,13 @@ class JobRun:
         self.fence = job.fence
         self.cleanup = CleanupManager()  # what the job acquired: released before its terminal row
         self.finished: set[int] = set()
+        self.completed = job.completed_items  # the job's done items, this run's writes included
         self.reached: tuple[int, str] | None = None
         self.lost = False  # another run took the job over: write nothing more
         self.unwritten: list[ItemRecord] = []  # items that ended while the database was away
         self.settings = get_settings()
+        self._scratch: Path | None = None
+        self._scratch_lock = threading.Lock()
         self.committer: ItemCommitter[ItemRecord] = ItemCommitter(
             self._commit, self.settings.item_commit_window_ms / 1000, name=f"andon-commit-{job.id[:8]}")
 
@@ -138,7 +144,7 @@ class JobRun:
             deadline = _start_deadline(job)
             if deadline is not None:
                 machinery.callback(deadline.cancel)
-            scratch = self.cleanup.temp_dir(job_scratch_dir(job.id, run=self.fence))
+            scratch = self._scratch_dir
             pipeline_options = self.pipeline.options_value(
                 {k: v for k, v in options.items() if k not in ANDON_OPTIONS})
 
@@ -163,8 +169,16 @@ class JobRun:
             if self.lost:
                 return self._lost()
             self._release()
-            outcome = self._durably(lambda: lifecycle.finish_ran_through(job.id, self.fence))
+            outcome = self._durably(lambda: lifecycle.finish_ran_through(
+                job.id, self.fence, counts=(job.total_items, self.completed)))
             return outcome
+
+    def _scratch_dir(self) -> Path:
+        """This run's scratch dir, made on first use (by any stage's thread) and removed at cleanup."""
+        with self._scratch_lock:
+            if self._scratch is None:
+                self._scratch = self.cleanup.temp_dir(job_scratch_dir(self.job.id, run=self.fence))
+            return self._scratch
 
     def _finished_indexes(self) -> set[int]:
         with session_scope() as session:
@@ -197,6 +211,7 @@ class JobRun:
         with transaction() as conn:
             job_rows.record_items(conn, self.job.id, records, fence=self.fence)
         self.finished.update(r.index for r in records if r.status is not ItemStatus.INTERRUPTED)
+        self.completed += sum(1 for r in records if r.status is ItemStatus.DONE)
 
     def _close_committer(self) -> None:
         """On a stop: write the items still in the window before anything else (a hard time limit
