@@ -83,10 +83,8 @@ class JobMonitor:
         token.register_callback(self._on_cancel)
 
     def start(self) -> JobMonitor:
-        try:
-            self.beat()
-        except RedisError as exc:  # the loop beats again; a job must not die because Redis blinked
-            log.warning("first heartbeat of %s failed: %s", self.job_id, exc)
+        """Start the thread; it beats first thing (the job's thread doesn't wait on Redis for it, and
+        the reaper gives a job three beats after its start before it looks for one)."""
         self._thread.start()
         return self
 
@@ -129,21 +127,22 @@ class JobMonitor:
         self._wake.set()  # the ladder's clock starts now
 
     def _run(self) -> None:
-        next_beat = time.monotonic() + self.interval_s
-        while True:
-            self._wake.wait(self._sleep_s(next_beat))
-            self._wake.clear()
-            if self._stop.is_set():
-                return
+        next_beat, first = time.monotonic(), True
+        while not self._stop.is_set():
             try:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.interval_s
                     self.beat()
-                    if self.max_rss_mb:
+                    if self.max_rss_mb and not first:  # as before: the ceiling is looked at from the second beat
                         self._check_memory()
+                    first = False
                 self._escalate()
+            except RedisError as exc:  # it beats again; a job must not die because Redis blinked
+                log.warning("heartbeat of %s failed: %s", self.job_id, exc)
             except Exception:
                 log.exception("job monitor for %s", self.job_id)
+            self._wake.wait(self._sleep_s(next_beat))
+            self._wake.clear()
 
     def _sleep_s(self, next_beat: float) -> float:
         wait = next_beat - time.monotonic()

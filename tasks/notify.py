@@ -99,8 +99,9 @@ class _Outbox:
 
     def put(self, job_id: str, kind: str) -> None:
         with self._wake:
+            if not self._pending:  # else the thread is awake already, or about to take what is pending
+                self._wake.notify()
             self._pending[(job_id, kind)] = None
-            self._wake.notify()
 
     def flush(self) -> None:
         if os.getpid() != self.pid:
