@@ -167,7 +167,7 @@ def _run_held(items: list, pipeline: str, jobs: int, settle) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {running} of {jobs} memory-bench jobs got running")
         time.sleep(0.05)
-    time.sleep(0.5)  # the last items reach their wait
+    time.sleep(0.2)  # the last items reach their wait
     settle()
     for job_id in ids:
         request_cancel(job_id, message="bench over", actor="bench-memory")

@@ -42,7 +42,7 @@ class Sizes:
                    slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, bulk_jobs=1_000,
                    drain_timeout_s=60.0, breakdown_items=50, async_cancels=8, ui_loads=3,
                    batch_jobs=2_000, batch_rounds=2, scale_rows=12_000, scale_requests=20,
-                   memory_jobs=20, memory_async_jobs=1, rss_jobs=500)
+                   memory_jobs=10, memory_async_jobs=1, rss_jobs=100)
 
 
 GOAL_CHECK_RATIO = 100.0
