@@ -38,6 +38,7 @@ from bench.checkpoint import bench_checkpoint  # noqa: E402
 from bench.dashboard import bench_dashboard  # noqa: E402
 from bench.latency import bench_cancel_latency  # noqa: E402
 from bench.machine import cpu_busy_s, machine_info, own_cpu_s  # noqa: E402
+from bench.memory import bench_memory, bench_worker_rss  # noqa: E402
 from bench.procs import Worker, configure_env  # noqa: E402
 from bench.report import Report, analysis_lines, print_table, say, write_readme, write_results  # noqa: E402
 from bench.scale import bench_batch_submit, bench_scale  # noqa: E402
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             worker.stop()
             worker = None
 
+            say(f"worker RSS across {sizes.rss_jobs:,} no-op jobs")
+            bench_worker_rss(sizes, logs, report)
+
             say(f"bulk cancel of {sizes.bulk_jobs:,} queued jobs")
             bench_bulk_cancel(sizes, logs, report)
 
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.only_scale:
             say("where an item's time goes (in-process)")
             bench_breakdown(sizes, report)
+            say(f"andon's memory: {sizes.memory_jobs} running jobs, then async items in flight (in-process)")
+            bench_memory(sizes, report)
         if args.profile:
             profile_noop_job()
     finally:

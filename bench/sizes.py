@@ -32,13 +32,17 @@ class Sizes:
     batch_rounds: int = 3
     scale_rows: int = 50_000  # rows in the jobs table for the list and /metrics figures (bench-scale: 1,000,000)
     scale_requests: int = 50  # timed requests per list filter, and of /metrics
+    memory_jobs: int = 100  # jobs running at once in-process for andon's memory per job
+    memory_async_jobs: int = 4  # jobs of 250 async items in flight, for the memory per item
+    rss_jobs: int = 10_000  # no-op jobs through a worker while its RSS is watched
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(check_number=200_000, net_number=1_000, repeat=3, cancels=40, abortable_cancels=20,
                    slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, bulk_jobs=1_000,
                    drain_timeout_s=60.0, breakdown_items=50, async_cancels=8, ui_loads=3,
-                   batch_jobs=2_000, batch_rounds=2, scale_rows=12_000, scale_requests=20)
+                   batch_jobs=2_000, batch_rounds=2, scale_rows=12_000, scale_requests=20,
+                   memory_jobs=10, memory_async_jobs=1, rss_jobs=100)
 
 
 GOAL_CHECK_RATIO = 100.0

@@ -8,8 +8,24 @@ from bench.report import Report, Row, say
 from bench.sizes import CONCURRENCY, GOAL_NOOP_RATIO, GOAL_SLOW_RATIO, ITEM_S, Sizes, documents
 
 
-def run_batch(kind: str, jobs: int, docs: list[str], stage_delay_s: float) -> float:
-    """Submit ``jobs`` jobs of ``docs``; seconds from the first submit to the last result."""
+def cpu_of_children() -> float:
+    """CPU seconds (user + system) used so far by this process's children and theirs: the workers,
+    their pool processes and the Redis server — what a batch costs the machine, whatever else runs."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def run_batch(kind: str, jobs: int, docs: list[str], stage_delay_s: float, cpu: list[float] | None = None) -> float:
+    """Submit ``jobs`` jobs of ``docs``; seconds from the first submit to the last result (and, into
+    ``cpu``, the CPU seconds the worker, its pool and Redis spent meanwhile)."""
     from celery.result import AsyncResult
 
     from api import service
@@ -17,6 +33,7 @@ def run_batch(kind: str, jobs: int, docs: list[str], stage_delay_s: float) -> fl
     from db.session import session_scope
     from tasks.app import app
 
+    cpu_before = cpu_of_children()
     start = time.perf_counter()
     if kind == "andon":
         ids = [service.submit_job(docs, {"stage_delay_s": stage_delay_s}, actor="bench").job_id
@@ -25,6 +42,8 @@ def run_batch(kind: str, jobs: int, docs: list[str], stage_delay_s: float) -> fl
         ids = [app.send_task("bench.bare_pipeline", args=[docs, stage_delay_s]).id for _ in range(jobs)]
     values = [AsyncResult(i, app=app).get(timeout=300) for i in ids]
     elapsed = time.perf_counter() - start
+    if cpu is not None:
+        cpu.append(cpu_of_children() - cpu_before)
     if kind == "andon":
         with session_scope() as session:
             for job_id in ids:
@@ -47,12 +66,13 @@ def bench_throughput(sizes: Sizes, report: Report) -> None:
     for label, jobs, items, delay, goal in cases:
         docs = documents(items)
         times: dict[str, list[float]] = {"bare": [], "andon": []}
+        cpu: dict[str, list[float]] = {"bare": [], "andon": []}
         order = []
         for r in range(sizes.rounds):  # bare, andon, andon, bare, ...: neither side always goes first
             order += ["bare", "andon"] if r % 2 == 0 else ["andon", "bare"]
         say(f"throughput, {label}: {jobs} jobs × {items} items, {' → '.join(order)}")
         for kind in order:
-            times[kind].append(run_batch(kind, jobs, docs, delay))
+            times[kind].append(run_batch(kind, jobs, docs, delay, cpu[kind]))
         bare, andon = min(times["bare"]), min(times["andon"])
         total = jobs * items
         ratio = bare / andon  # = (items/s andon) ÷ (items/s bare)
@@ -63,5 +83,9 @@ def bench_throughput(sizes: Sizes, report: Report) -> None:
             f"{ratio:.3f}×", f"≥ {goal}×", ratio >= goal))
         # andon's extra time per item, per pool process
         per_item_ms = (andon - bare) * CONCURRENCY / total * 1e3
+        cpu_ms = {kind: min(spent) / total * 1e3 for kind, spent in cpu.items()}
         report.extra["throughput"][label] = {"andon_s": times["andon"], "bare_s": times["bare"], "items": total,
-                                             "extra_ms_per_item": per_item_ms}
+                                             "extra_ms_per_item": per_item_ms, "cpu_ms_per_item": cpu_ms}
+        report.notes.append(
+            f"throughput, {label}: CPU per item in the worker, its pool and Redis (whatever the load): andon "
+            f"{cpu_ms['andon']:.2f} ms, bare Celery {cpu_ms['bare']:.2f} ms (least of {sizes.rounds} runs each)")

@@ -7,10 +7,12 @@ the loser sees ``False`` and changes nothing else. A terminal status is never le
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Connection, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Integer, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
@@ -116,51 +118,79 @@ def add_events(session: Session, rows: list[dict[str, Any]]) -> None:
 
 _jobs, _items = Job.__table__, JobItem.__table__
 _INSERT_ITEM = insert(_items)
-_OWNED = (_jobs.c.id == bindparam("job")) & (_jobs.c.fence == bindparam("run_fence"))
-#: The first statement of every item write: bump the job's counter *if this run still owns the job*
-#: (on PostgreSQL it also locks the row, so a takeover and an item write are serialized).
-_BUMP = {
-    ItemStatus.DONE: update(_jobs).where(_OWNED).values(completed_items=_jobs.c.completed_items + 1),
-    ItemStatus.FAILED: update(_jobs).where(_OWNED).values(failed_items=_jobs.c.failed_items + 1),
-    ItemStatus.INTERRUPTED: update(_jobs).where(_OWNED).values(fence=_jobs.c.fence),
-}
+#: The first statement of every item write: add a batch's items to the job's counters *if this run
+#: still owns the job* (on PostgreSQL it also locks the row, so a takeover and an item write are
+#: serialized). A batch of interrupted items only adds zeros: the fence check is the point.
+_BUMP = (update(_jobs)
+         .where((_jobs.c.id == bindparam("job")) & (_jobs.c.fence == bindparam("run_fence")))
+         .values(completed_items=_jobs.c.completed_items + bindparam("done", type_=Integer),
+                 failed_items=_jobs.c.failed_items + bindparam("failed", type_=Integer)))
 
 
 class NotOwner(Exception):
     """The run writing an item no longer owns the job (another delivery took it over)."""
 
 
-def record_item(
-    conn: Connection,
-    job_id: str,
-    index: int,
-    stage: str,
-    status: ItemStatus,
-    *,
-    result: dict[str, Any] | None = None,
-    error: str | None = None,
-    started_at: datetime | None = None,
-    finished_at: datetime | None = None,
-    fence: int = 0,
-    retries: int = 0,
-    usage: dict[str, Any] | None = None,
-) -> None:
-    """Store one item that ended and bump the job's counter in the same transaction (interrupted
-    items count as neither done nor failed) — only while run ``fence`` owns the job, else
-    :class:`NotOwner` (and the caller's transaction rolls back).
+class StoredItem(Protocol):
+    """What :func:`record_items` reads of an item that ended (the engine's ``ItemRecord`` is one)."""
 
-    This runs once per item on the hot path, so it takes a plain connection (``db.session.transaction``)
-    and executes two prebuilt Core statements: an ORM session costs several times the SQL itself.
+    index: int
+    stage: str
+    status: ItemStatus
+    result: Any
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    retries: int
+    usage: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """One item that ended, for callers without an ``ItemRecord`` (:func:`record_item`)."""
+
+    index: int
+    stage: str
+    status: ItemStatus
+    result: Any = None
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    retries: int = 0
+    usage: dict[str, Any] | None = None
+
+
+def record_items(conn: Connection, job_id: str, items: Sequence[StoredItem], *, fence: int = 0) -> None:
+    """Store items that ended and add them to the job's counters in the caller's transaction
+    (interrupted items count as neither done nor failed) — only while run ``fence`` owns the job,
+    else :class:`NotOwner` and nothing of the batch is stored (the caller's transaction rolls back).
+
+    This is the per-item hot path, so it takes a plain connection (``db.session.transaction``) and
+    executes two prebuilt Core statements whatever the batch's size: one counter UPDATE, one
+    multi-row INSERT. An ORM session costs several times the SQL itself.
     """
-    if conn.execute(_BUMP[status], {"job": job_id, "run_fence": fence}).rowcount != 1:
+    if not items:
+        return
+    done = sum(1 for item in items if item.status is ItemStatus.DONE)
+    failed = sum(1 for item in items if item.status is ItemStatus.FAILED)
+    if conn.execute(_BUMP, {"job": job_id, "run_fence": fence, "done": done, "failed": failed}).rowcount != 1:
         raise NotOwner(job_id)
-    usage = usage or {}
-    conn.execute(_INSERT_ITEM, {"job_id": job_id, "index": index, "stage": stage, "status": status.value,
-                                "result": result, "error": error, "started_at": started_at,
-                                "finished_at": finished_at or utcnow(), "retries": retries,
-                                "prompt_tokens": usage.get("prompt_tokens"),
-                                "completion_tokens": usage.get("completion_tokens"),
-                                "usage_cut_short": usage.get("cut_short"), "usage_estimated": usage.get("estimated")})
+    now = utcnow()
+    conn.execute(_INSERT_ITEM, [
+        {"job_id": job_id, "index": item.index, "stage": item.stage, "status": item.status.value,
+         "result": item.result, "error": item.error, "started_at": item.started_at,
+         "finished_at": item.finished_at or now, "retries": item.retries,
+         "prompt_tokens": (item.usage or {}).get("prompt_tokens"),
+         "completion_tokens": (item.usage or {}).get("completion_tokens"),
+         "usage_cut_short": (item.usage or {}).get("cut_short"),
+         "usage_estimated": (item.usage or {}).get("estimated")}
+        for item in items])
+
+
+def record_item(conn: Connection, job_id: str, index: int, stage: str, status: ItemStatus, *,
+                fence: int = 0, **fields: Any) -> None:
+    """One item: :func:`record_items` with a batch of one (``fields`` as :class:`ItemRow`'s)."""
+    record_items(conn, job_id, [ItemRow(index, stage, status, **fields)], fence=fence)
 
 
 def copy_done_items(session: Session, from_job: str, to_job: str) -> int:

@@ -54,8 +54,18 @@ def get_engine(url: str | None = None) -> Engine:
     return _engines[key]
 
 
+_sessionmakers: dict[Engine, sessionmaker[Session]] = {}
+
+
 def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+    """One per engine: each ``sessionmaker`` makes a Session subclass of its own, and SQLAlchemy sets
+    up that class's event dispatch on its first use — a few KiB and tens of microseconds that a new
+    maker per session paid on every ``session_scope``, then left to the cyclic garbage collector."""
+    engine = get_engine(url)
+    maker = _sessionmakers.get(engine)
+    if maker is None:
+        maker = _sessionmakers[engine] = sessionmaker(engine, expire_on_commit=False)
+    return maker
 
 
 @contextmanager

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     #: How long a job's run retries a database write that failed for a passing reason (a lock held
     #: past SQLite's busy timeout, a PostgreSQL restart) before it stops the job.
     db_retry_s: float = 30.0
+    #: Group commit of finished items (tasks/commits.py): an item is handed to its transaction at
+    #: most this long after it ended, together with the others of that window; always before the
+    #: job's terminal row. A SIGKILL from outside loses at most this window (resume redoes it). 0:
+    #: one transaction per item, in the job's thread.
+    item_commit_window_ms: float = Field(5.0, ge=0, le=1000)
     #: How long a stopped job waits for the database to come back to write its end (resumable).
     db_outage_max_s: float = 3600.0
     #: Comma-separated modules that register user pipelines (imported by the worker and the API).

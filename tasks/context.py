@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ class JobContext:
     comes (then raises), for sync stages; ``await sleep(s)`` is the same for async stages (a cancel
     cancels the task). ``partial`` is what the item had produced when it was interrupted (a helper
     such as an LLM stream fills it in); ``scratch_dir`` and ``cleanup`` are released on every exit path.
+    The scratch dir is made when a stage first asks for it: most jobs never touch one.
     """
 
     job_id: str
@@ -28,9 +30,14 @@ class JobContext:
     options: Any
     token: CancellationToken
     cleanup: CleanupManager
-    scratch_dir: Path
+    scratch: Path | Callable[[], Path] = field(repr=False)
     stage: str | None = None
     partial: Any = None
+
+    @property
+    def scratch_dir(self) -> Path:
+        """The job's scratch dir (this run's own), removed on every exit path of the job."""
+        return self.scratch if isinstance(self.scratch, Path) else self.scratch()
 
     def checkpoint(self) -> None:
         self.token.check()

@@ -53,13 +53,16 @@ def outcome_of(job_id: str, ran: bool) -> JobOutcome:
 
 def start(job_id: str, owner: str) -> Job | None:
     """Queued → running, owned by this run (its fence is ``job.fence``); None if the job is not
-    queued any more (another delivery started it, or it ended)."""
+    queued any more (another delivery started it, or it ended). One transaction: the row is read
+    back under the write that took it."""
     with session_scope() as session:
         if not job_rows.transition(session, job_id, JobStatus.RUNNING, only_from=JobStatus.PENDING,
                                    started_at=datetime.now(UTC), raise_fence=True, owner=owner):
             return None
         job_rows.add_event(session, job_id, EventKind.STARTED, actor=owner, detail={"redelivered": False})
-    return _owned(job_id, owner)
+        job = session.get(Job, job_id)
+        session.expunge(job)
+        return job
 
 
 def take_over(job_id: str, seen_fence: int, owner: str) -> Job | None:
@@ -87,12 +90,18 @@ def _owned(job_id: str, owner: str) -> Job | None:
         return job
 
 
-def finish_ran_through(job_id: str, fence: int | None = None) -> JobOutcome:
-    """Every item was tried: completed, unless not a single one succeeded."""
+def finish_ran_through(job_id: str, fence: int | None = None, *,
+                       counts: tuple[int, int] | None = None) -> JobOutcome:
+    """Every item was tried: completed, unless not a single one succeeded. ``counts``: the job's
+    ``(total_items, completed_items)`` as the run that owns it (``fence``) knows them, so the end is
+    one write and no read."""
     with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job.total_items and job.completed_items == 0:
-            error = f"all {job.total_items} items failed"
+        if counts is None:
+            job = session.get(Job, job_id)
+            counts = (job.total_items, job.completed_items)
+        total, completed = counts
+        if total and completed == 0:
+            error = f"all {total} items failed"
             if _end(session, job_id, JobStatus.FAILED, fence=fence, error=error):
                 return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
         elif _end(session, job_id, JobStatus.COMPLETED, fence=fence):

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -69,6 +70,9 @@ class JobMonitor:
         self._job_thread = threading.get_ident()
         #: The ladder's first step; the runner points it at the job's item run.
         self.force = self._raise_into_job_thread
+        #: Runs just before the ladder kills this child; the runner writes the items still in its
+        #: commit window there, so the kill loses nothing that ended.
+        self.before_kill: Callable[[], object] = lambda: None
         self._ladder_lock = threading.Lock()
         self._forced_job_thread = False
         self._stop = threading.Event()
@@ -79,10 +83,8 @@ class JobMonitor:
         token.register_callback(self._on_cancel)
 
     def start(self) -> JobMonitor:
-        try:
-            self.beat()
-        except RedisError as exc:  # the loop beats again; a job must not die because Redis blinked
-            log.warning("first heartbeat of %s failed: %s", self.job_id, exc)
+        """Start the thread; it beats first thing (the job's thread doesn't wait on Redis for it, and
+        the reaper gives a job three beats after its start before it looks for one)."""
         self._thread.start()
         return self
 
@@ -125,21 +127,22 @@ class JobMonitor:
         self._wake.set()  # the ladder's clock starts now
 
     def _run(self) -> None:
-        next_beat = time.monotonic() + self.interval_s
-        while True:
-            self._wake.wait(self._sleep_s(next_beat))
-            self._wake.clear()
-            if self._stop.is_set():
-                return
+        next_beat, first = time.monotonic(), True
+        while not self._stop.is_set():
             try:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.interval_s
                     self.beat()
-                    if self.max_rss_mb:
+                    if self.max_rss_mb and not first:  # as before: the ceiling is looked at from the second beat
                         self._check_memory()
+                    first = False
                 self._escalate()
+            except RedisError as exc:  # it beats again; a job must not die because Redis blinked
+                log.warning("heartbeat of %s failed: %s", self.job_id, exc)
             except Exception:
                 log.exception("job monitor for %s", self.job_id)
+            self._wake.wait(self._sleep_s(next_beat))
+            self._wake.clear()
 
     def _sleep_s(self, next_beat: float) -> float:
         wait = next_beat - time.monotonic()
@@ -174,6 +177,10 @@ class JobMonitor:
             self._step = 2
             self._record("kill the worker child", waited)
             log.error("job %s ignored its cancel for %.1fs: killing this child", self.job_id, waited)
+            try:
+                self.before_kill()
+            except Exception:
+                log.exception("job %s: before the kill", self.job_id)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _record(self, step: str, waited: float) -> None:

@@ -12,12 +12,17 @@ item.
 
 Rows are announced where they are written, after their transaction commits (:func:`install`), not
 by each writer: a reader woken before the commit would read nothing and then sleep until its poll.
+They are published by a thread of this process, not by the writer: a job's commit doesn't wait on a
+Redis round trip (a few of them per job, each milliseconds on a busy machine). A notification still
+unsent when the process is killed is lost like any other: readers poll.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -54,18 +59,77 @@ def channel_for(client: Any) -> str:
 
 
 def notify(job_id: str, kind: str) -> None:
-    """Tell every listening stream that ``job_id`` changed. Never raises."""
+    """Tell every listening stream that ``job_id`` changed, now. Never raises."""
+    _publish([(job_id, kind)])
+
+
+def _publish(changes: list[tuple[str, str]]) -> None:
+    """One round trip for all of ``changes`` (a pipeline of PUBLISHes). Never raises."""
     global _quiet_until
-    if time.monotonic() < _quiet_until:
+    if time.monotonic() < _quiet_until or not changes:
         return
     try:
         client = get_redis()
-        client.publish(channel_for(client), json.dumps({"job_id": job_id, "kind": kind}))
+        channel = channel_for(client)
+        if len(changes) == 1:
+            client.publish(channel, json.dumps({"job_id": changes[0][0], "kind": changes[0][1]}))
+            return
+        pipe = client.pipeline(transaction=False)
+        for job_id, kind in changes:
+            pipe.publish(channel, json.dumps({"job_id": job_id, "kind": kind}))
+        pipe.execute()
     except RedisError as exc:
         _quiet_until = time.monotonic() + QUIET_AFTER_ERROR_S
-        log.warning("job-change notification for %s not sent (%s); streams fall back to polling", job_id, exc)
+        log.warning("job-change notification for %s not sent (%s); streams fall back to polling",
+                    changes[0][0], exc)
     except Exception:  # a notification must never break the write it announces
-        log.exception("job-change notification for %s failed", job_id)
+        log.exception("job-change notification for %s failed", changes[0][0])
+
+
+class _Outbox:
+    """Notifications waiting for this process's publisher thread; one per job and kind (a
+    notification says only *that* a job changed, so two unsent ones say no more than one)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._pending: dict[tuple[str, str], None] = {}
+        self._wake = threading.Condition()
+        threading.Thread(target=self._run, name="andon-notify", daemon=True).start()
+        atexit.register(self.flush)  # a CLI command's last write still wakes the streams
+
+    def put(self, job_id: str, kind: str) -> None:
+        with self._wake:
+            if not self._pending:  # else the thread is awake already, or about to take what is pending
+                self._wake.notify()
+            self._pending[(job_id, kind)] = None
+
+    def flush(self) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked child's copy: its parent's pending notifications are not its own
+        with self._wake:
+            changes, self._pending = list(self._pending), {}
+        _publish(changes)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending:
+                    self._wake.wait()
+            self.flush()
+
+
+_outbox: _Outbox | None = None
+
+
+def _notify_soon(job_id: str, kind: str) -> None:
+    global _outbox
+    outbox = _outbox
+    if outbox is None or outbox.pid != os.getpid():  # none yet, or made before a fork: no thread here
+        with _install_lock:
+            if _outbox is None or _outbox.pid != os.getpid():
+                _outbox = _Outbox()
+            outbox = _outbox
+    outbox.put(job_id, kind)
 
 
 def install() -> None:
@@ -74,7 +138,8 @@ def install() -> None:
 
     Three SQLAlchemy hooks on every engine: ``after_execute`` notes the job ids an INSERT into
     ``job_events`` / ``job_items`` carries; ``commit`` / ``rollback`` keep or drop them; the pool's
-    ``checkin`` — after the commit has really happened — publishes one notification per job.
+    ``checkin`` — after the commit has really happened — hands one notification per job to the
+    process's publisher thread.
     """
     global _installed
     with _install_lock:
@@ -115,4 +180,4 @@ def _after_rollback(conn) -> None:
 def _after_checkin(_dbapi_connection, record) -> None:
     committed = record.info.pop(_COMMITTED, None) if record is not None else None
     for job_id, kind in (committed or {}).items():
-        notify(job_id, kind)
+        _notify_soon(job_id, kind)

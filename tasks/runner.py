@@ -5,8 +5,9 @@ its token watch, heartbeat and escalation ladder, deadline timer and scratch dir
 ``ExitStack``, so the exit path is single: whatever stops the job, in-flight items are recorded,
 the job's resources are released *before* its terminal row is committed (whoever sees a job ended
 sees it tidy), and its machinery stops only *after* (so the reaper never mistakes a finishing job
-for a lost one). Each finished item is committed at once: a later cancel, crash or kill loses
-nothing already done.
+for a lost one). Finished items are committed in groups within a few milliseconds of ending
+(:mod:`tasks.commits`), and always before the job's terminal row: a later cancel, crash or kill
+loses nothing already done, except a SIGKILL from outside, which can lose the last window.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import time
 import uuid
 from contextlib import ExitStack
 from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select
 
 from db import jobs as job_rows
 from db.jobs import NotOwner
@@ -31,6 +35,7 @@ from tasks.after_stop import act_after_cancel
 from tasks.cancellation import CancellationError, CancellationToken, ForcedCancellation, cancellation_in
 from tasks.cancellation.keys import heartbeat_key
 from tasks.cleanup import CleanupManager
+from tasks.commits import ItemCommitter
 from tasks.context import JobContext
 from tasks.control import request_cancel
 from tasks.engine import ItemRecord, ItemRun
@@ -62,8 +67,8 @@ def run_job(job_id: str) -> JobOutcome:
     """
     check_job_id(job_id)
     settings = get_settings()
-    with session_scope() as session:
-        row = session.get(Job, job_id)
+    with session_scope() as session:  # not the row's items (its inputs): the run reads those once it owns it
+        row = session.execute(select(Job.status, Job.fence, Job.pipeline).where(Job.id == job_id)).one_or_none()
         if row is None:
             raise JobNotFound(job_id)
         status, seen_fence = JobStatus(row.status), row.fence
@@ -113,10 +118,15 @@ class JobRun:
         self.fence = job.fence
         self.cleanup = CleanupManager()  # what the job acquired: released before its terminal row
         self.finished: set[int] = set()
+        self.completed = job.completed_items  # the job's done items, this run's writes included
         self.reached: tuple[int, str] | None = None
         self.lost = False  # another run took the job over: write nothing more
         self.unwritten: list[ItemRecord] = []  # items that ended while the database was away
         self.settings = get_settings()
+        self._scratch: Path | None = None
+        self._scratch_lock = threading.Lock()
+        self.committer: ItemCommitter[ItemRecord] = ItemCommitter(
+            self._commit, self.settings.item_commit_window_ms / 1000, name=f"andon-commit-{job.id[:8]}")
 
     def execute(self, watcher) -> JobOutcome:
         job, token, settings = self.job, self.token, self.settings
@@ -127,12 +137,14 @@ class JobRun:
                             float(options.get("kill_after_s") or settings.kill_after_s))
             monitor = JobMonitor(job.id, token, settings.heartbeat_s,
                                  options.get("max_rss_mb") or settings.max_job_rss_mb, ladder, owner=self.owner)
+            monitor.before_kill = lambda: self.committer.flush(timeout=1.0)
             monitor.start()
             machinery.callback(monitor.stop)
+            token.register_callback(lambda _token: self.committer.write_now())
             deadline = _start_deadline(job)
             if deadline is not None:
                 machinery.callback(deadline.cancel)
-            scratch = self.cleanup.temp_dir(job_scratch_dir(job.id, run=self.fence))
+            scratch = self._scratch_dir
             pipeline_options = self.pipeline.options_value(
                 {k: v for k, v in options.items() if k not in ANDON_OPTIONS})
 
@@ -142,12 +154,14 @@ class JobRun:
             def position(index: int, stage: str) -> None:
                 monitor.position = self.reached = (index, stage)
 
-            items = ItemRun(self.pipeline, token, context, self._commit, position)
+            items = ItemRun(self.pipeline, token, context, self.committer.add, position)
             monitor.force = items.force
             try:
-                self.finished = retry_transient(self._finished_indexes, within_s=settings.db_retry_s)
+                if job.completed_items or job.failed_items:  # a resumed or taken-over job: skip its done items
+                    self.finished = retry_transient(self._finished_indexes, within_s=settings.db_retry_s)
                 todo = [(i, raw) for i, raw in enumerate(job.inputs) if i not in self.finished]
                 items.run(todo)
+                self.committer.close()
             except BaseException as exc:
                 monitor.disarm()
                 return self._stopped(exc, items.observed_at)
@@ -155,42 +169,59 @@ class JobRun:
             if self.lost:
                 return self._lost()
             self._release()
-            outcome = self._durably(lambda: lifecycle.finish_ran_through(job.id, self.fence))
+            outcome = self._durably(lambda: lifecycle.finish_ran_through(
+                job.id, self.fence, counts=(job.total_items, self.completed)))
             return outcome
+
+    def _scratch_dir(self) -> Path:
+        """This run's scratch dir, made on first use (by any stage's thread) and removed at cleanup."""
+        with self._scratch_lock:
+            if self._scratch is None:
+                self._scratch = self.cleanup.temp_dir(job_scratch_dir(self.job.id, run=self.fence))
+            return self._scratch
 
     def _finished_indexes(self) -> set[int]:
         with session_scope() as session:
             return job_rows.finished_indexes(session, self.job.id)
 
-    def _commit(self, record: ItemRecord) -> None:
-        """Store one item the moment it ends (called in this thread, in order). A transient database
-        error is retried for ``db_retry_s``; if the database stays away, the item is kept in memory,
-        the job is stopped (``system_shutdown``, source ``database_unavailable``) and everything is
-        written once the database is back. A run that lost the job writes nothing more."""
+    def _commit(self, records: list[ItemRecord]) -> None:
+        """Store a group of items that ended, in order, in one transaction (the committer calls it,
+        one group at a time). A transient database error is retried for ``db_retry_s``; if the
+        database stays away, the items are kept in memory, the job is stopped (``system_shutdown``,
+        source ``database_unavailable``) and everything is written once the database is back. A run
+        that lost the job writes nothing more."""
         if self.lost:
             return
         if self.unwritten:
-            self.unwritten.append(record)
+            self.unwritten.extend(records)
             return
         try:
-            retry_transient(lambda: self._write(record), within_s=self.settings.db_retry_s, what="item write")
+            retry_transient(lambda: self._write(records), within_s=self.settings.db_retry_s, what="item write")
         except NotOwner:
             self._lose()
         except Exception as exc:
             if not is_transient(exc):
                 raise
             log.error("job %s: the database is unavailable (%s); stopping the job", self.job.id, exc)
-            self.unwritten.append(record)
+            self.unwritten.extend(records)
             self.token.cancel(CancellationReason.SYSTEM_SHUTDOWN, "the database was unavailable",
                               CancellationSource.DATABASE_UNAVAILABLE)
 
-    def _write(self, record: ItemRecord) -> None:
+    def _write(self, records: list[ItemRecord]) -> None:
         with transaction() as conn:
-            job_rows.record_item(conn, self.job.id, record.index, record.stage, record.status, result=record.result,
-                                 error=record.error, started_at=record.started_at, finished_at=record.finished_at,
-                                 fence=self.fence, retries=record.retries, usage=record.usage)
-        if record.status is not ItemStatus.INTERRUPTED:
-            self.finished.add(record.index)
+            job_rows.record_items(conn, self.job.id, records, fence=self.fence)
+        self.finished.update(r.index for r in records if r.status is not ItemStatus.INTERRUPTED)
+        self.completed += sum(1 for r in records if r.status is ItemStatus.DONE)
+
+    def _close_committer(self) -> None:
+        """On a stop: write the items still in the window before anything else (a hard time limit
+        leaves this process a tenth of a second). A write error is logged: the stop goes on."""
+        try:
+            self.committer.close()
+        except NotOwner:
+            self._lose()
+        except Exception:
+            log.exception("job %s: writing its last items failed", self.job.id)
 
     def _lose(self) -> None:
         """Another delivery took the job over: stop this run's items, write nothing more."""
@@ -210,19 +241,20 @@ class JobRun:
         within = self.settings.db_outage_max_s
 
         def flush_then_write():
-            while self.unwritten:
+            if self.unwritten:
                 try:
-                    self._write(self.unwritten[0])
+                    self._write(self.unwritten)
                 except NotOwner:
                     self.lost = True
                     self.unwritten.clear()
                     raise
-                self.unwritten.pop(0)
+                self.unwritten.clear()
             return write()
 
         return retry_transient(flush_then_write, within_s=within, what="end of job")
 
     def _stopped(self, exc: BaseException, observed_at: datetime | None) -> JobOutcome:
+        self._close_committer()
         if self.lost or isinstance(exc, NotOwner):
             return self._lost()
         cancel = cancellation_in(exc)

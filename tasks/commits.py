@@ -1,0 +1,126 @@
+"""Group commit of a job run's finished items: each is durable within a short window of ending.
+
+One transaction per item made no-op items cost a commit each (and a job-change notification each),
+serialized on SQLite's single writer. :class:`ItemCommitter` gathers the items that end within
+``window_s`` of the first one still unwritten and writes them in one transaction, from a thread of
+its own, so the job's thread goes on to its next item meanwhile.
+
+The promises, and where they are kept:
+
+* an item is handed to the writer at most ``window_s`` after it ended (then its transaction's time);
+* :meth:`ItemCommitter.close` writes everything pending — the runner calls it before the job's
+  terminal row, on every exit path it sees (a cancel, a failure, ``SystemExit`` from a time limit or
+  a cold shutdown), and the escalation ladder before it kills the process;
+* a cancel wakes the writer at once: what ended before the cancel doesn't wait out the window;
+* a batch is one transaction, fenced like a single item: a run that lost the job has the whole batch
+  refused.
+
+What it can't do: survive a SIGKILL from outside (the OOM killer, ``kill -9``) — the items of the
+last window are lost then, and resume runs them again. ``window_s`` = 0 commits each item in the
+job's own thread the moment it ends, as before.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["ItemCommitter"]
+
+R = TypeVar("R")
+
+
+class ItemCommitter(Generic[R]):
+    """Hands ``write`` the items :meth:`add` ed, in order, in batches at most ``window_s`` old.
+
+    ``write`` (a list of records → one transaction) is called by one thread at a time. If it raises,
+    the error is raised again in the job's thread by the next :meth:`add` or :meth:`close`.
+    """
+
+    def __init__(self, write: Callable[[list[R]], None], window_s: float, name: str = "andon-commit") -> None:
+        self._write = write
+        self.window_s = window_s
+        self._name = name
+        self._pending: list[R] = []
+        self._oldest = 0.0  # monotonic time the oldest pending record was added
+        self._now = False  # write what is pending without waiting out the window
+        self._closed = False
+        self._error: BaseException | None = None
+        self._wake = threading.Condition()
+        self._writing = threading.Lock()  # one batch at a time, in order
+        self._thread: threading.Thread | None = None
+
+    def add(self, record: R) -> None:
+        """A record that ended (in the job's thread). Raises what a background write raised."""
+        self._raise_error()
+        if self.window_s <= 0:
+            with self._writing:
+                self._write([record])
+            return
+        with self._wake:
+            if self._closed:  # torn down past close(): write it here rather than drop it
+                self._pending.append(record)
+            else:
+                if not self._pending:
+                    self._oldest = time.monotonic()
+                    self._wake.notify()
+                self._pending.append(record)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                    self._thread.start()
+                return
+        self.flush()
+
+    def write_now(self) -> None:
+        """From now on, don't wait out the window (a cancel arrived): thread-safe, returns at once."""
+        with self._wake:
+            self._now = True
+            self._wake.notify()
+
+    def flush(self, timeout: float = -1) -> bool:
+        """Write everything pending now, in the calling thread; False if another write held the
+        writer past ``timeout`` (seconds; -1 waits)."""
+        if not self._writing.acquire(timeout=timeout):
+            return False
+        try:
+            with self._wake:
+                batch, self._pending = self._pending, []
+            if batch:
+                self._write(batch)
+        finally:
+            self._writing.release()
+        return True
+
+    def close(self) -> None:
+        """Stop the writer thread and write what is left, here. Raises what a write raised."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._raise_error()
+        self.flush()
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed:
+                    if self._pending and (self._now or time.monotonic() >= self._oldest + self.window_s):
+                        break
+                    self._wake.wait(None if not self._pending else self._oldest + self.window_s - time.monotonic())
+                if self._closed:
+                    return  # close() writes the rest in its own thread
+            try:
+                self.flush()
+            except BaseException as exc:  # handed to the job's thread; nothing more is written from here
+                self._error = exc
+                with self._wake:
+                    self._closed = True
+                return
