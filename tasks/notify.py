@@ -31,7 +31,7 @@ from sqlalchemy.sql.dml import Insert
 from tasks.cancellation.keys import job_changes_channel
 from tasks.process import get_redis
 
-__all__ = ["channel_for", "install", "notify", "notify_many"]
+__all__ = ["channel_for", "install", "notify"]
 
 log = logging.getLogger(__name__)
 
@@ -55,37 +55,17 @@ def channel_for(client: Any) -> str:
 
 def notify(job_id: str, kind: str) -> None:
     """Tell every listening stream that ``job_id`` changed. Never raises."""
-    notify_many({job_id: kind})
-
-
-def notify_many(changes: dict[str, str]) -> None:
-    """:func:`notify` for many jobs (``{job_id: kind}``) in one pipelined round trip: a batch
-    submit or a bulk cancel commits thousands of rows at once. Never raises."""
     global _quiet_until
-    if not changes or time.monotonic() < _quiet_until:
+    if time.monotonic() < _quiet_until:
         return
     try:
         client = get_redis()
-        channel = channel_for(client)
-        if len(changes) == 1:
-            [(job_id, kind)] = changes.items()
-            client.publish(channel, json.dumps({"job_id": job_id, "kind": kind}))
-            return
-        with client.pipeline(transaction=False) as pipe:
-            for job_id, kind in changes.items():
-                pipe.publish(channel, json.dumps({"job_id": job_id, "kind": kind}))
-            pipe.execute()
+        client.publish(channel_for(client), json.dumps({"job_id": job_id, "kind": kind}))
     except RedisError as exc:
         _quiet_until = time.monotonic() + QUIET_AFTER_ERROR_S
-        log.warning("job-change notification for %s not sent (%s); streams fall back to polling",
-                    _some(changes), exc)
+        log.warning("job-change notification for %s not sent (%s); streams fall back to polling", job_id, exc)
     except Exception:  # a notification must never break the write it announces
-        log.exception("job-change notification for %s failed", _some(changes))
-
-
-def _some(changes: dict[str, str]) -> str:
-    first = next(iter(changes))
-    return first if len(changes) == 1 else f"{first} and {len(changes) - 1} more job(s)"
+        log.exception("job-change notification for %s failed", job_id)
 
 
 def install() -> None:
@@ -94,7 +74,7 @@ def install() -> None:
 
     Three SQLAlchemy hooks on every engine: ``after_execute`` notes the job ids an INSERT into
     ``job_events`` / ``job_items`` carries; ``commit`` / ``rollback`` keep or drop them; the pool's
-    ``checkin`` — after the commit has really happened — publishes one notification per job, pipelined.
+    ``checkin`` — after the commit has really happened — publishes one notification per job.
     """
     global _installed
     with _install_lock:
@@ -134,5 +114,5 @@ def _after_rollback(conn) -> None:
 
 def _after_checkin(_dbapi_connection, record) -> None:
     committed = record.info.pop(_COMMITTED, None) if record is not None else None
-    if committed:
-        notify_many(committed)
+    for job_id, kind in (committed or {}).items():
+        notify(job_id, kind)

@@ -123,3 +123,30 @@ def test_bulk_cancel_answers_202_when_redis_fails_after_the_rows_commit(api_clie
         assert job.status == "cancelled" and job.cancellation_message == "Redis is away" and job.started_at is None
     job = wait_terminal(parent)
     assert job.status == "cancelled" and job.cancellation_message == "Redis is away"
+
+
+def test_cancel_many_writes_each_token_as_a_single_cancel_would_and_the_first_cancel_still_wins(store):
+    import json
+    import uuid
+
+    from db.vocabulary import CancellationSource
+    from tasks.cancellation import CancelRequest
+    from tasks.cancellation.keys import cancel_key, cancel_requests_key
+    from tasks.cancellation.store import CANCEL_MANY_CHUNK
+
+    redis = store.redis
+    ids = [str(uuid.uuid4()) for _ in range(CANCEL_MANY_CHUNK + 7)] + ['odd "id" \\ é']
+    earlier = ids[3]
+    store.cancel(earlier, CancellationReason.TIMEOUT, "first", CancellationSource.DEADLINE)
+    store.cancel_many(ids, CancellationReason.USER_REQUESTED, 'bulk "quoted"', CancellationSource.API)
+    for job_id in (ids[0], ids[CANCEL_MANY_CHUNK], ids[-1]):
+        raw = redis.get(cancel_key(job_id))
+        token = json.loads(raw)
+        assert token["job_id"] == job_id and token["reason"] == "user_requested" and token["message"] == 'bulk "quoted"'
+        request = CancelRequest.from_json(token)
+        assert (raw.decode() if isinstance(raw, bytes) else raw) == json.dumps(request.to_json(job_id))
+        assert [json.loads(r)["job_id"] for r in redis.lrange(cancel_requests_key(job_id), 0, -1)] == [job_id]
+        assert 0 < redis.ttl(cancel_key(job_id)) <= store.ttl_s and 0 < redis.ttl(cancel_requests_key(job_id))
+    assert store.read([earlier])[earlier].reason is CancellationReason.TIMEOUT  # SET NX: the first cancel wins
+    assert [json.loads(r)["reason"] for r in redis.lrange(cancel_requests_key(earlier), 0, -1)] == \
+        ["timeout", "user_requested"]  # both requests on record
