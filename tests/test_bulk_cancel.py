@@ -150,3 +150,30 @@ def test_cancel_many_writes_each_token_as_a_single_cancel_would_and_the_first_ca
     assert store.read([earlier])[earlier].reason is CancellationReason.TIMEOUT  # SET NX: the first cancel wins
     assert [json.loads(r)["reason"] for r in redis.lrange(cancel_requests_key(earlier), 0, -1)] == \
         ["timeout", "user_requested"]  # both requests on record
+
+
+def test_one_bulk_update_keeps_each_pipelines_resumable_policy(database):
+    import uuid
+
+    from db import jobs as job_rows
+    from tasks import lifecycle
+    from tasks.cancellation import CancelRequest
+    from tasks.policy import resumable
+
+    pipelines = ["documents", "user-requeue", "documents", "user-requeue", "not-registered"]
+    ids = [str(uuid.uuid4()) for _ in pipelines]
+    with session_scope() as session:
+        job_rows.create_jobs(session, [{"id": job_id, "inputs": ["x"], "options": {}, "pipeline": pipeline}
+                                       for job_id, pipeline in zip(ids, pipelines)])
+    request = CancelRequest(CancellationReason.RESOURCE_LIMIT, "too big", None)
+    with session_scope() as session:
+        assert sorted(lifecycle.cancel_queued(session, ids, request)) == sorted(ids)
+    with session_scope() as session:
+        rows = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+    assert [rows[job_id].resumable for job_id in ids] == \
+        [resumable(pipeline, CancellationReason.RESOURCE_LIMIT) for pipeline in pipelines] == \
+        [False, True, False, True, False]
+    assert {rows[job_id].status for job_id in ids} == {"cancelled"}
+    assert {rows[job_id].cancellation_reason for job_id in ids} == {"resource_limit"}
+    with session_scope() as session:  # a second pass changes nothing: only pending rows move
+        assert lifecycle.cancel_queued(session, ids, request) == []
