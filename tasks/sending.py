@@ -16,7 +16,9 @@ __all__ = ["ENQUEUE_CHUNK", "enqueue", "enqueue_many", "job_signature", "task_ro
 def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) -> None:
     """Send the pipeline task for a job whose row is committed (the worker must find it)."""
     with app.producer_or_acquire() as producer:
-        with producer.connection._reraise_as_library_errors():
+        # the message and its task-sent event in one round trip (kombu's publish batch; other
+        # transports publish at once, as send_task does)
+        with producer.connection._reraise_as_library_errors(), producer.batch(max_size=16):
             _publish(producer, *_message(job_id, options or {}, queue))
 
 
