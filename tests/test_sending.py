@@ -76,3 +76,37 @@ def _drain(*queues: str | None) -> None:
     from tasks.process import get_redis
 
     get_redis().delete(*(q or app.conf.task_default_queue for q in queues))
+
+
+def test_a_batch_whose_broker_is_away_leaves_no_job_pending(database):
+    """The rows commit before any message is sent; when the broker can't take them, every job whose
+    message didn't go ends ``failed`` with the reason — none stays ``pending`` with no message."""
+    import os
+    import subprocess
+    import sys
+
+    from sqlalchemy import select
+
+    from api.supervisor import free_port
+    from db import jobs as job_rows
+    from db.models import Job
+    from db.session import session_scope
+
+    tag = f"broker-away-{uuid.uuid4().hex[:8]}"
+    code = ("import json, sys\n"
+            "from api import service\n"
+            "from api.schemas import SubmitRequest\n"
+            "from tasks.errors import BrokerUnavailable\n"
+            f"bodies = [SubmitRequest(documents=['One.'], tags=[{tag!r}]) for _ in range(30)]\n"
+            "try:\n"
+            "    service.submit_batch(bodies)\n"
+            "except BrokerUnavailable as exc:\n"
+            "    print('unavailable:', exc)\n")
+    env = {**os.environ, "ANDON_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}  # nothing listens there
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "unavailable: could not enqueue 30 of 30 jobs" in done.stdout, done.stdout + done.stderr
+    with session_scope() as session:
+        rows = session.execute(select(Job.status, Job.error).where(job_rows.tagged(tag))).all()
+    assert len(rows) == 30
+    assert {status for status, _ in rows} == {"failed"}
+    assert all(error.startswith("could not enqueue") for _, error in rows)
