@@ -131,6 +131,11 @@ def enqueue_many(jobs: list[tuple[str, dict | None, str | None]], sent: list[str
     declared: set[str | None] = set()
     templates = _Templates()
     with app.producer_or_acquire() as producer:
+        # Buffered publishes touch no socket once their queue is declared, so kombu's retry wrapper
+        # (connection.ensure) has nothing to retry there — a fifth of the CPU per message. The
+        # flush is never retried (kombu/transport/redis.py: delivery would be uncertain); a broker
+        # error there fails the chunk. Unbuffered transports keep Celery's retry on every message.
+        buffered = producer.supports_batch_publish
         with producer.connection._reraise_as_library_errors():
             for start in range(0, len(jobs), ENQUEUE_CHUNK):
                 chunk = jobs[start:start + ENQUEUE_CHUNK]
@@ -138,6 +143,9 @@ def enqueue_many(jobs: list[tuple[str, dict | None, str | None]], sent: list[str
                 with producer.batch(max_size=4 * len(chunk) + 16):
                     for job_id, options, queue in chunk:
                         message, route = templates.message(job_id, options or {}, queue)
-                        _publish(producer, message, route, [] if queue in declared else None)
-                        declared.add(queue)
+                        if queue not in declared:
+                            _publish(producer, message, route)
+                            declared.add(queue)
+                        else:
+                            _publish(producer, message, {**route, "retry": False} if buffered else route, [])
                 sent.extend(job_id for job_id, _, _ in chunk)
