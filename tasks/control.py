@@ -23,7 +23,7 @@ from tasks.cancellation import CancelRequest
 from tasks.cancellation.keys import lost_key, lost_run_key
 from tasks.errors import AndonError, InvalidJobId
 from tasks.paths import job_scratch_dir, remove_tree
-from tasks.policy import NEVER_AUTOMATIC
+from tasks.policy import FINAL, NEVER_AUTOMATIC, RESUMABLE, policy_for
 from tasks.process import get_store
 from tasks.sending import enqueue
 
@@ -274,8 +274,13 @@ def cancel_matching(
     if tenant is not None:
         filters.append(Job.tenant == tenant)
     with session_scope() as session:
-        rows = session.execute(select(Job.id, Job.status).where(*filters)).all()
-    queued = [job_id for job_id, s in rows if s == JobStatus.PENDING.value]
+        rows = session.execute(select(Job.id, Job.status, Job.pipeline).where(*filters)).all()
+    queued = [job_id for job_id, s, _ in rows if s == JobStatus.PENDING.value]
+    # the jobs a policy may resume once cancelled: only pipelines whose policy for this reason acts
+    # (a bulk `timeout` of 100,000 jobs is not 100,000 policy look-ups, one transaction each)
+    acting = {pipeline for pipeline in {pipeline for _, _, pipeline in rows} if reason not in NEVER_AUTOMATIC
+              and policy_for(pipeline)[reason] not in (FINAL, RESUMABLE)}
+    may_resume = {job_id for job_id, _, pipeline in rows if pipeline in acting}
     request = CancelRequest(reason, message, source)
     detail = {"message": message, "bulk": True}
     cancelled: list[str] = []
@@ -293,8 +298,8 @@ def cancel_matching(
             cancelled += ended
             if ended:
                 tokens.append(redis_writer.submit(get_store().cancel_many, ended, reason, message, source))
-            if reason not in NEVER_AUTOMATIC:  # only then may a policy resume any of them
-                for job_id in ended:
+            for job_id in ended:
+                if job_id in may_resume:
                     act_after_cancel(job_id)
     for future in tokens:
         try:
@@ -305,7 +310,7 @@ def cancel_matching(
             log.warning("bulk cancel of queued jobs recorded in the database only (Redis: %s)", exc)
     cancelling = 0
     ended_in_bulk = set(cancelled)
-    for job_id, _ in rows:
+    for job_id, _, _ in rows:
         if job_id in ended_in_bulk:
             continue
         try:

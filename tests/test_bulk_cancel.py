@@ -177,3 +177,23 @@ def test_one_bulk_update_keeps_each_pipelines_resumable_policy(database):
     assert {rows[job_id].cancellation_reason for job_id in ids} == {"resource_limit"}
     with session_scope() as session:  # a second pass changes nothing: only pending rows move
         assert lifecycle.cancel_queued(session, ids, request) == []
+
+
+def test_bulk_cancel_resumes_only_the_jobs_whose_policy_resumes_them(database):
+    import uuid
+
+    from tasks.process import get_redis
+
+    queue, tag = f"q-none-{uuid.uuid4().hex[:8]}", f"policy-{uuid.uuid4().hex[:8]}"  # no worker: they stay queued
+    auto = [service.submit_job(["a", "b"], pipeline="user-autoresume", queue=queue, tags=[tag]).job_id for _ in range(3)]
+    plain = [service.submit_job(["One."], queue=queue, tags=[tag]).job_id for _ in range(2)]
+    try:
+        outcome = service.cancel_matching(JobStatus.PENDING, tag=tag, reason=CancellationReason.TIMEOUT)
+        assert outcome.cancelled == 5
+        with session_scope() as session:
+            jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(auto + plain)))}
+        assert all(jobs[job_id].resumed_by for job_id in auto)  # timeout → auto_resume for this pipeline
+        assert not any(jobs[job_id].resumed_by for job_id in plain)  # the documents pipeline: resumable only
+        assert all(jobs[job_id].status == "cancelled" and jobs[job_id].resumable for job_id in auto + plain)
+    finally:
+        get_redis().delete(queue)
