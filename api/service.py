@@ -247,14 +247,15 @@ def submit_batch(bodies: list[SubmitRequest], actor: str | None = None,
         raise InvalidInput([{"loc": ["body", "jobs"], "msg": f"at most {MAX_BATCH} jobs", "type": "too_long"}])
     jobs: list[dict[str, Any]] = []
     for i, body in enumerate(bodies):
-        for name in ("supersede_key", "callback_url"):  # per-job serialization and webhooks: single submits
-            if getattr(body, name, None) is not None:
-                raise InvalidInput([{"loc": ["body", "jobs", i, name], "type": "value_error",
-                                     "msg": f"{name} is not taken in a batch; submit that job on its own"}])
+        if body.supersede_key is not None:  # submits with one key are serialized: single submits only
+            raise InvalidInput([{"loc": ["body", "jobs", i, "supersede_key"], "type": "value_error",
+                                 "msg": "supersede_key is not taken in a batch; submit that job on its own"}])
         items, field = body.inputs
         try:
             submission = check_submission(body.pipeline, items, body.options, items_field=field)
             tags = check_tags(body.tags)
+            if body.callback_url is not None:
+                check_callback_url(body.callback_url)
         except InvalidInput as exc:
             raise InvalidInput([{**e, "loc": ["body", "jobs", i, *list(e["loc"])[1:]]} for e in exc.errors]) from None
         except AndonError as exc:  # an unknown pipeline, a bad tag: name the job it came from
@@ -262,7 +263,7 @@ def submit_batch(bodies: list[SubmitRequest], actor: str | None = None,
         jobs.append({"id": str(uuid.uuid4()), "inputs": submission.items, "options": submission.options,
                      "pipeline": submission.pipeline.name, "queue": submission.pipeline.queue,
                      "deadline_s": body.deadline_s, "parent_job_id": body.parent_job_id, "tenant": tenant,
-                     "tags": tags})
+                     "tags": tags, "callback_url": body.callback_url})
     parents = {job["parent_job_id"] for job in jobs if job["parent_job_id"] is not None}
     with session_scope() as session:
         parent_status = _parent_statuses(session, parents, tenant)
