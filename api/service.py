@@ -129,9 +129,10 @@ def submit_job(
             parent_status = JobStatus(parent.status)
         deferred = parent_status is not None and not parent_status.is_terminal
         superseded = supersede.claim(session, tenant, supersede_key, job_id) if supersede_key else []
-        job_rows.create_job(session, job_id, submission.items, options, pipeline=submission.pipeline.name, queue=queue,
-                            deadline_s=deadline_s, parent_job_id=parent_job_id, deferred=deferred, tenant=tenant,
-                            tags=tags, actor=actor, supersede_key=supersede_key, callback_url=callback_url)
+        job_rows.create_jobs(session, [{
+            "id": job_id, "inputs": submission.items, "options": options, "pipeline": submission.pipeline.name,
+            "queue": queue, "deadline_s": deadline_s, "parent_job_id": parent_job_id, "deferred": deferred,
+            "tenant": tenant, "tags": tags, "supersede_key": supersede_key, "callback_url": callback_url}], actor=actor)
     _supersede(superseded, job_id, actor)
     if parent_status is not None and parent_status is not JobStatus.COMPLETED:
         if parent_status.is_terminal:  # the parent already failed or was cancelled: never run
@@ -246,14 +247,15 @@ def submit_batch(bodies: list[SubmitRequest], actor: str | None = None,
         raise InvalidInput([{"loc": ["body", "jobs"], "msg": f"at most {MAX_BATCH} jobs", "type": "too_long"}])
     jobs: list[dict[str, Any]] = []
     for i, body in enumerate(bodies):
-        for name in ("supersede_key", "callback_url"):  # per-job serialization and webhooks: single submits
-            if getattr(body, name, None) is not None:
-                raise InvalidInput([{"loc": ["body", "jobs", i, name], "type": "value_error",
-                                     "msg": f"{name} is not taken in a batch; submit that job on its own"}])
+        if body.supersede_key is not None:  # submits with one key are serialized: single submits only
+            raise InvalidInput([{"loc": ["body", "jobs", i, "supersede_key"], "type": "value_error",
+                                 "msg": "supersede_key is not taken in a batch; submit that job on its own"}])
         items, field = body.inputs
         try:
             submission = check_submission(body.pipeline, items, body.options, items_field=field)
             tags = check_tags(body.tags)
+            if body.callback_url is not None:
+                check_callback_url(body.callback_url)
         except InvalidInput as exc:
             raise InvalidInput([{**e, "loc": ["body", "jobs", i, *list(e["loc"])[1:]]} for e in exc.errors]) from None
         except AndonError as exc:  # an unknown pipeline, a bad tag: name the job it came from
@@ -261,7 +263,7 @@ def submit_batch(bodies: list[SubmitRequest], actor: str | None = None,
         jobs.append({"id": str(uuid.uuid4()), "inputs": submission.items, "options": submission.options,
                      "pipeline": submission.pipeline.name, "queue": submission.pipeline.queue,
                      "deadline_s": body.deadline_s, "parent_job_id": body.parent_job_id, "tenant": tenant,
-                     "tags": tags})
+                     "tags": tags, "callback_url": body.callback_url})
     parents = {job["parent_job_id"] for job in jobs if job["parent_job_id"] is not None}
     with session_scope() as session:
         parent_status = _parent_statuses(session, parents, tenant)
@@ -272,14 +274,16 @@ def submit_batch(bodies: list[SubmitRequest], actor: str | None = None,
                                      "msg": f"parent job {parent} not found"}])
             job["deferred"] = parent is not None and not parent_status[parent].is_terminal
         job_rows.create_jobs(session, jobs, actor=actor)
-    waiting = [job for job in jobs if job["parent_job_id"] is not None
-               and parent_status[job["parent_job_id"]] is not JobStatus.COMPLETED]
+    waiting, ready = [], []  # (a job dict compares by value: split once, never ``job in waiting``)
+    for job in jobs:
+        parent = job["parent_job_id"]
+        (waiting if parent is not None and parent_status[parent] is not JobStatus.COMPLETED else ready).append(job)
     sent: list[str] = []
     try:
-        enqueue_many([(job["id"], job["options"], job["queue"]) for job in jobs if job not in waiting], sent)
+        enqueue_many([(job["id"], job["options"], job["queue"]) for job in ready], sent)
     except Exception as exc:
         done = set(sent)
-        unsent = [job["id"] for job in jobs if job not in waiting and job["id"] not in done]
+        unsent = [job["id"] for job in ready if job["id"] not in done]
         why = " ".join(str(exc).split()) or type(exc).__name__
         for job_id in unsent:
             lifecycle.end_failed(job_id, f"could not enqueue: {why}")

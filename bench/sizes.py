@@ -30,6 +30,8 @@ class Sizes:
     ui_loads: int = 10
     batch_jobs: int = 10_000  # jobs in one POST /api/jobs/batch
     batch_rounds: int = 3
+    single_submits: int = 300  # one POST /api/jobs each, timed one by one (p99 and the baseline rate)
+    bulk_jobs_large: int = 100_000  # the large bulk cancel (full size only: not in --quick)
     scale_rows: int = 50_000  # rows in the jobs table for the list and /metrics figures (bench-scale: 1,000,000)
     scale_requests: int = 50  # timed requests per list filter, and of /metrics
     memory_jobs: int = 100  # jobs running at once in-process for andon's memory per job
@@ -41,8 +43,8 @@ class Sizes:
         return cls(check_number=200_000, net_number=1_000, repeat=3, cancels=40, abortable_cancels=20,
                    slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, bulk_jobs=1_000,
                    drain_timeout_s=60.0, breakdown_items=50, async_cancels=8, ui_loads=3,
-                   batch_jobs=2_000, batch_rounds=2, scale_rows=12_000, scale_requests=20,
-                   memory_jobs=10, memory_async_jobs=1, rss_jobs=100)
+                   batch_jobs=2_000, batch_rounds=2, scale_rows=12_000, scale_requests=20, single_submits=50,
+                   bulk_jobs_large=0, memory_jobs=10, memory_async_jobs=1, rss_jobs=100)
 
 
 GOAL_CHECK_RATIO = 100.0
@@ -51,7 +53,9 @@ GOAL_OBSERVE_P99_MS = 10.0
 GOAL_TERMINAL_P99_MS = 50.0
 GOAL_SLOW_RATIO = 0.98
 GOAL_NOOP_RATIO = 0.5
-GOAL_BULK_S = 2.0
+GOAL_BULK_S = 0.5
+GOAL_BULK_LARGE_S = 5.0  # 100,000 queued jobs
+GOAL_SUBMIT_P99_MS = 10.0  # one POST /api/jobs
 GOAL_UI_LOAD_S = 1.0
 GOAL_BATCH_JOBS_S = 5_000
 GOAL_SCALE_P99_MS = 50.0

@@ -6,6 +6,7 @@ Like rq's ``send_stop_job_command``: one function to request a cancel, whoever a
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -22,7 +23,7 @@ from tasks.cancellation import CancelRequest
 from tasks.cancellation.keys import lost_key, lost_run_key
 from tasks.errors import AndonError, InvalidJobId
 from tasks.paths import job_scratch_dir, remove_tree
-from tasks.policy import NEVER_AUTOMATIC
+from tasks.policy import FINAL, NEVER_AUTOMATIC, RESUMABLE, policy_for
 from tasks.process import get_store
 from tasks.sending import enqueue
 
@@ -256,10 +257,12 @@ def cancel_matching(
 ) -> BulkCancelOutcome:
     """Cancel every unfinished job matching a filter, in one pass.
 
-    Queued jobs go by the thousand: one conditional ``UPDATE ... RETURNING`` per batch (only rows
-    still ``pending`` change, so a job a worker just started is left to the per-job path), one bulk
-    insert of their events, one pipelined Redis round trip for their tokens. Running jobs, usually
-    few, each get :func:`request_cancel`.
+    Queued jobs go by the thousand: one transaction each with one conditional ``UPDATE ...
+    RETURNING`` (only rows still ``pending`` change, so a job a worker just started is left to the
+    per-job path) and one multi-row insert of their events; then their tokens, a thousand per Redis
+    call, written by a helper thread while the next thousand's rows are written (each batch's tokens
+    still after its rows commit; all of them before this returns). Running jobs, usually few, each
+    get :func:`request_cancel`.
     """
     filters = [Job.status.not_in([s.value for s in TERMINAL_STATUSES])]
     if status is not None:
@@ -271,32 +274,43 @@ def cancel_matching(
     if tenant is not None:
         filters.append(Job.tenant == tenant)
     with session_scope() as session:
-        rows = session.execute(select(Job.id, Job.status).where(*filters)).all()
-    queued = [job_id for job_id, s in rows if s == JobStatus.PENDING.value]
+        rows = session.execute(select(Job.id, Job.status, Job.pipeline).where(*filters)).all()
+    queued = [job_id for job_id, s, _ in rows if s == JobStatus.PENDING.value]
+    # the jobs a policy may resume once cancelled: only pipelines whose policy for this reason acts
+    # (a bulk `timeout` of 100,000 jobs is not 100,000 policy look-ups, one transaction each)
+    acting = {pipeline for pipeline in {pipeline for _, _, pipeline in rows} if reason not in NEVER_AUTOMATIC
+              and policy_for(pipeline)[reason] not in (FINAL, RESUMABLE)}
+    may_resume = {job_id for job_id, _, pipeline in rows if pipeline in acting}
     request = CancelRequest(reason, message, source)
+    detail = {"message": message, "bulk": True}
     cancelled: list[str] = []
-    for start in range(0, len(queued), batch):
-        chunk = queued[start:start + batch]
-        with session_scope() as session:
-            ended = lifecycle.cancel_queued(session, chunk, request)
-            job_rows.add_events(session, [
-                {"job_id": job_id, "kind": kind.value, "reason": reason.value, "source": source.value,
-                 "actor": actor, "detail": {"message": message, "bulk": True}, "at": request.at}
-                for job_id in ended for kind in (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED)
-            ])
-        cancelled += ended
-        if reason not in NEVER_AUTOMATIC:  # only then may a policy resume any of them
+    tokens: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="andon-bulk-tokens") as redis_writer:
+        for start in range(0, len(queued), batch):
+            chunk = queued[start:start + batch]
+            with session_scope() as session:
+                ended = lifecycle.cancel_queued(session, chunk, request)
+                job_rows.add_events(session, [
+                    {"job_id": job_id, "kind": kind, "reason": reason.value, "source": source.value,
+                     "actor": actor, "detail": detail, "at": request.at}
+                    for job_id in ended for kind in (EventKind.CANCEL_REQUESTED.value, EventKind.CANCELLED.value)
+                ])
+            cancelled += ended
+            if ended:
+                tokens.append(redis_writer.submit(get_store().cancel_many, ended, reason, message, source))
             for job_id in ended:
-                act_after_cancel(job_id)
+                if job_id in may_resume:
+                    act_after_cancel(job_id)
+    for future in tokens:
         try:
-            get_store().cancel_many(ended, reason, message, source)
+            future.result()
         except RedisError as exc:
             # the rows are committed, and they are the durable copy of each cancel (a worker's
             # reconcile reads them): finish the pass rather than fail the request half-done
-            log.warning("bulk cancel of %d queued job(s) recorded in the database only (Redis: %s)", len(ended), exc)
+            log.warning("bulk cancel of queued jobs recorded in the database only (Redis: %s)", exc)
     cancelling = 0
     ended_in_bulk = set(cancelled)
-    for job_id, _ in rows:
+    for job_id, _, _ in rows:
         if job_id in ended_in_bulk:
             continue
         try:

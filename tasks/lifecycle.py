@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs as job_rows
@@ -194,16 +194,20 @@ def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tup
 
 def cancel_queued(session: Session, job_ids: list[str], request: CancelRequest) -> list[str]:
     """End many queued jobs ``cancelled`` in one conditional UPDATE (only rows still ``pending``
-    change, so a job a worker just started is left to the per-job path); returns the ended ids."""
+    change, so a job a worker just started is left to the per-job path); returns the ended ids.
+
+    Whether a stop is resumable is each pipeline's policy: a ``CASE`` on the pipeline column, in the
+    same statement. Core statements on the table: the ORM's bulk UPDATE path costs more than the SQL."""
+    jobs = Job.__table__
+    pipelines = session.scalars(select(jobs.c.pipeline).where(jobs.c.id.in_(job_ids)).distinct()).all()
+    policy = {pipeline: resumable(pipeline, request.reason) for pipeline in pipelines}
+    stop_is_resumable = (next(iter(policy.values()), False) if len(set(policy.values())) <= 1
+                         else case(policy, value=jobs.c.pipeline, else_=False))
     values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at, "cancelled_at_item": 0,
-              "status": JobStatus.CANCELLED.value, "finished_at": request.at}
-    ended: list[str] = []
-    pipelines = session.execute(select(Job.pipeline).where(Job.id.in_(job_ids)).distinct()).scalars().all()
-    for pipeline in pipelines:  # usually one: whether a stop is resumable is the pipeline's policy
-        ended += session.scalars(
-            update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.PENDING.value, Job.pipeline == pipeline)
-            .values(**values, resumable=resumable(pipeline, request.reason))
-            .returning(Job.id).execution_options(synchronize_session=False))
+              "status": JobStatus.CANCELLED.value, "finished_at": request.at, "resumable": stop_is_resumable}
+    ended = list(session.scalars(
+        update(jobs).where(jobs.c.id.in_(job_ids), jobs.c.status == JobStatus.PENDING.value)
+        .values(**values).returning(jobs.c.id)))
     webhooks.after_commit(session, ended)
     return ended
 

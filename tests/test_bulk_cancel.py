@@ -123,3 +123,77 @@ def test_bulk_cancel_answers_202_when_redis_fails_after_the_rows_commit(api_clie
         assert job.status == "cancelled" and job.cancellation_message == "Redis is away" and job.started_at is None
     job = wait_terminal(parent)
     assert job.status == "cancelled" and job.cancellation_message == "Redis is away"
+
+
+def test_cancel_many_writes_each_token_as_a_single_cancel_would_and_the_first_cancel_still_wins(store):
+    import json
+    import uuid
+
+    from db.vocabulary import CancellationSource
+    from tasks.cancellation import CancelRequest
+    from tasks.cancellation.keys import cancel_key, cancel_requests_key
+    from tasks.cancellation.store import CANCEL_MANY_CHUNK
+
+    redis = store.redis
+    ids = [str(uuid.uuid4()) for _ in range(CANCEL_MANY_CHUNK + 7)] + ['odd "id" \\ é']
+    earlier = ids[3]
+    store.cancel(earlier, CancellationReason.TIMEOUT, "first", CancellationSource.DEADLINE)
+    store.cancel_many(ids, CancellationReason.USER_REQUESTED, 'bulk "quoted"', CancellationSource.API)
+    for job_id in (ids[0], ids[CANCEL_MANY_CHUNK], ids[-1]):
+        raw = redis.get(cancel_key(job_id))
+        token = json.loads(raw)
+        assert token["job_id"] == job_id and token["reason"] == "user_requested" and token["message"] == 'bulk "quoted"'
+        request = CancelRequest.from_json(token)
+        assert (raw.decode() if isinstance(raw, bytes) else raw) == json.dumps(request.to_json(job_id))
+        assert [json.loads(r)["job_id"] for r in redis.lrange(cancel_requests_key(job_id), 0, -1)] == [job_id]
+        assert 0 < redis.ttl(cancel_key(job_id)) <= store.ttl_s and 0 < redis.ttl(cancel_requests_key(job_id))
+    assert store.read([earlier])[earlier].reason is CancellationReason.TIMEOUT  # SET NX: the first cancel wins
+    assert [json.loads(r)["reason"] for r in redis.lrange(cancel_requests_key(earlier), 0, -1)] == \
+        ["timeout", "user_requested"]  # both requests on record
+
+
+def test_one_bulk_update_keeps_each_pipelines_resumable_policy(database):
+    import uuid
+
+    from db import jobs as job_rows
+    from tasks import lifecycle
+    from tasks.cancellation import CancelRequest
+    from tasks.policy import resumable
+
+    pipelines = ["documents", "user-requeue", "documents", "user-requeue", "not-registered"]
+    ids = [str(uuid.uuid4()) for _ in pipelines]
+    with session_scope() as session:
+        job_rows.create_jobs(session, [{"id": job_id, "inputs": ["x"], "options": {}, "pipeline": pipeline}
+                                       for job_id, pipeline in zip(ids, pipelines)])
+    request = CancelRequest(CancellationReason.RESOURCE_LIMIT, "too big", None)
+    with session_scope() as session:
+        assert sorted(lifecycle.cancel_queued(session, ids, request)) == sorted(ids)
+    with session_scope() as session:
+        rows = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+    assert [rows[job_id].resumable for job_id in ids] == \
+        [resumable(pipeline, CancellationReason.RESOURCE_LIMIT) for pipeline in pipelines] == \
+        [False, True, False, True, False]
+    assert {rows[job_id].status for job_id in ids} == {"cancelled"}
+    assert {rows[job_id].cancellation_reason for job_id in ids} == {"resource_limit"}
+    with session_scope() as session:  # a second pass changes nothing: only pending rows move
+        assert lifecycle.cancel_queued(session, ids, request) == []
+
+
+def test_bulk_cancel_resumes_only_the_jobs_whose_policy_resumes_them(database):
+    import uuid
+
+    from tasks.process import get_redis
+
+    queue, tag = f"q-none-{uuid.uuid4().hex[:8]}", f"policy-{uuid.uuid4().hex[:8]}"  # no worker: they stay queued
+    auto = [service.submit_job(["a", "b"], pipeline="user-autoresume", queue=queue, tags=[tag]).job_id for _ in range(3)]
+    plain = [service.submit_job(["One."], queue=queue, tags=[tag]).job_id for _ in range(2)]
+    try:
+        outcome = service.cancel_matching(JobStatus.PENDING, tag=tag, reason=CancellationReason.TIMEOUT)
+        assert outcome.cancelled == 5
+        with session_scope() as session:
+            jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(auto + plain)))}
+        assert all(jobs[job_id].resumed_by for job_id in auto)  # timeout → auto_resume for this pipeline
+        assert not any(jobs[job_id].resumed_by for job_id in plain)  # the documents pipeline: resumable only
+        assert all(jobs[job_id].status == "cancelled" and jobs[job_id].resumable for job_id in auto + plain)
+    finally:
+        get_redis().delete(queue)

@@ -278,3 +278,20 @@ def test_signature_and_backoff_are_as_documented():
     settings = Settings(webhook_backoff_s=5)
     waits = [backoff_s(n, settings) for n in range(1, 8)]
     assert all(5 * 2 ** (n - 1) * 0.5 <= w <= 5 * 2 ** (n - 1) * 1.5 for n, w in zip(range(1, 8), waits))
+
+
+def test_a_batch_takes_callback_urls_checked_as_a_single_submit_checks_them(webhooks_on, receiver, api_client):
+    r = receiver()
+    tag = f"hooks-batch-{uuid.uuid4().hex[:6]}"
+    bad = api_client.post("/api/jobs/batch", json={"jobs": [{"documents": ["One."]},
+                                                            {"documents": ["One."], "callback_url": "ftp://x/"}]})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "jobs", 1, "callback_url"]
+    answer = api_client.post("/api/jobs/batch", json={"jobs": [
+        {"documents": ["One."], "tags": [tag], "callback_url": r.url}, {"documents": ["One."], "tags": [tag]}]})
+    assert answer.status_code == 202
+    hooked, silent = answer.json()["job_ids"]
+    service.cancel_matching(tag=tag)  # whatever state they reached, each ends now or soon
+    wait_for(lambda: len(r.requests) == 1, 20, what="the batch job's webhook")
+    assert verify(r.requests[0])["job_id"] == hooked
+    time.sleep(0.5)
+    assert len(r.requests) == 1 and not attempts(silent)

@@ -26,6 +26,25 @@ if won then redis.call('PUBLISH', ARGV[3], winner) end
 return {won and 1 or 0, winner}
 """
 
+#: Many queued jobs' tokens in one call: ``SET NX`` and the request log per job, as ``_CANCEL_SCRIPT``
+#: without the publish. KEYS: the n cancel keys, then the n request-log keys; ARGV: the payload's
+#: text before and after the job id, the TTL, then the n job ids (JSON-escaped).
+_CANCEL_MANY_SCRIPT = """
+local n = #ARGV - 3
+for i = 1, n do
+  local payload = ARGV[1] .. ARGV[3 + i] .. ARGV[2]
+  redis.call('SET', KEYS[i], payload, 'NX', 'EX', ARGV[3])
+  redis.call('RPUSH', KEYS[n + i], payload)
+  redis.call('EXPIRE', KEYS[n + i], ARGV[3])
+end
+return n
+"""
+
+#: Job ids per call of ``_CANCEL_MANY_SCRIPT`` (a script blocks Redis while it runs: ~1 ms per 1,000).
+CANCEL_MANY_CHUNK = 1000
+#: The job id a payload template is made with (a uuid4 no job gets: its random bits are 0).
+_TEMPLATE_ID = "00000000-0000-4000-8000-000000000000"
+
 
 
 class CancellationStore:
@@ -35,6 +54,7 @@ class CancellationStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._cancel = client.register_script(_CANCEL_SCRIPT)
+        self._cancel_many = client.register_script(_CANCEL_MANY_SCRIPT)
         self.channel = cancellations_channel(client.connection_pool.connection_kwargs.get("db", 0))
 
     def cancel(
@@ -64,18 +84,23 @@ class CancellationStore:
     def cancel_many(
         self, job_ids: list[str], reason: CancellationReason, message: str | None, source: CancellationSource
     ) -> None:
-        """Cancel many *queued* jobs in one pipelined round trip, first cancel still winning.
+        """Cancel many *queued* jobs in one pipelined round trip, first cancel still winning
+        (``_CANCEL_MANY_SCRIPT``, a thousand jobs per call).
 
         Nothing is published: no worker watches a job that hasn't started, and it reads the state
         when it does start (and the row is already ``cancelled``).
         """
         request = CancelRequest(reason=reason, message=message, source=source)
+        # each job's payload is json.dumps(request.to_json(job_id)), put together in the script: what
+        # costs here is redis-py packing three commands per job, not Redis running them
+        before, _, after = json.dumps(request.to_json(_TEMPLATE_ID)).partition(json.dumps(_TEMPLATE_ID))
+        before, after = before + '"', '"' + after
         with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                payload = json.dumps(request.to_json(job_id))
-                pipe.set(cancel_key(job_id), payload, nx=True, ex=self.ttl_s)
-                pipe.rpush(cancel_requests_key(job_id), payload)
-                pipe.expire(cancel_requests_key(job_id), self.ttl_s)
+            for start in range(0, len(job_ids), CANCEL_MANY_CHUNK):
+                chunk = job_ids[start:start + CANCEL_MANY_CHUNK]
+                self._cancel_many(keys=[cancel_key(j) for j in chunk] + [cancel_requests_key(j) for j in chunk],
+                                  args=[before, after, self.ttl_s, *(json.dumps(j)[1:-1] for j in chunk)],
+                                  client=pipe)
             pipe.execute()
 
     def read(self, job_ids: list[str]) -> dict[str, CancelRequest]:
