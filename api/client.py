@@ -376,8 +376,8 @@ class AndonClient:
                            "message": message})
         return BulkCancelled.model_validate(self._send(_Call("POST", "/api/jobs/cancel", body=body)).json())
 
-    def results(self, job_id: str, *, page_size: int | None = None) -> PartialResults:
-        """Every item's partial result, page after page (the API sends at most 1,000 items a page)."""
+    def results(self, job_id: str, *, page_size: int = 1000) -> PartialResults:
+        """Every item's partial result, joined from pages of ``page_size`` items (the API's most)."""
         pages, cursor = [], None
         while True:
             response = self._send(_Call("GET", f"/api/jobs/{job_id}/partial-results",
@@ -529,7 +529,7 @@ class AsyncAndonClient:
                            "message": message})
         return BulkCancelled.model_validate((await self._send(_Call("POST", "/api/jobs/cancel", body=body))).json())
 
-    async def results(self, job_id: str, *, page_size: int | None = None) -> PartialResults:
+    async def results(self, job_id: str, *, page_size: int = 1000) -> PartialResults:
         pages, cursor = [], None
         while True:
             response = await self._send(_Call("GET", f"/api/jobs/{job_id}/partial-results",

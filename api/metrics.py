@@ -32,7 +32,7 @@ from itertools import accumulate
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 from redis.exceptions import RedisError
-from sqlalchemy import func, select, union_all
+from sqlalchemy import case, func, literal, select, union_all
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import Job, JobItem, utcnow
@@ -51,6 +51,7 @@ TOKENS_EVERY_S = 30.0
 _TERMINAL = [s.value for s in TERMINAL_STATUSES]
 _UNFINISHED = [s.value for s in JobStatus if s not in TERMINAL_STATUSES]
 _MOMENTS = (Job.cancel_requested_at, Job.cancel_observed_at, Job.finished_at)
+_CANCELLED = (Job.status == JobStatus.CANCELLED.value, Job.cancel_observed_at.is_not(None))
 
 
 class _Buckets:
@@ -162,31 +163,44 @@ class JobMetrics(Collector):
         return family
 
     def _read(self) -> tuple[list, list]:
-        """The job counts by (status, reason), and the cancelled jobs that ended after the watermark."""
+        """The job counts by (status, reason), and the cancelled jobs that ended after the watermark.
+
+        Two statements a scrape, whatever the table's size: the counts of what isn't settled (and of
+        what settled since the last scrape), and the cancel moments of the jobs that ended since."""
         deletions = _deletions(self._deletions)
         settle_to = utcnow() - timedelta(seconds=SETTLE_S)
-        ended = Job.status.in_(_TERMINAL)
-        cancelled = (Job.status == JobStatus.CANCELLED.value, Job.cancel_observed_at.is_not(None))
         with self._lock, session_scope() as session:
             if self._through is None or deletions != self._deletions:
                 self._settled = _count_settled(session, settle_to)
                 self._sample = _LatencySample()
                 self._sample.add(reversed(session.execute(
-                    select(*_MOMENTS).where(*cancelled, Job.finished_at <= settle_to)
+                    select(*_MOMENTS).where(*_CANCELLED, Job.finished_at <= settle_to)
                     .order_by(Job.finished_at.desc(), Job.id.desc()).limit(SAMPLE)).all()))
                 self._through, self._deletions = settle_to, deletions
-            elif settle_to > self._through:
-                window = (Job.finished_at > self._through, Job.finished_at <= settle_to)
-                self._settled.update(_count(session, ended, *window))
-                self._sample.add(session.execute(
-                    select(*_MOMENTS).where(*cancelled, *window).order_by(Job.finished_at, Job.id)).all())
-                self._through = settle_to
-            counts = Counter(self._settled)
-            counts.update(_count(session, ended, Job.finished_at > self._through))
-            counts.update(_count(session, ended, Job.finished_at.is_(None)))
-            counts.update(_count(session, Job.status.in_(_UNFINISHED)))
-            recent = session.execute(select(*_MOMENTS).where(*cancelled, Job.finished_at > self._through)).all()
+            through, settle_to = self._through, max(self._through, settle_to)
+            counts, settled = Counter(), Counter()
+            for status, reason, n, is_settled in session.execute(_unsettled_counts(through, settle_to)):
+                (settled if is_settled else counts)[(status, reason)] += n
+            moments = session.execute(select(*_MOMENTS).where(*_CANCELLED, Job.finished_at > through)
+                                      .order_by(Job.finished_at, Job.id)).all()
+            # both read: the watermark moves on (a failed read leaves it where it was)
+            self._settled.update(settled)
+            self._sample.add(row for row in moments if row[2] <= settle_to)
+            self._through = settle_to
+            counts.update(self._settled)
+        recent = [row for row in moments if row[2] > settle_to]
         return [(status, reason, n) for (status, reason), n in sorted(counts.items(), key=str) if n > 0], recent
+
+
+def _unsettled_counts(through: datetime, settle_to: datetime):
+    """One statement: jobs by (status, reason, settled) that ended after ``through`` (settled: by
+    ``settle_to``), ended without a ``finished_at``, or haven't ended — each part an index-only scan."""
+    ended, by = Job.status.in_(_TERMINAL), (Job.status, Job.cancellation_reason)
+    settled = case((Job.finished_at <= settle_to, 1), else_=0)
+    return union_all(
+        select(*by, func.count(), settled).where(ended, Job.finished_at > through).group_by(*by, settled),
+        select(*by, func.count(), literal(0)).where(ended, Job.finished_at.is_(None)).group_by(*by),
+        select(*by, func.count(), literal(0)).where(Job.status.in_(_UNFINISHED)).group_by(*by))
 
 
 def _count_settled(session, settle_to: datetime) -> Counter[tuple[str, str | None]]:
@@ -203,12 +217,6 @@ def _count_settled(session, settle_to: datetime) -> Counter[tuple[str, str | Non
     for status, reason, n in session.execute(query):
         settled[(status, reason)] += n
     return +settled
-
-
-def _count(session, *where) -> Counter[tuple[str, str | None]]:
-    query = select(Job.status, Job.cancellation_reason, func.count()).where(*where)
-    return Counter({(status, reason): n for status, reason, n in
-                    session.execute(query.group_by(Job.status, Job.cancellation_reason))})
 
 
 def _deletions(last: bytes | None) -> bytes | None:

@@ -429,6 +429,7 @@ class JobFilter:
         return (JobTag.created_at, JobTag.job_id) if self.tag is not None else (Job.created_at, Job.id)
 
 
+#: What a list reads: what showing a job reads, and the page's tags in one more query.
 _LISTED = (*_SHOWN, selectinload(Job.tag_rows))
 
 
@@ -457,6 +458,7 @@ def count_jobs(which: JobFilter, tenant: str | None = None) -> int:
 
 
 def _job_key(created_at: Any) -> datetime:
+    """The ``created_at`` of a list cursor (TypeError or ValueError if it isn't one)."""
     return datetime.fromisoformat(created_at)
 
 
@@ -507,8 +509,10 @@ def resume_job(job_id: str, force: bool = False, actor: str | None = None,
 
 
 #: Items per page of partial results, by default and at most: a page is one index range scan
-#: (``uq_job_items_job_index``) and its answer stays small, however many items the job has.
-RESULTS_PAGE = 1000
+#: (``uq_job_items_job_index``) and its answer stays small (≈ 20 KiB of the built-in pipeline's
+#: results by default), however many items the job has.
+RESULTS_PAGE = 100
+MAX_RESULTS_PAGE = 1000
 
 
 def partial_results(job_id: str, tenant: str | None = None) -> PartialResultView:

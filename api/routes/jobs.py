@@ -161,7 +161,7 @@ def partial_results(
     caller: ReaderDep,
     request: Request,
     response: Response,
-    limit: Annotated[int, Query(ge=1, le=service.RESULTS_PAGE, description="items per page")] = service.RESULTS_PAGE,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_RESULTS_PAGE, description="items per page")] = service.RESULTS_PAGE,
     cursor: CursorQuery = None,
 ) -> PartialResultView:
     """What the job finished, in item order, and what was in flight, `limit` items a page; the
