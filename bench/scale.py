@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from bench.report import Report, Row, p50_p99_ms, say
 from bench.sizes import GOAL_BATCH_JOBS_S, GOAL_SCALE_P99_MS, GOAL_SUBMIT_P99_MS, Sizes, documents
@@ -118,11 +118,19 @@ def bench_batch_submit(sizes: Sizes, report: Report) -> None:
     report.extra["batch"] = {"jobs": n, "times_s": times, "cpu_s": cpu, "single_ms": [t * 1e3 for t in singles]}
 
 
+_FILL_COLUMNS = ("id", "tenant", "status", "pipeline", "documents", "options", "total_items", "completed_items",
+                 "failed_items", "cancellation_reason", "resumable", "deferred", "fence", "created_at",
+                 "finished_at", "cancel_requested_at", "cancel_observed_at")
+
+
 def fill(rows: int, chunk: int = 20_000) -> float:
     """Top the jobs table up to ``rows`` rows, the way a long-lived installation looks: mostly ended
     (a third cancelled, for every reason), a few pending; five tenants (one tiny), tags on one job in
-    ten. Multi-row inserts (executemany) in big transactions, with a large page cache for the fill's
-    connection only: the table's unique ids land all over its index. Returns seconds."""
+    ten. Returns seconds.
+
+    Multi-row inserts in big transactions. On SQLite the rows go straight to the driver's
+    ``executemany`` as the text SQLAlchemy would store (its per-value processing was most of the
+    time), with a large page cache for this connection only (the ids land all over their index)."""
     from sqlalchemy import func, insert, select
 
     from db.models import Job, JobTag, utcnow
@@ -132,37 +140,49 @@ def fill(rows: int, chunk: int = 20_000) -> float:
     engine = get_engine()
     with engine.connect() as conn:
         have = conn.scalar(select(func.count()).select_from(Job))
+    sqlite = engine.dialect.name == "sqlite"
     reasons = [r.value for r in CancellationReason]
-    start = utcnow() - timedelta(days=60)
+    start = (utcnow() - timedelta(days=60)).replace(tzinfo=None)
+    doc, options = documents(1), {}
+    if sqlite:  # the stored forms: JSON text, naive UTC datetimes, booleans as 0/1
+        doc, options = json.dumps(doc), json.dumps(options)
+
+    def when(moment):
+        if moment is None or not sqlite:
+            return moment if moment is None else moment.replace(tzinfo=UTC)
+        return moment.isoformat(" ", "microseconds")
+
+    def job_row(i: int) -> tuple:
+        kind = i % 100
+        status = "pending" if kind == 99 else ("cancelled", "completed", "failed")[kind % 3]
+        created = start + timedelta(seconds=i * 0.5)
+        cancelled = status == "cancelled"
+        return (str(uuid.uuid4()), _tenant(i), status, "documents" if i % 4 else "other", doc, options, 1, 0, 0,
+                reasons[i % len(reasons)] if cancelled else None, False, False, 0, when(created),
+                None if status == "pending" else when(created + timedelta(seconds=2)),
+                when(created) if cancelled else None,
+                when(created + timedelta(milliseconds=3)) if cancelled else None)
+
     t0 = time.perf_counter()
-    doc = documents(1)
+    jobs_sql = f"INSERT INTO jobs ({', '.join(_FILL_COLUMNS)}) VALUES ({', '.join('?' * len(_FILL_COLUMNS))})"
     with engine.connect() as conn:
-        sqlite = conn.dialect.name == "sqlite"
         if sqlite:
             conn.exec_driver_sql("PRAGMA cache_size=-400000")  # 400 MB, this connection only
             conn.commit()
         for base in range(have, rows, chunk):
-            jobs, tags = [], []
-            for i in range(base, min(rows, base + chunk)):
-                kind = i % 100
-                status = "pending" if kind == 99 else ("cancelled", "completed", "failed")[kind % 3]
-                created = start + timedelta(seconds=i * 0.5)
-                job_id = str(uuid.uuid4())
-                jobs.append({"id": job_id, "tenant": _tenant(i), "status": status,
-                             "pipeline": "documents" if i % 4 else "other", "documents": doc, "options": {},
-                             "total_items": 1, "completed_items": 0, "failed_items": 0,
-                             "cancellation_reason": reasons[i % len(reasons)] if status == "cancelled" else None,
-                             "resumable": False, "deferred": False, "fence": 0, "created_at": created,
-                             "finished_at": None if status == "pending" else created + timedelta(seconds=2),
-                             "cancel_requested_at": created if status == "cancelled" else None,
-                             "cancel_observed_at": created + timedelta(milliseconds=3) if status == "cancelled"
-                             else None})
-                if i % 10 == 0:
-                    tags.append({"job_id": job_id, "tag": f"scale-{(i // 10) % 10}", "created_at": created})
+            jobs = [job_row(i) for i in range(base, min(rows, base + chunk))]
+            tags = [(job[0], f"scale-{(i // 10) % 10}", job[13]) for i, job in zip(range(base, rows), jobs)
+                    if i % 10 == 0]
             with conn.begin():
-                conn.execute(insert(Job.__table__), jobs)
-                if tags:
-                    conn.execute(insert(JobTag.__table__), tags)
+                if sqlite:
+                    cursor = conn.connection.driver_connection.cursor()
+                    cursor.executemany(jobs_sql, jobs)
+                    cursor.executemany("INSERT INTO job_tags (job_id, tag, created_at) VALUES (?, ?, ?)", tags)
+                    cursor.close()
+                else:
+                    conn.execute(insert(Job.__table__), [dict(zip(_FILL_COLUMNS, job)) for job in jobs])
+                    conn.execute(insert(JobTag.__table__),
+                                 [{"job_id": j, "tag": t, "created_at": c} for j, t, c in tags])
         if sqlite:
             conn.exec_driver_sql("PRAGMA cache_size=-2000")  # back to SQLite's default
             conn.commit()
