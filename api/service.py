@@ -444,7 +444,7 @@ def page_jobs(which: JobFilter, limit: int = 50, cursor: str | None = None,
     with session_scope() as session:
         query = which.where(select(Job).options(*_LISTED), tenant)
         if cursor is not None:
-            created_at, job_id = cursors.decode(cursor, _job_key, str)
+            created_at, job_id = cursors.decode(cursor, _job_key, _job_key_id)
             query = query.where(or_(created < created_at, and_(created == created_at, key > job_id)))
         rows = list(session.scalars(query.order_by(created.desc(), key).limit(limit + 1)))
         views = [_view(job) for job in rows[:limit]]
@@ -460,6 +460,13 @@ def count_jobs(which: JobFilter, tenant: str | None = None) -> int:
 def _job_key(created_at: Any) -> datetime:
     """The ``created_at`` of a list cursor (TypeError or ValueError if it isn't one)."""
     return datetime.fromisoformat(created_at)
+
+
+def _job_key_id(job_id: Any) -> str:
+    """The job id of a list cursor: text a query can take (PostgreSQL refuses a NUL byte)."""
+    if not isinstance(job_id, str) or len(job_id) > 64 or unstorable(job_id):
+        raise ValueError("not a job id")
+    return job_id
 
 
 def get_job(job_id: str, tenant: str | None = None) -> JobView:
@@ -567,7 +574,8 @@ def page_partial_results(job_id: str, limit: int = RESULTS_PAGE, cursor: str | N
 
 
 def _item_key(index: Any) -> int:
-    if type(index) is not int or index < -1:
+    """The item index of a partial-results cursor (an ``Integer`` column's range)."""
+    if type(index) is not int or not -1 <= index < 2**31:
         raise ValueError("not an item index")
     return index
 

@@ -118,7 +118,8 @@ def _cursor(value) -> str:
 
 
 BAD_CURSORS = ["not-a-cursor!", "e30", _cursor([1, 2]), _cursor(["2026-01-01T00:00:00"]), _cursor({"a": 1}),
-               _cursor(["yesterday", "x"]), "x" * 513]
+               _cursor(["yesterday", "x"]), _cursor(["2026-01-01T00:00:00+00:00", "a\u0000b"]),
+               _cursor(["2026-01-01T00:00:00+00:00", 7]), "x" * 513]
 
 
 @pytest.mark.parametrize("cursor", BAD_CURSORS)
@@ -172,7 +173,7 @@ def test_partial_results_come_in_pages_with_the_whole_jobs_summary_on_each(reade
         assert [e for page in pages for e in page[field]] == whole[field], field
     assert reader.get(f"/api/jobs/{job_id}/partial-results", params={"limit": 0}).status_code == 422
     assert reader.get(f"/api/jobs/{job_id}/partial-results", params={"limit": 1001}).status_code == 422
-    for cursor in ("nope", _cursor(["3"]), _cursor([1, 2]), _cursor([-5])):
+    for cursor in ("nope", _cursor(["3"]), _cursor([1, 2]), _cursor([-5]), _cursor([10**30]), _cursor([True])):
         bad = reader.get(f"/api/jobs/{job_id}/partial-results", params={"cursor": cursor})
         assert bad.status_code == 422, (cursor, bad.text)
 
