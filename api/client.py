@@ -222,6 +222,14 @@ def _next_cursor(response: httpx.Response) -> str | None:
     return (parse_qs(urlsplit(link["url"]).query).get("cursor") or [None])[0]
 
 
+def _joined(pages: list[PartialResults]) -> PartialResults:
+    """The pages of one job's partial results as one: every page's items, the last page's summary."""
+    if len(pages) == 1:
+        return pages[0]
+    return pages[-1].model_copy(update={name: [entry for page in pages for entry in getattr(page, name)]
+                                        for name in ("results", "failed_items", "interrupted_items")})
+
+
 def _check(response: httpx.Response) -> httpx.Response:
     if response.is_success:
         return response
@@ -368,8 +376,16 @@ class AndonClient:
                            "message": message})
         return BulkCancelled.model_validate(self._send(_Call("POST", "/api/jobs/cancel", body=body)).json())
 
-    def results(self, job_id: str) -> PartialResults:
-        return PartialResults.model_validate(self._send(_Call("GET", f"/api/jobs/{job_id}/partial-results")).json())
+    def results(self, job_id: str, *, page_size: int = 1000) -> PartialResults:
+        """Every item's partial result, joined from pages of ``page_size`` items (the API's most)."""
+        pages, cursor = [], None
+        while True:
+            response = self._send(_Call("GET", f"/api/jobs/{job_id}/partial-results",
+                                        params=_drop_none({"limit": page_size, "cursor": cursor})))
+            pages.append(PartialResults.model_validate(response.json()))
+            cursor = _next_cursor(response)
+            if cursor is None:
+                return _joined(pages)
 
     def resume(self, job_id: str, *, force: bool = False) -> Resumed:
         params = {"force": "true"} if force else None
@@ -513,9 +529,15 @@ class AsyncAndonClient:
                            "message": message})
         return BulkCancelled.model_validate((await self._send(_Call("POST", "/api/jobs/cancel", body=body))).json())
 
-    async def results(self, job_id: str) -> PartialResults:
-        response = await self._send(_Call("GET", f"/api/jobs/{job_id}/partial-results"))
-        return PartialResults.model_validate(response.json())
+    async def results(self, job_id: str, *, page_size: int = 1000) -> PartialResults:
+        pages, cursor = [], None
+        while True:
+            response = await self._send(_Call("GET", f"/api/jobs/{job_id}/partial-results",
+                                              params=_drop_none({"limit": page_size, "cursor": cursor})))
+            pages.append(PartialResults.model_validate(response.json()))
+            cursor = _next_cursor(response)
+            if cursor is None:
+                return _joined(pages)
 
     async def resume(self, job_id: str, *, force: bool = False) -> Resumed:
         params = {"force": "true"} if force else None

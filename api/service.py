@@ -6,8 +6,6 @@ Errors are :mod:`tasks.errors` exceptions that each front door turns into a 4xx 
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -16,9 +14,9 @@ from typing import Any, NoReturn
 
 from celery import chain, chord
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import defer, selectinload
 
-from api import metrics
+from api import cursors, metrics
 from api.schemas import (
     KEY_PATTERN,
     BulkCancelResponse,
@@ -38,7 +36,7 @@ from api.schemas import (
 )
 from db import jobs as job_rows
 from db import supersede
-from db.models import Job, JobItem, utcnow
+from db.models import Job, JobItem, JobTag, utcnow
 from db.session import session_scope
 from db.vocabulary import (
     TERMINAL_STATUSES,
@@ -75,10 +73,15 @@ def check_job_id(job_id: str) -> None:
         raise JobNotFound(job_id)
 
 
+#: What showing a job reads of its row: never its items as submitted (possibly a 100,000-element
+#: JSON array) nor its options, unless a caller touches them (then they load, in the session).
+_SHOWN = (defer(Job.inputs), defer(Job.options))
+
+
 def _visible(session, job_id: str, tenant: str | None) -> Job:
     """The job, if it exists and ``tenant`` may see it; else JobNotFound (404, never 403: ids don't leak)."""
     check_job_id(job_id)
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, options=_SHOWN)
     if job is None or (tenant is not None and job.tenant != tenant):
         raise JobNotFound(job_id)
     return job
@@ -405,9 +408,10 @@ class JobFilter:
     unfinished: bool = False
 
     def where(self, query, tenant: str | None):
+        """``query`` (over ``Job``) narrowed to these jobs; with a tag, joined to its ``job_tags`` row."""
         if self.tag is not None:
             check_tags([self.tag])
-            query = query.where(job_rows.tagged(self.tag))
+            query = query.join(JobTag, and_(JobTag.job_id == Job.id, JobTag.tag == self.tag))
         for column, value in ((Job.status, self.status), (Job.pipeline, self.pipeline),
                               (Job.cancellation_reason, self.reason), (Job.resumed_from, self.resumed_from),
                               (Job.tenant, tenant)):
@@ -417,22 +421,35 @@ class JobFilter:
             query = query.where(Job.status.not_in([s.value for s in TERMINAL_STATUSES]))
         return query
 
+    @property
+    def order(self) -> tuple[Any, Any]:
+        """The list's order, ``(created_at, id)`` newest first, as columns of the index that serves it:
+        a tag's list reads the tag's own copy (``ix_job_tags_tag_created_id``), so a page is a range
+        scan of that index; every other filter has an index on ``jobs`` (``ix_jobs_*_created_id``)."""
+        return (JobTag.created_at, JobTag.job_id) if self.tag is not None else (Job.created_at, Job.id)
+
+
+#: What a list reads: what showing a job reads, and the page's tags in one more query.
+_LISTED = (*_SHOWN, selectinload(Job.tag_rows))
+
 
 def page_jobs(which: JobFilter, limit: int = 50, cursor: str | None = None,
               tenant: str | None = None) -> tuple[list[JobView], str | None]:
     """One page of jobs, newest first, and the cursor of the next page (None on the last).
 
-    Keyset pagination on ``(created_at, id)``: a page costs the same at row 100,000 as at row 0, and
-    jobs submitted meanwhile don't shift the pages after them. ``cursor`` is opaque to clients."""
+    Keyset pagination on ``(created_at, id)``: a page costs the same at row 1,000,000 as at row 0
+    (each filter's index is in this order), and jobs submitted meanwhile don't shift the pages after
+    them. ``cursor`` is opaque to clients."""
+    created, key = which.order
     with session_scope() as session:
-        query = which.where(select(Job).options(selectinload(Job.tag_rows)), tenant)
+        query = which.where(select(Job).options(*_LISTED), tenant)
         if cursor is not None:
-            created_at, job_id = _decode_cursor(cursor)
-            query = query.where(or_(Job.created_at < created_at,
-                                    and_(Job.created_at == created_at, Job.id > job_id)))
-        rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit + 1)))
+            created_at, job_id = cursors.decode(cursor, _job_key, _job_key_id)
+            query = query.where(or_(created < created_at, and_(created == created_at, key > job_id)))
+        rows = list(session.scalars(query.order_by(created.desc(), key).limit(limit + 1)))
         views = [_view(job) for job in rows[:limit]]
-    return views, (_encode_cursor(rows[limit - 1]) if len(rows) > limit else None)
+    last = rows[limit - 1] if len(rows) > limit else None
+    return views, (cursors.encode(last.created_at.isoformat(), last.id) if last is not None else None)
 
 
 def count_jobs(which: JobFilter, tenant: str | None = None) -> int:
@@ -440,18 +457,16 @@ def count_jobs(which: JobFilter, tenant: str | None = None) -> int:
         return session.scalar(which.where(select(func.count()).select_from(Job), tenant)) or 0
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def _job_key(created_at: Any) -> datetime:
+    """The ``created_at`` of a list cursor (TypeError or ValueError if it isn't one)."""
+    return datetime.fromisoformat(created_at)
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created_at), str(job_id)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput([{"loc": ("query", "cursor"), "msg": "not a cursor this API gave out",
-                             "type": "value_error"}]) from exc
+def _job_key_id(job_id: Any) -> str:
+    """The job id of a list cursor: text a query can take (PostgreSQL refuses a NUL byte)."""
+    if not isinstance(job_id, str) or len(job_id) > 64 or unstorable(job_id):
+        raise ValueError("not a job id")
+    return job_id
 
 
 def get_job(job_id: str, tenant: str | None = None) -> JobView:
@@ -500,27 +515,52 @@ def resume_job(job_id: str, force: bool = False, actor: str | None = None,
     return ResumeResponse(job_id=new_id, resumed_from=job_id, status=JobStatus.PENDING)
 
 
+#: Items per page of partial results, by default and at most: a page is one index range scan
+#: (``uq_job_items_job_index``) and its answer stays small (≈ 20 KiB of the built-in pipeline's
+#: results by default), however many items the job has.
+RESULTS_PAGE = 100
+MAX_RESULTS_PAGE = 1000
+
+
 def partial_results(job_id: str, tenant: str | None = None) -> PartialResultView:
-    """Everything a job finished, in item order, whatever way it stopped; and what was in flight."""
+    """The first page of a job's partial results (all of them for a job of up to RESULTS_PAGE items)."""
+    return page_partial_results(job_id, tenant=tenant)[0]
+
+
+def page_partial_results(job_id: str, limit: int = RESULTS_PAGE, cursor: str | None = None,
+                         tenant: str | None = None) -> tuple[PartialResultView, str | None]:
+    """One page of what a job finished, in item order, whatever way it stopped, and what was in
+    flight; and the cursor of the next page (None on the last).
+
+    The page holds the items ``limit`` at a time after ``cursor`` (keyset on ``(job_id, index)``:
+    one range scan of ``uq_job_items_job_index``); the summary (status, counts,
+    ``completion_percent``, ``cancelled_at_item``) is the whole job's on every page, from its row:
+    ``completed_items`` is bumped in the transaction that writes each done item (``db.jobs.record_item``,
+    ``copy_done_items`` on resume), so it is the count of its done items without reading 100,000 of them.
+    """
+    after = cursors.decode(cursor, _item_key)[0] if cursor is not None else -1
     with session_scope() as session:
         job = _visible(session, job_id, tenant)
-        items = session.scalars(select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.index)).all()
-    done = [item for item in items if item.status == ItemStatus.DONE]
-    failed = [item for item in items if item.status == ItemStatus.FAILED]
-    interrupted = [item for item in items if item.status == ItemStatus.INTERRUPTED]
+        items = session.scalars(select(JobItem).where(JobItem.job_id == job_id, JobItem.index > after)
+                                .order_by(JobItem.index).limit(limit + 1)).all()
+    page = items[:limit]
+    done_count = job.completed_items
+    done = [item for item in page if item.status == ItemStatus.DONE]
+    failed = [item for item in page if item.status == ItemStatus.FAILED]
+    interrupted = [item for item in page if item.status == ItemStatus.INTERRUPTED]
     if job.status == JobStatus.COMPLETED:
         status = "complete"
     else:
-        status = "partial" if done else "empty"
+        status = "partial" if done_count else "empty"
     total = job.total_items
-    return PartialResultView(
+    view = PartialResultView(
         job_id=job_id,
         pipeline=job.pipeline,
         status=status,
         job_status=JobStatus(job.status),
-        completion_percent=round(100.0 * len(done) / total, 1) if total else 0.0,
+        completion_percent=round(100.0 * done_count / total, 1) if total else 0.0,
         total_items=total,
-        completed_items=len(done),
+        completed_items=done_count,
         results=[_result_entry(job.pipeline, item) for item in done],
         failed_items=[FailedItem(index=item.index, stage=item.stage, error=item.error, partial=item.result,
                                  retries=item.retries or 0)
@@ -530,6 +570,14 @@ def partial_results(job_id: str, tenant: str | None = None) -> PartialResultView
                            for item in interrupted],
         cancelled_at_item=job.cancelled_at_item,
     )
+    return view, (cursors.encode(page[-1].index) if len(items) > limit else None)
+
+
+def _item_key(index: Any) -> int:
+    """The item index of a partial-results cursor (an ``Integer`` column's range)."""
+    if type(index) is not int or not -1 <= index < 2**31:
+        raise ValueError("not an item index")
+    return index
 
 
 def _result_entry(pipeline: str, item: JobItem) -> dict[str, Any]:
@@ -540,11 +588,6 @@ def _result_entry(pipeline: str, item: JobItem) -> dict[str, Any]:
     if item.retries:
         entry["retries"] = item.retries
     return entry
-
-
-    if pipeline == "documents" and isinstance(item.result, dict):
-        return {"index": item.index, **item.result}
-    return {"index": item.index, "result": item.result}
 
 
 #: Jobs deleted per transaction by :func:`prune_jobs`: each transaction holds SQLite's write lock

@@ -245,6 +245,7 @@ def create_job(
 ) -> Job:
     """A new ``pending`` job row and its ``submitted`` event. ``waits_for``: the jobs it waits for
     besides ``parent_job_id`` (a chord's body waits for every header job)."""
+    now = utcnow()
     job = Job(
         id=job_id,
         status=JobStatus.PENDING.value,
@@ -262,8 +263,8 @@ def create_job(
         tenant=tenant,
         supersede_key=supersede_key,
         callback_url=callback_url,
-        created_at=utcnow(),
-        tag_rows=[JobTag(tag=tag) for tag in dict.fromkeys(tags)],
+        created_at=now,
+        tag_rows=[JobTag(tag=tag, created_at=now) for tag in dict.fromkeys(tags)],
     )
     session.add(job)
     session.flush()
@@ -289,7 +290,8 @@ def create_jobs(session: Session, jobs: list[dict[str, Any]], *, actor: str | No
          "callback_url": job.get("callback_url"), "resumable": False, "fence": 0, "created_at": now}
         for job in jobs
     ])
-    tags = [{"job_id": job["id"], "tag": tag} for job in jobs for tag in dict.fromkeys(job.get("tags") or ())]
+    tags = [{"job_id": job["id"], "tag": tag, "created_at": now} for job in jobs
+            for tag in dict.fromkeys(job.get("tags") or ())]
     if tags:
         session.execute(insert(JobTag.__table__), tags)
     add_events(session, [

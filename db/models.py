@@ -67,6 +67,7 @@ class Job(Base):
         _list_index("ix_jobs_tenant_status_created_id", "tenant", "status"),
         _list_index("ix_jobs_pipeline_created_id", "pipeline"),
         _list_index("ix_jobs_reason_created_id", "cancellation_reason"),
+        _list_index("ix_jobs_status_reason_created_id", "status", "cancellation_reason"),  # 0013
         Index("ix_jobs_finished_status_reason", "finished_at", "status", "cancellation_reason"),
         Index("ix_jobs_status_finished", "status", "finished_at"),
     )
@@ -134,7 +135,12 @@ class JobItem(Base):
     had produced, if anything). Interrupted items are not counted as failed, and resume runs them."""
 
     __tablename__ = "job_items"
-    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_job_items_job_index"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "index", name="uq_job_items_job_index"),
+        # migration 0013: a job's LLM totals read only the items that reported usage
+        Index("ix_job_items_usage", "job_id", sqlite_where=text("prompt_tokens IS NOT NULL"),
+              postgresql_where=text("prompt_tokens IS NOT NULL")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -172,13 +178,17 @@ class JobEvent(Base):
 
 
 class JobTag(Base):
-    """A label a job was submitted with (``batch-7``, ``customer:acme``): a row each, so finding every
-    job with a tag is one indexed lookup on any database."""
+    """A label a job was submitted with (``batch-7``, ``customer:acme``): a row each, so a page of
+    the jobs with a tag, newest first, is one index range scan on any database."""
 
     __tablename__ = "job_tags"
+    # migration 0013: a tag's list in the list's order (``created_at`` is the job's, copied)
+    __table_args__ = (Index("ix_job_tags_tag_created_id", "tag", text("created_at DESC"), "job_id"),)
 
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The job's ``created_at``: set with the row (``db.jobs.create_job``, ``create_jobs``), never changed.
+    created_at: Mapped[datetime | None]
 
 
 class JobParent(Base):

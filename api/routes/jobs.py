@@ -74,12 +74,12 @@ StatusQuery = Annotated[JobStatus | None, Query(alias="status")]
 TagQuery = Annotated[str | None, Query(pattern=TAG_PATTERN)]
 PipelineQuery = Annotated[str | None, Query(min_length=1, max_length=64)]
 ReasonQuery = Annotated[CancellationReason | None, Query(description="why the job was cancelled")]
+CursorQuery = Annotated[str | None, Query(max_length=512, description="from a `Link` header")]
+NEXT_LINK = {"description": '`<url>; rel="next"` when another page follows', "schema": {"type": "string"}}
 ResumedFromQuery = Annotated[str | None, Query(min_length=1, max_length=64, description="the job it resumes")]
 
 
-@router.get("", response_model=list[JobView],
-            responses={200: {"headers": {"Link": {"description": '`<url>; rel="next"` when more jobs follow',
-                                                  "schema": {"type": "string"}}}}})
+@router.get("", response_model=list[JobView], responses={200: {"headers": {"Link": NEXT_LINK}}})
 def list_jobs(
     caller: ReaderDep,
     request: Request,
@@ -90,14 +90,13 @@ def list_jobs(
     pipeline: PipelineQuery = None,
     reason: ReasonQuery = None,
     resumed_from: ResumedFromQuery = None,
-    cursor: Annotated[str | None, Query(max_length=512, description="from a `Link` header")] = None,
+    cursor: CursorQuery = None,
 ) -> list[JobView]:
     """Jobs, newest first. When more follow, the next page's URL is in the `Link` header
     (`rel="next"`); the body stays a plain list."""
     which = service.JobFilter(job_status, tag, pipeline, reason, resumed_from)
     jobs, next_cursor = service.page_jobs(which, limit, cursor, tenant=caller.tenant)
-    if next_cursor is not None:
-        response.headers["Link"] = f'<{request.url.include_query_params(cursor=next_cursor)}>; rel="next"'
+    _link_next(request, response, next_cursor)
     return jobs
 
 
@@ -155,6 +154,25 @@ async def events(job_id: str, caller: ReaderDep, request: Request) -> EventSourc
     return await progress.open_events(job_id, caller.tenant, take_stream_slot(caller, request))
 
 
-@router.get("/{job_id}/partial-results", response_model=PartialResultView, responses=NOT_FOUND)
-def partial_results(job_id: str, caller: ReaderDep) -> PartialResultView:
-    return service.partial_results(job_id, tenant=caller.tenant)
+@router.get("/{job_id}/partial-results", response_model=PartialResultView,
+            responses={**NOT_FOUND, 200: {"headers": {"Link": NEXT_LINK}}})
+def partial_results(
+    job_id: str,
+    caller: ReaderDep,
+    request: Request,
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_RESULTS_PAGE, description="items per page")] = service.RESULTS_PAGE,
+    cursor: CursorQuery = None,
+) -> PartialResultView:
+    """What the job finished, in item order, and what was in flight, `limit` items a page; the
+    summary (status, counts, `completion_percent`, `cancelled_at_item`) is the whole job's on every
+    page. When more items follow, the next page's URL is in the `Link` header (`rel="next"`)."""
+    view, next_cursor = service.page_partial_results(job_id, limit, cursor, tenant=caller.tenant)
+    _link_next(request, response, next_cursor)
+    return view
+
+
+def _link_next(request: Request, response: Response, cursor: str | None) -> None:
+    """``Link: <this URL with cursor=...>; rel="next"`` when another page follows."""
+    if cursor is not None:
+        response.headers["Link"] = f'<{request.url.include_query_params(cursor=cursor)}>; rel="next"'
