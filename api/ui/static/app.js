@@ -566,13 +566,17 @@ async function jobView(jobId) {
   }
 
   async function renderResults() {
-    const { data } = await api(`/api/jobs/${jobId}/partial-results`);
+    // one page of up to 1,000 items (the API pages by cursor); the summary is the whole job's
+    const { data, response } = await api(`/api/jobs/${jobId}/partial-results`, { query: { limit: 1000 } });
+    const more = (response.headers.get("Link") || "").includes('rel="next"');
+    const failedCount = job && typeof job.failed_items === "number" ? job.failed_items : data.failed_items.length;
     const entry = (r) => { const { index, ...rest } = r; return "result" in rest && Object.keys(rest).length === 1 ? rest.result : rest; };
     results.replaceChildren(
       h("p", { class: "summary" }, h("strong", {}, data.status), ` · ${data.completed_items} of ${data.total_items} items done ` +
-        `(${data.completion_percent}%)` + (data.failed_items.length ? ` · ${data.failed_items.length} failed` : "") +
+        `(${data.completion_percent}%)` + (failedCount ? ` · ${failedCount} failed` : "") +
         (data.interrupted_items.length ? ` · ${data.interrupted_items.length} interrupted in flight` : "") +
-        (data.cancelled_at_item !== null && data.cancelled_at_item !== undefined && data.job_status === "cancelled" ? ` · stopped at item ${data.cancelled_at_item}` : "")),
+        (data.cancelled_at_item !== null && data.cancelled_at_item !== undefined && data.job_status === "cancelled" ? ` · stopped at item ${data.cancelled_at_item}` : "") +
+        (more ? " · the tables below show the first 1,000 items (GET /api/jobs/ID/partial-results pages by cursor)" : "")),
       itemTable("Results", ["#", "Result"], data.results.map((r) => [r.index, h("code", { title: jsonText(entry(r)) }, jsonText(entry(r), 140))]), "results"),
       itemTable("Failed items", ["#", "Stage", "Error"], data.failed_items.map((f) => [f.index, f.stage, h("span", { class: "error" }, f.error || "")]), "failed"),
       itemTable("Interrupted in flight", ["#", "Stage reached", "Partial"], data.interrupted_items.map((f) => [f.index, f.stage, f.partial == null ? "" : h("code", {}, jsonText(f.partial, 100))]), "interrupted"));
