@@ -286,7 +286,7 @@ second whenever none was: both are in the figure.
 * **bulk cancel** — the column's last phase (on a box too busy for the whole column, it is the one
   left out): 10,000 jobs are queued on a queue no worker serves yet (rows and messages as a batch
   submit makes them: `db.jobs.create_jobs`, `tasks.sending.enqueue_many`), tagged so that only they
-  match; `api.service.cancel_matching(JobStatus.PENDING, tag=...` JobStatus.PENDING)` is timed. Goal: ≤ 0.5 s, 0 started.
+  match; `api.service.cancel_matching(JobStatus.PENDING, tag=...)` is timed. Goal: ≤ 0.5 s, 0 started.
 * **skipping an already-cancelled queued message** — then two `-c 1` workers start on that queue and
   drain it for at most 60 s (drained = queue empty and every message answered in the result
   backend); the figure is that time × 2 workers ÷ the messages they took (all 10,000 if drained; a
