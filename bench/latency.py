@@ -86,12 +86,15 @@ def bench_cancel_latency(sizes: Sizes, report: Report) -> None:
         Row(f"cancel → observed, p50 / p99 (n={n})", f"{o50:.2f} / {o99:.2f} ms",
             f"AbortableTask abort() → seen: {b50:.1f} / {b99:.1f} ms (n={len(base)})",
             f"p99 {b99 / o99:.1f}× faster; {o99 / GOAL_OBSERVE_P99_MS:.2f} of goal",
-            f"p99 ≤ {GOAL_OBSERVE_P99_MS:.0f} ms", o99 <= GOAL_OBSERVE_P99_MS and enough),
+            f"p99 ≤ {GOAL_OBSERVE_P99_MS:g} ms", o99 <= GOAL_OBSERVE_P99_MS and enough,
+            value=round(o99, 2), unit="ms", n=n),
         Row(f"observed → terminal row committed, p50 / p99 (n={n})", f"{v50:.2f} / {v99:.2f} ms",
             f"(row stamps, pre-commit: {s50:.2f} / {s99:.2f} ms)", f"{v99 / GOAL_TERMINAL_P99_MS:.2f} of goal",
-            f"p99 ≤ {GOAL_TERMINAL_P99_MS:.0f} ms", v99 <= GOAL_TERMINAL_P99_MS and enough),
+            f"p99 ≤ {GOAL_TERMINAL_P99_MS:g} ms", v99 <= GOAL_TERMINAL_P99_MS and enough,
+            value=round(v99, 2), unit="ms", n=n),
         Row("client: cancel_job() call; then call returned → terminal row seen, p50 / p99",
-            f"call {k50:.2f} / {k99:.2f} ms; then {c50:.2f} / {c99:.2f} ms", "—", "—", "—", None),
+            f"call {k50:.2f} / {k99:.2f} ms; then {c50:.2f} / {c99:.2f} ms", "—", "—", "—", None,
+            value=round(k99, 2), unit="ms", n=n),
     ]
     report.extra["latency"] = {
         "cancels": n, "not_cancelled": not_cancelled, "observe_ms": (o50, o99), "visible_ms": (v50, v99),

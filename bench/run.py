@@ -1,26 +1,34 @@
 """andon's benchmark: ``make bench`` (or ``.venv/bin/python bench/run.py``).
 
-Starts its own Redis-compatible server, SQLite database and prefork Celery workers (all on
-127.0.0.1, all in a temporary ANDON_HOME, all stopped at the end), measures every figure of the
-issue side by side with its baseline in the same run, prints one table and writes it, with the
-machine it ran on, to bench/README.md.
+Starts its own Redis-compatible server, a throwaway PostgreSQL 15 (as the tests do) and prefork
+Celery workers (all on 127.0.0.1, all in a temporary ANDON_HOME, all stopped at the end), measures
+every figure of issue 12 side by side with its baseline in the same run — each database figure once
+on SQLite and once on PostgreSQL (bench/column.py, a process per database) — prints one table,
+writes it with the machine and the load to bench/README.md, and the figures to bench/results.json.
+No phase stops the run: one that fails or runs past its budget is reported as not measured, with why;
+and the whole run is bounded (14 minutes; --quick 9): a phase that would start past it is not run.
 
     --quick        smaller counts (a smoke run; the README is not written)
     --no-readme    print the table only
-    --keep         keep the temporary ANDON_HOME (worker logs, database) for a look afterwards
-    --profile      also cProfile one no-op andon job in this process and print the top
-    --strict       exit 1 if any goal is not met
+    --keep         keep the temporary ANDON_HOME (worker logs, databases) for a look afterwards
+    --profile      also cProfile one no-op andon job in each column's process and print the top
+    --strict       exit 1 if any goal is not met or any figure could not be measured
     --results PATH where to write the figures as JSON (default bench/results.json; written every run)
+    --databases L  which database columns, comma-separated (default sqlite,postgres)
     --scale-rows N rows in the jobs table for the list and /metrics figures (make bench-scale: 1,000,000)
     --only-scale   only the batch-submit and scale figures (make bench-scale)
+    --budget S     the whole run's bound in seconds (default: Sizes.run_budget_s)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,19 +39,25 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python bench/run.py` puts bench/ first on the path, not the repo root
 
 from api.supervisor import free_port, redis_service  # noqa: E402
-from bench.async_cancel import bench_async_cancel  # noqa: E402
-from bench.breakdown import bench_breakdown, profile_noop_job  # noqa: E402
-from bench.bulk import bench_bulk_cancel  # noqa: E402
 from bench.checkpoint import bench_checkpoint  # noqa: E402
-from bench.dashboard import bench_dashboard  # noqa: E402
-from bench.latency import bench_cancel_latency  # noqa: E402
-from bench.machine import cpu_busy_s, machine_info, own_cpu_s  # noqa: E402
-from bench.memory import bench_memory, bench_worker_rss  # noqa: E402
-from bench.procs import Worker, configure_env  # noqa: E402
-from bench.report import Report, analysis_lines, print_table, say, write_readme, write_results  # noqa: E402
-from bench.scale import bench_batch_submit, bench_scale  # noqa: E402
-from bench.sizes import CONCURRENCY, Sizes  # noqa: E402
-from bench.throughput import bench_throughput  # noqa: E402
+from bench.column import ColumnSpec  # noqa: E402
+from bench.machine import load_between, load_text, machine_info, sample_load  # noqa: E402
+from bench.peer import bench_peer_abort, peer_row_texts  # noqa: E402
+from bench.phase import run_phase  # noqa: E402
+from bench.postgres import start_postgres  # noqa: E402
+from bench.procs import configure_env  # noqa: E402
+from bench.report import (  # noqa: E402
+    DATABASE_NAMES,
+    Report,
+    interleave,
+    print_table,
+    say,
+    write_readme,
+    write_results,
+)
+from bench.sizes import Sizes  # noqa: E402
+
+DATABASES = ("sqlite", "postgres")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,70 +68,72 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--strict", action="store_true")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--databases", default=",".join(DATABASES))
     parser.add_argument("--scale-rows", type=int, default=None)
     parser.add_argument("--only-scale", action="store_true")
+    parser.add_argument("--budget", type=float, default=None)
     args = parser.parse_args(argv)
+    databases = [d.strip() for d in args.databases.split(",") if d.strip()]
+    if not databases or set(databases) - set(DATABASES):
+        parser.error(f"--databases: choose from {', '.join(DATABASES)}")
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.scale_rows is not None:
         sizes.scale_rows = args.scale_rows
+    if args.budget is not None:
+        sizes.run_budget_s = args.budget
 
     started_at = time.perf_counter()
-    busy_at_start = cpu_busy_s()
-    load_at_start = os.getloadavg()[0]
+    ends_at = time.monotonic() + sizes.whole_run_budget()
+    load_start = sample_load()
     home = Path(tempfile.mkdtemp(prefix="andon-bench-"))
     logs = home / "logs"
     logs.mkdir(parents=True)
     redis_port = free_port()
     configure_env(home, redis_port)
+    redis_url = os.environ["ANDON_REDIS_URL"]
+    # this process's own database: the token watcher of the checkpoint figure reads job rows; each
+    # column has its own (bench/column.py)
+    os.environ["ANDON_DATABASE_URL"] = f"sqlite:///{home / 'independent.db'}"
 
     # a SIGTERM/SIGHUP to the benchmark still runs the cleanup below
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
 
     redis = None
-    worker: Worker | None = None
+    pg = None
     report = Report()
+    columns: dict[str, list] = {}
     try:
         redis = redis_service(redis_port, home / "redis", logs / "redis.log").start()
+        say(f"home {home}, redis on 127.0.0.1:{redis_port}, load average {load_start.loadavg[0]:.2f}")
         from db.migrate import upgrade
 
         upgrade()
-        say(f"home {home}, redis on 127.0.0.1:{redis_port}, load average {load_at_start:.2f}")
 
-        if not args.only_scale:
+        if not args.only_scale:  # the figures that touch no database: once, before the columns
             say("checkpoint cost")
-            bench_checkpoint(sizes, report)
+            run_phase(report, "checkpoint", lambda: bench_checkpoint(sizes, report), budget_s=sizes.budget_s)
+            say(f"peer baseline: {sizes.peer_cancels} dramatiq-abort aborts")
+            run_phase(report, "peer baseline", lambda: bench_peer_abort(sizes, logs, report, redis_url),
+                      budget_s=sizes.budget_s)
 
-            worker = Worker(f"bench-{redis_port}", logs, concurrency=CONCURRENCY).start()
-            say(f"cancel latency: {sizes.cancels} andon cancels of running jobs")
-            bench_cancel_latency(sizes, report)
-            say(f"cancel with async items in flight: {sizes.async_cancels} jobs")
-            bench_async_cancel(sizes, report)
-            bench_throughput(sizes, report)
-            worker.stop()
-            worker = None
-
-            say(f"worker RSS across {sizes.rss_jobs:,} no-op jobs")
-            bench_worker_rss(sizes, logs, report)
-
-            say(f"bulk cancel of {sizes.bulk_jobs:,} queued jobs")
-            bench_bulk_cancel(sizes, logs, report)
-
-            say(f"dashboard page load with {sizes.ui_jobs:,} jobs in the database")
-            bench_dashboard(sizes, logs, report)
-
-        _scale_phases(sizes, report)
-
-        if not args.only_scale:
-            say("where an item's time goes (in-process)")
-            bench_breakdown(sizes, report)
-            say(f"andon's memory: {sizes.memory_jobs} running jobs, then async items in flight (in-process)")
-            bench_memory(sizes, report)
-        if args.profile:
-            profile_noop_job()
+        for i, database in enumerate(databases):
+            _flush(redis_port)  # each column starts on an empty Redis: no queue or token carries over
+            url = f"sqlite:///{home / 'sqlite' / 'andon.db'}" if database == "sqlite" else None
+            if database == "postgres":
+                say("starting a throwaway PostgreSQL (tests/pgserver.py)")
+                pg, url, why = start_postgres()
+                if why:
+                    say(f"PostgreSQL column: not run — {why}")
+                    report.columns[database] = {"reason": f"not run: {why}"}
+                    report.not_measured("PostgreSQL column", why).database = database
+                    continue
+            # the columns share what is left of the run's budget: the first one can't take it all
+            time_s = (ends_at - time.monotonic()) / (len(databases) - i)
+            columns[database] = _run_column(database, url, sizes, args, home, report, time_s)
     finally:
-        if worker is not None:
-            worker.stop()
+        if pg is not None:
+            pg.stop()
         if redis is not None:
             redis.stop(signal.SIGTERM, timeout=10)
         if args.keep:
@@ -125,36 +141,85 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(home, ignore_errors=True)
 
+    report.rows += interleave(columns)
+    peer_row_texts(report)
     total_s = time.perf_counter() - started_at
-    busy_at_end = cpu_busy_s()
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if busy_at_start is not None and busy_at_end is not None:
-        others = max(0.0, (busy_at_end - busy_at_start) - own_cpu_s())
-        load = (f"load average {load_at_start:.2f} at the start; other processes used {others:.0f} CPU-s during "
-                f"the run (≈ {others / total_s:.2f} of {ncpu} cores)")
-    else:
-        load = f"load average {load_at_start:.2f} at the start"
+    load = load_between(load_start, sample_load(), others=True)
+    load["loadavg_start"], load["loadavg_end"] = list(load_start.loadavg), list(os.getloadavg())
 
     print()
     print_table(report.rows)
     machine = machine_info()
     print("machine: " + "; ".join(f"{k} {v}" for k, v in machine.items()))
-    print(f"{load}; whole run {total_s:.0f} s")
-    for line in analysis_lines(report):
+    for database, column in report.columns.items():
+        print(f"{DATABASE_NAMES[database]}: {column.get('server') or 'not run: ' + column.get('reason', '?')}"
+              + (f"; {load_text(column['load'])}" if column.get("load") else ""))
+    print(f"{load_text(load)}; whole run {total_s:.0f} s")
+    for line in report.notes:
         print(f"- {line}")
+    for database, lines in report.analysis.items():
+        for line in lines:
+            print(f"- {DATABASE_NAMES[database]}: {line}")
     if not args.quick and not args.no_readme and not args.only_scale:
         path = write_readme(report, machine, load, total_s)
         print(f"wrote {path.relative_to(ROOT)}")
     print(f"wrote {write_results(report, machine, load, total_s, args.results)}")
-    if args.strict and any(row.met is False for row in report.rows):
+    missed = report.missed()
+    if args.strict and missed:
+        say(f"--strict: {len(missed)} figures missed their goal or were not measured")
         return 1
     return 0
 
 
-def _scale_phases(sizes: Sizes, report: Report) -> None:
-    say(f"batch submit: {sizes.batch_jobs:,} jobs per POST /api/jobs/batch")
-    bench_batch_submit(sizes, report)
-    bench_scale(sizes, report)
+def _flush(redis_port: int) -> None:
+    import redis
+
+    redis.Redis(port=redis_port).flushall()
+
+
+def _run_column(database: str, url: str, sizes: Sizes, args, home: Path, report: Report, time_s: float) -> list:
+    """Run one database column in its own process (bench/column.py); its rows, or one row saying why
+    there are none. Bounded: it starts no phase past ``time_s`` and bounds each one; if it still runs a
+    minute after that it is stopped (SIGTERM: it stops its workers), and what it measured is kept."""
+    column_home = home / database
+    (column_home / "logs").mkdir(parents=True, exist_ok=True)
+    out = column_home / "report.json"
+    spec = ColumnSpec(database=database, url=url, sizes=dataclasses.asdict(sizes), logs=str(column_home / "logs"),
+                      out=str(out), only_scale=args.only_scale, profile=args.profile, time_s=max(time_s, 30.0))
+    spec_path = column_home / "spec.json"
+    spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
+    env = {**os.environ, "ANDON_DATABASE_URL": url, "ANDON_HOME": str(column_home)}
+    bound = spec.time_s + 60
+    say(f"{DATABASE_NAMES[database]} column (bounded at {bound:.0f} s)")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.column", str(spec_path)], cwd=ROOT, env=env)
+    why = None
+    try:
+        code = proc.wait(bound)
+        if code != 0:
+            why = f"the column's process exited with code {code}"
+    except subprocess.TimeoutExpired:
+        why = f"the column was stopped after {bound:.0f} s, past its share of the run's time"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if out.exists():
+        child = Report.from_json(json.loads(out.read_text()))
+        rows = child.rows
+        report.columns.update(child.columns)
+        report.analysis.update(child.analysis)
+    else:
+        rows = []
+    if why:
+        report.columns.setdefault(database, {})["reason"] = why
+        rows.append(report.not_measured(f"{DATABASE_NAMES[database]} column", why))
+        report.rows.pop()  # it goes in with the column's rows
+        rows[-1].database = database
+    return rows
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def bench_throughput(sizes: Sizes, report: Report) -> None:
         report.rows.append(Row(
             f"throughput, {label} ({jobs} jobs × {items} items, -c {CONCURRENCY}{best})",
             f"{total / andon:,.1f} items/s ({andon:.2f} s)", f"bare Celery: {total / bare:,.1f} items/s ({bare:.2f} s)",
-            f"{ratio:.3f}×", f"≥ {goal}×", ratio >= goal))
+            f"{ratio:.3f}×", f"≥ {goal}×", ratio >= goal, value=round(ratio, 3), unit="× bare Celery", n=total))
         # andon's extra time per item, per pool process
         per_item_ms = (andon - bare) * CONCURRENCY / total * 1e3
         cpu_ms = {kind: min(spent) / total * 1e3 for kind, spent in cpu.items()}

@@ -148,18 +148,22 @@ def test_cli_prune_deletes_old_finished_jobs(database):
         assert session.get(Job, old) is None
 
 
+@pytest.mark.timeout(900)  # both database columns, on a box the rest of the suite keeps busy
 def test_quick_bench_runs_and_writes_valid_results_json(tmp_path):
     """The benchmark's figures are not timed tests: this only checks the quick mode runs to the end and
-    writes results.json in the shape DESIGN.md gives."""
+    writes results.json in the shape DESIGN.md gives, with a column per database where PostgreSQL can
+    start here."""
+    from tests.pgserver import postgres_available
+    from tests.test_bench import check_results_shape
+
     out = tmp_path / "results.json"
     answer = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--no-readme",
-                             "--results", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                             "--results", str(out)], capture_output=True, text=True, timeout=840, cwd=ROOT)
     assert answer.returncode == 0, answer.stdout[-3000:] + answer.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results) >= {"figures", "machine", "load"}
-    assert results["figures"] and isinstance(results["machine"], dict)
-    for figure in results["figures"]:
-        assert set(figure) >= {"name", "value", "unit", "n", "goal", "met"}
-        assert figure["met"] in (True, False, None)
+    check_results_shape(results)
     names = " ".join(f["name"] for f in results["figures"])
     assert "batch submit" in names and "GET /api/jobs" in names and "/metrics" in names
+    assert "dramatiq-abort" in names  # the peer baseline
+    expected = {"sqlite", "postgres"} if postgres_available() is None else {"sqlite"}
+    assert {f["database"] for f in results["figures"]} >= expected
