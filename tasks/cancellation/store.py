@@ -81,6 +81,11 @@ class CancellationStore:
         )
         return bool(won), CancelRequest.from_json(json.loads(winner))
 
+    def correct(self, job_id: str, request: CancelRequest) -> None:
+        """Make an existing token hold ``request``: the job row recorded an earlier winner while Redis
+        was away, and the row is the arbiter then (``SET XX``: a token that expired stays gone)."""
+        self.redis.set(cancel_key(job_id), json.dumps(request.to_json(job_id)), xx=True, keepttl=True)
+
     def cancel_many(
         self, job_ids: list[str], reason: CancellationReason, message: str | None, source: CancellationSource
     ) -> None:
