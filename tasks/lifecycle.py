@@ -123,7 +123,7 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
     :func:`record_winner`). A reason the row already holds wins over the token's: the row is the
     arbiter when a first request reached only the database (Redis away)."""
     now = observed_at or datetime.now(UTC)
-    with session_scope() as session:
+    with session_scope(writer=True) as session:
         claimed = requested is not None and record_winner(session, job_id, requested, "cancelling", only_open=True)
         # after the claim's UPDATE this row is ours to read until commit (write lock / row lock)
         pipeline, *held = session.execute(
