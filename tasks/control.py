@@ -62,14 +62,14 @@ def request_cancel(
     reason, source = CancellationReason(reason), CancellationSource(source)
     requested = CancelRequest(reason, message, source, actor=actor)
     within = get_settings().db_retry_s
-    retry_transient(lambda: _check_open(job_id), within_s=within, what="cancel request")
+    seen = retry_transient(lambda: _check_open(job_id), within_s=within, what="cancel request")
     # The token first: Redis decides which request wins (SET NX in one script) and the workers hear
     # the winner in the same round trip, so a cancel is observed without waiting on a database commit.
     # The row follows with the *winner's* request, whoever writes it; the job may observe the token and
     # commit `cancelled` before that (lifecycle.end_cancelled records the winner then, and this call
     # still answers success). Redis away: the row decides alone, as the durable copy workers reconcile.
     try:
-        first, winner = get_store().apply(job_id, requested)
+        first, winner = get_store().apply(job_id, requested, queued=seen is JobStatus.PENDING)
         winner = requested if first else winner
     except RedisError as exc:
         log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
@@ -77,7 +77,7 @@ def request_cancel(
 
     def record() -> tuple[JobStatus, CancelRequest, bool]:
         candidate = winner or requested
-        with session_scope() as session:
+        with session_scope(writer=True) as session:
             status, held, moved = lifecycle.mark_requested(session, job_id, candidate)
             if moved:  # the first to write the row puts the winner on record, whoever it is
                 lifecycle.add_request_event(session, job_id, candidate, status.value, won=True)
@@ -108,14 +108,16 @@ def request_cancel(
     return CancelOutcome(job_id, status, won, held, ended=ended and status is JobStatus.CANCELLED)
 
 
-def _check_open(job_id: str) -> None:
-    """Refuse before anything is written: an unknown job (404) or one already over (400). A read."""
+def _check_open(job_id: str) -> JobStatus:
+    """Refuse before anything is written: an unknown job (404) or one already over (400). A read;
+    returns the status seen."""
     with get_engine().connect() as conn:
         status = conn.scalar(select(Job.status).where(Job.id == job_id))
     if status is None:
         raise JobNotFound(job_id)
     if JobStatus(status).is_terminal:
         raise JobAlreadyTerminal(job_id, status)
+    return JobStatus(status)
 
 
 def _correct_token(job_id: str, held: CancelRequest) -> None:
