@@ -68,12 +68,12 @@ def request_cancel(
     # The row follows with the *winner's* request, whoever writes it; the job may observe the token and
     # commit `cancelled` before that (lifecycle.end_cancelled records the winner then, and this call
     # still answers success). Redis away: the row decides alone, as the durable copy workers reconcile.
+    winner: CancelRequest | None = None
     try:
         first, winner = get_store().apply(job_id, requested, queued=seen is JobStatus.PENDING)
         winner = requested if first else winner
     except RedisError as exc:
         log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
-        winner: CancelRequest | None = None
 
     def record() -> tuple[JobStatus, CancelRequest, bool]:
         candidate = winner or requested
