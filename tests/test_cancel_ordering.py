@@ -66,14 +66,20 @@ def test_a_job_that_commits_cancelled_before_the_request_writes_the_row_still_an
     before the request's own row write runs: the request answers success, not 400, and the winner
     is on record once, before the job's end."""
     job_id = _running_job()
-    real = lifecycle.mark_requested
+    store = get_store()
 
-    def job_ends_first(session, jid, request):
-        token = get_store().read([jid])[jid]  # what the job's watcher was pushed
-        assert lifecycle.end_cancelled(jid, token, at_item=1, requested=token)
-        return real(session, jid, request)
+    class JobEndsRightAfterTheToken:
+        """The real store; the moment the token is set, the job observes it and ends."""
 
-    monkeypatch.setattr(lifecycle, "mark_requested", job_ends_first)
+        def apply(self, jid, request, **kwargs):
+            won, winner = store.apply(jid, request, **kwargs)
+            assert lifecycle.end_cancelled(jid, winner, at_item=1, requested=winner)  # what the job does
+            return won, winner
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+    monkeypatch.setattr(control, "get_store", JobEndsRightAfterTheToken)
     outcome = control.request_cancel(job_id, CancellationReason.USER_REQUESTED, "now", actor="alice")
     assert (outcome.status, outcome.won, outcome.ended) == (JobStatus.CANCELLING, True, False)
     job = job_row(job_id)
