@@ -3,6 +3,7 @@ starts, Celery says REVOKED, and no pool process ran it — on Redis and on Rabb
 
 from __future__ import annotations
 
+import threading
 import time
 
 from celery.result import AsyncResult
@@ -53,8 +54,32 @@ def test_queued_cancels_are_pushed_to_a_main_process_and_reconciled(store):
     assert late in feed
 
 
+def _listen_for_revoked_events(seen: set[str]) -> threading.Event:
+    """What Flower does: receive the workers' task events (here only `task-revoked`) until set."""
+    stop = threading.Event()
+
+    def listen() -> None:
+        with app.connection() as conn:
+            receiver = app.events.Receiver(conn, handlers={"task-revoked": lambda event: seen.add(event["uuid"])})
+            while not stop.is_set():
+                try:
+                    for _ in receiver.itercapture(limit=None, timeout=0.5, wakeup=False):
+                        if stop.is_set():
+                            return
+                except TimeoutError:  # no event for a while
+                    continue
+                except Exception:  # the broker going away at the end
+                    return
+
+    threading.Thread(target=listen, daemon=True).start()
+    time.sleep(0.5)  # its queue bound before the events flow
+    return stop
+
+
 def test_a_job_cancelled_while_queued_is_skipped_without_a_pool_process(start_worker):
     w = start_worker(concurrency=1)
+    flower_saw: set[str] = set()
+    stop_listening = _listen_for_revoked_events(flower_saw)
     blocker = submit(500, stage_delay_s=0.05, queue=w.queue)
     wait_status(blocker, "running")
     one = submit(1, queue=w.queue)
@@ -70,6 +95,8 @@ def test_a_job_cancelled_while_queued_is_skipped_without_a_pool_process(start_wo
     assert {job_row(j).status for j in queued} == {"cancelled"}
     assert [e.kind for e in events(one)].count("cancel_requested") == 1
     assert f"{one}] received" not in w.logs()  # Celery's own handler never saw it
+    wait_for(lambda: set(queued) <= flower_saw, 10, what="a task-revoked event for each (Flower shows REVOKED)")
+    stop_listening.set()
 
 
 def test_a_pending_row_whose_cancel_never_reached_the_database_is_ended_after_the_skip(start_worker):
