@@ -69,8 +69,14 @@ def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
+def session_scope(url: str | None = None, *, writer: bool = False) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error. ``writer``: a short write on a
+    latency path (a cancel's row, a job's terminal row) that takes its turn with the hot-path writers
+    (:func:`_sqlite_writer_turn`) instead of meeting them in SQLite's sleeping busy handler."""
+    if writer:
+        with _sqlite_writer_turn(get_engine(url)), session_scope(url) as session:
+            yield session
+        return
     session = get_sessionmaker(url)()
     try:
         yield session

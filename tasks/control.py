@@ -14,14 +14,14 @@ from sqlalchemy import select, update
 
 from db import jobs as job_rows
 from db.models import Job
-from db.session import retry_transient, session_scope
+from db.session import get_engine, retry_transient, session_scope
 from db.settings import get_settings
 from db.vocabulary import TERMINAL_STATUSES, CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import lifecycle
 from tasks.after_stop import act_after_cancel
 from tasks.cancellation import CancelRequest
 from tasks.cancellation.keys import lost_key, lost_run_key
-from tasks.errors import AndonError, InvalidJobId
+from tasks.errors import AndonError, InvalidJobId, JobAlreadyTerminal, JobNotFound
 from tasks.paths import job_scratch_dir, remove_tree
 from tasks.policy import FINAL, NEVER_AUTOMATIC, RESUMABLE, policy_for
 from tasks.process import get_store
@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CancelOutcome:
     job_id: str
-    status: JobStatus  # cancelled (was queued) or cancelling (running; stops at its next checkpoint)
+    status: JobStatus  # cancelled (was queued, or already stopped by this cancel) or cancelling (running)
     won: bool  # False: an earlier cancel had already fixed the reason
     request: CancelRequest  # the winning request
+    ended: bool = False  # this call ended the job (it was queued): its policy and children are ours to act on
 
 
 def request_cancel(
@@ -59,37 +60,72 @@ def request_cancel(
     and are cancelled when it ends any other way. Raises JobNotFound / JobAlreadyTerminal.
     """
     reason, source = CancellationReason(reason), CancellationSource(source)
-    requested = CancelRequest(reason, message, source)
-    # The row changes first, the token second: a worker that observes the token within a millisecond
-    # must find the row already `cancelling`, or it could finish before our request is on record.
-    # The row decides which request wins (one conditional UPDATE does), and only the winner sets the
-    # token, so Redis can never hold a different first reason than the row.
-    def record() -> tuple[JobStatus, CancelRequest]:
-        with session_scope() as session:
-            status, winner = lifecycle.mark_requested(session, job_id, requested)
-            job_rows.add_event(
-                session, job_id, EventKind.CANCEL_REQUESTED, reason=reason.value, source=source.value, actor=actor,
-                detail={"message": message, "status": status.value, "won": winner is requested}, at=requested.at,
-            )
-            return status, winner
+    requested = CancelRequest(reason, message, source, actor=actor)
+    within = get_settings().db_retry_s
+    seen = retry_transient(lambda: _check_open(job_id), within_s=within, what="cancel request")
+    # The token first: Redis decides which request wins (SET NX in one script) and the workers hear
+    # the winner in the same round trip, so a cancel is observed without waiting on a database commit.
+    # The row follows with the *winner's* request, whoever writes it; the job may observe the token and
+    # commit `cancelled` before that (lifecycle.end_cancelled records the winner then, and this call
+    # still answers success). Redis away: the row decides alone, as the durable copy workers reconcile.
+    winner: CancelRequest | None = None
+    try:
+        first, winner = get_store().apply(job_id, requested, queued=seen is JobStatus.PENDING)
+        winner = requested if first else winner
+    except RedisError as exc:
+        log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
 
-    # a database blip (a lock past the busy timeout, a restart) is waited out: the request and its
-    # event are one transaction, retried whole, so no cancel wins without its record
-    status, winner = retry_transient(record, within_s=get_settings().db_retry_s, what="cancel request")
-    won = winner is requested
-    if won:
-        try:
-            get_store().apply(job_id, winner)
-        except RedisError as exc:
-            # the row already says `cancelling` with this reason: workers' reconcile reads it there
-            log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
+    def record() -> tuple[JobStatus, CancelRequest, bool]:
+        candidate = winner or requested
+        with session_scope(writer=True) as session:
+            status, held, moved = lifecycle.mark_requested(session, job_id, candidate)
+            if moved:  # the first to write the row puts the winner on record, whoever it is
+                lifecycle.add_request_event(session, job_id, candidate, status.value, won=True)
+            elif status is JobStatus.CANCELLED:  # the job saw the token first; record it unless it did
+                lifecycle.record_winner(session, job_id, candidate, JobStatus.CANCELLING.value)
+            if not (candidate is requested and held.same_as(requested)):  # a loser: on record as one
+                lifecycle.add_request_event(session, job_id, requested, status.value, won=False)
+            # the job saw the token and ended before this write: this cancel took effect, as asked
+            return JobStatus.CANCELLING if status is JobStatus.CANCELLED and not moved else status, held, moved
+
+    # a database blip (a lock past the busy timeout, a restart) is waited out: the row and its events
+    # are one transaction, retried whole; the token already stops the job meanwhile
+    status, held, ended = retry_transient(record, within_s=within, what="cancel request")
+    won = (winner or requested) is requested and held.same_as(requested)
+    if winner is not None and not held.same_as(winner):
+        _correct_token(job_id, held)
+    elif winner is None and won:
+        try:  # Redis may be back already; if not, workers' reconcile reads the row
+            get_store().apply(job_id, requested)
+        except RedisError:
+            pass
     if cascade:
         cancel_children(job_id, f"parent job {job_id} was cancelled", actor)
     elif status is JobStatus.CANCELLED:
         settle_children(job_id)
-    if won and status is JobStatus.CANCELLED:
+    if ended and status is JobStatus.CANCELLED:
         act_after_cancel(job_id)  # a queued job ended at once: its policy may resume it
-    return CancelOutcome(job_id, status, won, winner)
+    return CancelOutcome(job_id, status, won, held, ended=ended and status is JobStatus.CANCELLED)
+
+
+def _check_open(job_id: str) -> JobStatus:
+    """Refuse before anything is written: an unknown job (404) or one already over (400). A read;
+    returns the status seen."""
+    with get_engine().connect() as conn:
+        status = conn.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None:
+        raise JobNotFound(job_id)
+    if JobStatus(status).is_terminal:
+        raise JobAlreadyTerminal(job_id, status)
+    return JobStatus(status)
+
+
+def _correct_token(job_id: str, held: CancelRequest) -> None:
+    """The row recorded an earlier winner (its request reached only the database): Redis follows."""
+    try:
+        get_store().correct(job_id, held)
+    except RedisError as exc:
+        log.warning("token of %s still holds a later request than its row (Redis: %s)", job_id, exc)
 
 
 def finalize_stopped(
@@ -128,7 +164,8 @@ def finalize_stopped(
     else:
         request = first or CancelRequest(reason, message, source)
         won = lifecycle.end_cancelled(job_id, request, at_item=at_item, by="finalizer", actor=actor,
-                                      requested_at=requested_at or request.at, observed_source=source)
+                                      requested_at=None if first else requested_at or request.at,
+                                      observed_source=source, requested=first)
     if won:
         settle_children(job_id)
         act_after_cancel(job_id)

@@ -55,6 +55,8 @@ class JobFailed(AndonError):
 class PipelineTask(Task):
     #: Main-process hooks for the ways a job's process can die under it (time limit, lost worker).
     Request = "tasks.request:JobRequest"
+    #: The main process skips the messages of jobs cancelled while queued, without a pool process.
+    Strategy = "tasks.strategy:skip_cancelled"
 
 
 @contextmanager

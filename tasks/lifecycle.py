@@ -25,8 +25,8 @@ from tasks.errors import JobAlreadyTerminal, JobNotFound
 from tasks.policy import resumable
 
 __all__ = [
-    "JobOutcome", "cancel_queued", "end_cancelled", "end_failed", "finish_ran_through", "mark_requested",
-    "outcome_of", "requeue", "requested_cancels", "start", "take_over",
+    "JobOutcome", "add_request_event", "cancel_queued", "end_cancelled", "end_failed", "finish_ran_through",
+    "mark_requested", "outcome_of", "record_winner", "requeue", "requested_cancels", "start", "take_over",
 ]
 
 
@@ -112,25 +112,66 @@ def finish_ran_through(job_id: str, fence: int | None = None, *,
 def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_item: int | None,
                   stage: str | None = None, observed_at: datetime | None = None, by: str | None = None,
                   actor: str | None = None, requested_at: datetime | None = None,
-                  observed_source: CancellationSource | None = None, fence: int | None = None) -> bool:
+                  observed_source: CancellationSource | None = None, fence: int | None = None,
+                  requested: CancelRequest | None = None) -> bool:
     """The cancel was observed (by the job at a checkpoint, or by a finalizer): record it and end the
-    job ``cancelled`` with the winning request's reason. True if this call ended it."""
+    job ``cancelled`` with the winning request's reason. True if this call ended it.
+
+    ``requested``: the request the job's token holds. The token is set before the request writes the
+    row, so the job may get here first: it then puts that request on record itself (the row's
+    ``cancel_requested_at`` and its ``cancel_requested`` event, exactly once, see
+    :func:`record_winner`). A reason the row already holds wins over the token's: the row is the
+    arbiter when a first request reached only the database (Redis away)."""
     now = observed_at or datetime.now(UTC)
-    source = (observed_source or error.source).value if (observed_source or error.source) else None
-    detail: dict[str, Any] = {"item": at_item, "stage": stage}
-    if by:
-        detail["by"] = by
-    with session_scope() as session:
-        pipeline = session.scalar(select(Job.pipeline).where(Job.id == job_id))
-        job_rows.add_event(session, job_id, EventKind.CANCEL_OBSERVED, reason=error.reason.value, source=source,
+    with session_scope(writer=True) as session:
+        claimed = requested is not None and record_winner(session, job_id, requested, "cancelling", only_open=True)
+        # after the claim's UPDATE this row is ours to read until commit (write lock / row lock)
+        pipeline, *held = session.execute(
+            select(Job.pipeline, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source)
+            .where(Job.id == job_id)).one()
+        first = (CancelRequest(CancellationReason(held[0]), held[1], CancellationSource(held[2]) if held[2] else None)
+                 if held[0] else error)
+        source = (observed_source or first.source).value if (observed_source or first.source) else None
+        detail: dict[str, Any] = {"item": at_item, "stage": stage}
+        if by:
+            detail["by"] = by
+        job_rows.add_event(session, job_id, EventKind.CANCEL_OBSERVED, reason=first.reason.value, source=source,
                            actor=actor, detail=detail, at=now)
         values: dict[str, Any] = {}
         if requested_at is not None:
             values["cancel_requested_at"] = requested_at
-        return _end(
-            session, job_id, JobStatus.CANCELLED, fence=fence, **job_rows.cancel_values(error), **values,
-            cancel_observed_at=now, cancelled_at_item=at_item, resumable=resumable(pipeline, error.reason),
+        won = _end(
+            session, job_id, JobStatus.CANCELLED, fence=fence, **job_rows.cancel_values(first), **values,
+            cancel_observed_at=now, cancelled_at_item=at_item, resumable=resumable(pipeline, first.reason),
         )
+        if claimed and not won:  # the record goes with the end, or not at all: the request writes it
+            session.rollback()
+        return won
+
+
+def record_winner(session: Session, job_id: str, winner: CancelRequest, status: str, *,
+                  only_open: bool = False) -> bool:
+    """Put the winning request on record if nobody has yet: stamp ``cancel_requested_at`` (only while
+    it is empty — one conditional UPDATE, so of the request and the worker racing to it, exactly one
+    wins) and add the winner's ``cancel_requested`` event, in the caller's transaction. ``only_open``:
+    only while the job is not terminal. True if this call recorded it."""
+    allowed = [s.value for s in JobStatus if not s.is_terminal] if only_open else [JobStatus.CANCELLED.value]
+    claimed = session.execute(
+        update(Job).where(Job.id == job_id, Job.cancel_requested_at.is_(None), Job.status.in_(allowed))
+        .values(cancel_requested_at=winner.at).execution_options(synchronize_session=False)
+    ).rowcount == 1
+    if claimed:
+        add_request_event(session, job_id, winner, status, won=True)
+    return claimed
+
+
+def add_request_event(session: Session, job_id: str, request: CancelRequest, status: str, *, won: bool) -> None:
+    """The ``cancel_requested`` event of one request, winner or loser."""
+    job_rows.add_event(
+        session, job_id, EventKind.CANCEL_REQUESTED, reason=request.reason.value,
+        source=request.source.value if request.source else None, actor=request.actor,
+        detail={"message": request.message, "status": status, "won": won}, at=request.at,
+    )
 
 
 def end_failed(job_id: str, error: str, fence: int | None = None) -> bool:
@@ -147,12 +188,13 @@ def requeue(job_id: str, source: CancellationSource, actor: str | None, detail: 
     return False
 
 
-def requested_cancels(job_ids: list[str], session: Session | None = None) -> dict[str, CancelRequest]:
+def requested_cancels(job_ids: list[str], session: Session | None = None,
+                      status: JobStatus = JobStatus.CANCELLING) -> dict[str, CancelRequest]:
     """The winning cancel requests the job rows hold (status ``cancelling``) — the durable copy of a
     token, and the arbiter of which request came first."""
     query = (select(Job.id, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source,
                     Job.cancel_requested_at)
-             .where(Job.id.in_(job_ids), Job.status == JobStatus.CANCELLING.value))
+             .where(Job.id.in_(job_ids), Job.status == status.value))
     if session is None:
         with session_scope() as own:
             rows = own.execute(query).all()
@@ -165,30 +207,39 @@ def requested_cancels(job_ids: list[str], session: Session | None = None) -> dic
     }
 
 
-def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tuple[JobStatus, CancelRequest]:
-    """Queued → cancelled at once; running → cancelling. Returns the status and the winning request
-    (``request`` itself if this call won). Retries if a worker moves the row meanwhile."""
+def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tuple[JobStatus, CancelRequest, bool]:
+    """Queued → cancelled at once; running → cancelling, with ``request`` as the winner (the token's
+    winner when Redis decided, else this request). Returns the status, the request the row holds, and
+    whether this call moved the row (then it also put the winner on record: its
+    ``cancel_requested_at`` and, for the caller to add, its event — see :func:`record_winner`).
+
+    The token may be set before this runs, so the job may already have ended ``cancelled`` by it: that
+    is this cancel taking effect, not a job that was over (``cancelled``, not moved; if the job got
+    there first without a record, this call records the winner). Retries if a worker moves the row
+    meanwhile."""
     values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at}
-    pipeline = session.scalar(select(Job.pipeline).where(Job.id == job_id))
     # the common case first, without reading the row: a running job
     if job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
-        return JobStatus.CANCELLING, request
+        return JobStatus.CANCELLING, request, True
     for _ in range(5):
-        status_value = session.scalar(select(Job.status).where(Job.id == job_id))
-        if status_value is None:
+        row = session.execute(select(Job.status, Job.pipeline).where(Job.id == job_id)).one_or_none()
+        if row is None:
             raise JobNotFound(job_id)
-        status = JobStatus(status_value)
+        status = JobStatus(row.status)
+        if status is JobStatus.CANCELLED:
+            held = requested_cancels([job_id], session, status=JobStatus.CANCELLED).get(job_id, request)
+            return status, held, False
         if status.is_terminal:
             raise JobAlreadyTerminal(job_id, status.value)
         if status is JobStatus.CANCELLING:
-            return status, requested_cancels([job_id], session).get(job_id, request)
+            return status, requested_cancels([job_id], session).get(job_id, request), False
         if status is JobStatus.PENDING and _end(
             session, job_id, JobStatus.CANCELLED, only_from=JobStatus.PENDING, cancelled_at_item=0,
-            resumable=resumable(pipeline, request.reason), **values,
+            resumable=resumable(row.pipeline, request.reason), **values,
         ):
-            return JobStatus.CANCELLED, request
+            return JobStatus.CANCELLED, request, True
         if status is JobStatus.RUNNING and job_rows.transition(session, job_id, JobStatus.CANCELLING, **values):
-            return JobStatus.CANCELLING, request
+            return JobStatus.CANCELLING, request, True
     raise JobAlreadyTerminal(job_id, "changing too fast to cancel")
 
 

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import redis
 
 from db.settings import get_settings
-from tasks.cancellation import CancellationStore, TokenWatcher
+from tasks.cancellation import CancellationStore, QueuedCancels, TokenWatcher
 from tasks.lifecycle import requested_cancels
 
-__all__ = ["get_loop", "get_redis", "get_store", "get_watcher", "reset_process_state"]
+__all__ = ["get_loop", "get_queued_cancels", "get_redis", "get_store", "get_watcher", "reset_process_state"]
 
 T = TypeVar("T")
 _process: dict[str, Any] = {}
@@ -52,6 +52,11 @@ def get_watcher() -> TokenWatcher:
                                                         durable=requested_cancels))
 
 
+def get_queued_cancels() -> QueuedCancels:
+    """The jobs cancelled while queued (a worker's main process skips their messages); not started."""
+    return _per_process("queued-cancels", lambda: QueuedCancels(get_store(), ttl_s=get_settings().token_ttl_s))
+
+
 def get_loop() -> asyncio.AbstractEventLoop:
     """This process's one long-lived event loop, running in a daemon thread of its own.
 
@@ -80,7 +85,7 @@ def reset_process_state() -> None:
     with _lock:
         objects = [_process.pop(key) for key in list(_process)]
     for obj in objects:
-        if isinstance(obj, TokenWatcher):
+        if isinstance(obj, (TokenWatcher, QueuedCancels)):
             obj.stop()
         elif isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running():
             obj.call_soon_threadsafe(obj.stop)

@@ -268,7 +268,8 @@ class JobRun:
                 at_item = next((i for i in range(self.job.total_items) if i not in self.finished), None)
                 return lifecycle.end_cancelled(self.job.id, cancel, at_item=at_item,
                                                stage=self.reached[1] if self.reached else None,
-                                               observed_at=observed_at, fence=self.fence)
+                                               observed_at=observed_at, fence=self.fence,
+                                               requested=self.token.first_request)
             try:
                 if self._durably(end):
                     act_after_cancel(self.job.id)  # its per-reason policy may resume it at once

@@ -263,3 +263,25 @@ def test_the_broker_sweep_resends_by_age_on_rabbitmq_and_the_duplicate_is_harmle
     job = wait_terminal(job_id)
     assert job.status == "completed" and [e.kind for e in events(job_id)].count("started") == 1
     assert_drained(rabbitmq_server)  # the second message was delivered, found the job done, and acked
+
+
+def test_a_cancelled_queued_job_is_skipped_in_the_main_process(api, rabbit_worker, rabbitmq_server):
+    """The main process answers the message itself (tasks/strategy.py), on AMQP as on Redis."""
+    rabbit_worker(concurrency=1)
+    blocker = submit(api, 500, stage_delay_s=0.05)
+    wait_for(lambda: job_row(blocker).status == "running", 30, what="the blocker to run")
+    queued = [submit(api, 1) for _ in range(10)]
+    for job_id in queued:
+        assert api.post(f"/api/jobs/{job_id}/cancel", json={}).json()["status"] == "cancelled"
+    api.post(f"/api/jobs/{blocker}/cancel", json={})
+    wait_terminal(blocker)
+
+    def skipped(job_id: str) -> bool:
+        result = AsyncResult(job_id, app=redis_app)
+        return result.state == "REVOKED" and "cancelled while queued" in str(result.result)
+
+    wait_for(lambda: all(skipped(j) for j in queued), 60, interval=0.2,
+             what="the main process to answer every cancelled message REVOKED")
+    assert not any("started" in [e.kind for e in events(j)] for j in queued)
+    wait_for(lambda: queue_ready(rabbitmq_server) == 0, 20, what="the queue to drain")
+

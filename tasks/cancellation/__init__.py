@@ -8,11 +8,12 @@ store into the tokens of the jobs this process runs.
 
 from tasks.cancellation import keys
 from tasks.cancellation.errors import CancellationError, ForcedCancellation, cancellation_in
+from tasks.cancellation.queued import QueuedCancels
 from tasks.cancellation.store import CancellationStore
 from tasks.cancellation.token import CancellationToken, CancelRequest
 from tasks.cancellation.watcher import TokenWatcher
 
 __all__ = [
     "CancelRequest", "CancellationError", "CancellationStore", "CancellationToken", "ForcedCancellation",
-    "TokenWatcher", "cancellation_in", "keys",
+    "QueuedCancels", "TokenWatcher", "cancellation_in", "keys",
 ]

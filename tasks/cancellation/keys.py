@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "cancel_key", "cancel_requests_key", "cancellations_channel", "heartbeat_key", "job_changes_channel", "lost_key", "lost_run_key",
-    "rows_deleted_key", "sweep_lock_key",
+    "queued_cancels_channel", "queued_cancels_key", "rows_deleted_key", "sweep_lock_key",
 ]
 
 
@@ -40,6 +40,18 @@ def cancellations_channel(db: int) -> str:
     """Where winning cancels are published. Pub/sub ignores database numbers, so the channel carries
     the store's: two deployments on one Redis server (different ``/db``) never hear each other."""
     return f"andon:cancellations:{db}"
+
+
+def queued_cancels_key(db: int) -> str:
+    """The jobs cancelled while queued, recently (a sorted set scored by time, trimmed to a bound):
+    what a worker's main process reads to skip their messages without a pool process
+    (:mod:`tasks.cancellation.queued`); per database like the channels."""
+    return f"andon:queued-cancels:{db}"
+
+
+def queued_cancels_channel(db: int) -> str:
+    """Where a cancel of a queued job is pushed (one id, or a JSON list of a bulk cancel's ids)."""
+    return f"andon:queued-cancels:{db}"
 
 
 def job_changes_channel(db: int) -> str:

@@ -8,21 +8,34 @@ each worker's :class:`~tasks.cancellation.watcher.TokenWatcher` hears it.
 from __future__ import annotations
 
 import json
+import time
 
 import redis
 
 from db.vocabulary import CancellationReason, CancellationSource
-from tasks.cancellation.keys import cancel_key, cancel_requests_key, cancellations_channel
+from tasks.cancellation.keys import (
+    cancel_key,
+    cancel_requests_key,
+    cancellations_channel,
+    queued_cancels_channel,
+    queued_cancels_key,
+)
 from tasks.cancellation.token import CancelRequest
 
-__all__ = ["CancellationStore"]
+__all__ = ["QUEUED_CANCELS_KEPT", "CancellationStore"]
 
 _CANCEL_SCRIPT = """
 local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 local winner = redis.call('GET', KEYS[1])
-if won then redis.call('PUBLISH', ARGV[3], winner) end
+if won then
+  redis.call('PUBLISH', ARGV[3], winner)
+  if ARGV[4] ~= '' then
+    redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+    redis.call('PUBLISH', ARGV[6], ARGV[4])
+  end
+end
 return {won and 1 or 0, winner}
 """
 
@@ -44,6 +57,9 @@ return n
 CANCEL_MANY_CHUNK = 1000
 #: The job id a payload template is made with (a uuid4 no job gets: its random bits are 0).
 _TEMPLATE_ID = "00000000-0000-4000-8000-000000000000"
+#: How many queued cancels the sorted set keeps (the newest): a worker that was away longer than it
+#: takes to cancel this many still skips the rest in its pool processes, more slowly.
+QUEUED_CANCELS_KEPT = 200_000
 
 
 
@@ -55,7 +71,9 @@ class CancellationStore:
         self.ttl_s = ttl_s
         self._cancel = client.register_script(_CANCEL_SCRIPT)
         self._cancel_many = client.register_script(_CANCEL_MANY_SCRIPT)
-        self.channel = cancellations_channel(client.connection_pool.connection_kwargs.get("db", 0))
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        self.channel = cancellations_channel(db)
+        self.queued_key, self.queued_channel = queued_cancels_key(db), queued_cancels_channel(db)
 
     def cancel(
         self,
@@ -72,14 +90,21 @@ class CancellationStore:
         )
         return self.apply(job_id, request)
 
-    def apply(self, job_id: str, request: CancelRequest) -> tuple[bool, CancelRequest]:
+    def apply(self, job_id: str, request: CancelRequest, *, queued: bool = False) -> tuple[bool, CancelRequest]:
         """Set the token with this request (``SET NX``: a token already set keeps its reason) and
-        publish it to the workers. Returns (won, winning request)."""
+        publish it to the workers. ``queued``: the job had not started, so workers' main processes
+        may skip its message (it joins the queued cancels). Returns (won, winning request)."""
         won, winner = self._cancel(
-            keys=[cancel_key(job_id), cancel_requests_key(job_id)],
-            args=[json.dumps(request.to_json(job_id)), self.ttl_s, self.channel],
+            keys=[cancel_key(job_id), cancel_requests_key(job_id), self.queued_key],
+            args=[json.dumps(request.to_json(job_id)), self.ttl_s, self.channel, job_id if queued else "",
+                  time.time(), self.queued_channel],
         )
         return bool(won), CancelRequest.from_json(json.loads(winner))
+
+    def correct(self, job_id: str, request: CancelRequest) -> None:
+        """Make an existing token hold ``request``: the job row recorded an earlier winner while Redis
+        was away, and the row is the arbiter then (``SET XX``: a token that expired stays gone)."""
+        self.redis.set(cancel_key(job_id), json.dumps(request.to_json(job_id)), xx=True, keepttl=True)
 
     def cancel_many(
         self, job_ids: list[str], reason: CancellationReason, message: str | None, source: CancellationSource
@@ -87,21 +112,32 @@ class CancellationStore:
         """Cancel many *queued* jobs in one pipelined round trip, first cancel still winning
         (``_CANCEL_MANY_SCRIPT``, a thousand jobs per call).
 
-        Nothing is published: no worker watches a job that hasn't started, and it reads the state
-        when it does start (and the row is already ``cancelled``).
+        No token is published (no job of these runs to watch it); the ids join the queued cancels in
+        one ``ZADD`` and one push, so workers' main processes skip their messages.
         """
+        if not job_ids:
+            return
         request = CancelRequest(reason=reason, message=message, source=source)
         # each job's payload is json.dumps(request.to_json(job_id)), put together in the script: what
         # costs here is redis-py packing three commands per job, not Redis running them
         before, _, after = json.dumps(request.to_json(_TEMPLATE_ID)).partition(json.dumps(_TEMPLATE_ID))
         before, after = before + '"', '"' + after
+        now = time.time()
         with self.redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(job_ids), CANCEL_MANY_CHUNK):
                 chunk = job_ids[start:start + CANCEL_MANY_CHUNK]
                 self._cancel_many(keys=[cancel_key(j) for j in chunk] + [cancel_requests_key(j) for j in chunk],
                                   args=[before, after, self.ttl_s, *(json.dumps(j)[1:-1] for j in chunk)],
                                   client=pipe)
+                pipe.zadd(self.queued_key, dict.fromkeys(chunk, now))
+                pipe.publish(self.queued_channel, json.dumps(chunk))
+            pipe.zremrangebyrank(self.queued_key, 0, -QUEUED_CANCELS_KEPT - 1)
             pipe.execute()
+
+    def queued_since(self, since: float) -> list[tuple[str, float]]:
+        """The jobs cancelled while queued at or after ``since`` (epoch seconds), with when."""
+        return [(job_id.decode() if isinstance(job_id, bytes) else job_id, score)
+                for job_id, score in self.redis.zrangebyscore(self.queued_key, since, "+inf", withscores=True)]
 
     def read(self, job_ids: list[str]) -> dict[str, CancelRequest]:
         """The winning cancel request of each cancelled job among ``job_ids``."""

@@ -27,15 +27,26 @@ class CancelRequest:
     message: str | None = None
     source: CancellationSource | None = None
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: who asked (a user, a worker's hostname): carried in the token so that whoever records the
+    #: winning request first — the request itself or the worker that observed it — can name its actor
+    actor: str | None = None
 
     def to_json(self, job_id: str) -> dict[str, Any]:
-        return {
+        data = {
             "job_id": job_id,
             "reason": self.reason.value,
             "message": self.message,
             "source": self.source.value if self.source else None,
             "at": self.at.isoformat(),
         }
+        if self.actor is not None:
+            data["actor"] = self.actor
+        return data
+
+    def same_as(self, other: CancelRequest | None) -> bool:
+        """The same request, compared by what a job row keeps of it (reason, message, source)."""
+        return other is not None and (self.reason, self.message, self.source) == (
+            other.reason, other.message, other.source)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CancelRequest:
@@ -44,6 +55,7 @@ class CancelRequest:
             message=data.get("message"),
             source=CancellationSource(data["source"]) if data.get("source") else None,
             at=datetime.fromisoformat(data["at"]),
+            actor=data.get("actor"),
         )
 
 

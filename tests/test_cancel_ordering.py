@@ -1,0 +1,162 @@
+"""The cancel path's order: the token first (Redis decides the winner, workers hear it at once), the
+row after — and whichever of the request and the job writes the row first, the first cancel wins,
+durably, and the row agrees with Redis."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import redis
+
+from db import jobs as job_rows
+from db.session import session_scope
+from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from tasks import control, lifecycle
+from tasks.cancellation import CancellationStore, CancelRequest
+from tasks.errors import JobAlreadyTerminal, JobNotFound
+from tasks.process import get_store
+from tests.jobs_helpers import events, job_row, submit, wait_items, wait_terminal
+from tests.test_hardening import hold_write_lock
+
+
+def _running_job() -> str:
+    """A job row that is `running`, owned by nobody real: no worker touches it."""
+    job_id = str(uuid.uuid4())
+    with session_scope() as session:
+        job_rows.create_job(session, job_id, ["a", "b"], {}, actor="test")
+    assert lifecycle.start(job_id, "test-owner") is not None
+    return job_id
+
+
+def _requests(job_id: str) -> list:
+    return [e for e in events(job_id) if e.kind == "cancel_requested"]
+
+
+def test_a_cancel_sets_the_token_before_the_row_and_both_hold_the_same_request(database):
+    job_id = _running_job()
+    outcome = control.request_cancel(job_id, CancellationReason.TIMEOUT, "late", CancellationSource.API, actor="t")
+    assert (outcome.status, outcome.won) == (JobStatus.CANCELLING, True)
+    token = get_store().read([job_id])[job_id]
+    job = job_row(job_id)
+    assert (job.status, job.cancellation_reason, job.cancellation_message, job.cancellation_source) == (
+        "cancelling", "timeout", "late", "api")
+    assert (token.reason, token.message, token.source, token.actor) == (
+        CancellationReason.TIMEOUT, "late", CancellationSource.API, "t")
+    [request] = _requests(job_id)
+    assert (request.reason, request.actor, request.detail["won"]) == ("timeout", "t", True)
+
+
+def test_unknown_and_finished_jobs_are_refused_before_any_token_is_set(database):
+    unknown = str(uuid.uuid4())
+    with pytest.raises(JobNotFound):
+        control.request_cancel(unknown)
+    job_id = _running_job()
+    assert lifecycle.finish_ran_through(job_id).status.is_terminal
+    with pytest.raises(JobAlreadyTerminal):
+        control.request_cancel(job_id)
+    assert get_store().read([unknown, job_id]) == {}
+
+
+def test_a_job_that_commits_cancelled_before_the_request_writes_the_row_still_answers_success(
+        database, monkeypatch):
+    """The token is set; the job observes it and commits `cancelled` (recording the request itself)
+    before the request's own row write runs: the request answers success, not 400, and the winner
+    is on record once, before the job's end."""
+    job_id = _running_job()
+    store = get_store()
+
+    class JobEndsRightAfterTheToken:
+        """The real store; the moment the token is set, the job observes it and ends."""
+
+        def apply(self, jid, request, **kwargs):
+            won, winner = store.apply(jid, request, **kwargs)
+            assert lifecycle.end_cancelled(jid, winner, at_item=1, requested=winner)  # what the job does
+            return won, winner
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+    monkeypatch.setattr(control, "get_store", JobEndsRightAfterTheToken)
+    outcome = control.request_cancel(job_id, CancellationReason.USER_REQUESTED, "now", actor="alice")
+    assert (outcome.status, outcome.won, outcome.ended) == (JobStatus.CANCELLING, True, False)
+    job = job_row(job_id)
+    assert (job.status, job.cancellation_reason, job.cancellation_message) == ("cancelled", "user_requested", "now")
+    assert job.cancel_requested_at is not None and job.cancel_observed_at >= job.cancel_requested_at
+    kinds = [(e.kind, e.actor) for e in events(job_id) if e.kind.startswith("cancel")]
+    assert kinds == [("cancel_requested", "alice"), ("cancel_observed", None), ("cancelled", None)]
+
+
+def test_a_running_job_observes_a_cancel_whose_request_died_before_writing_the_row(worker):
+    """Only the token was set (the requesting process died after Redis): the job's own terminal
+    write carries the reason from the token and puts the request on record."""
+    job_id = submit(30, stage_delay_s=0.03)
+    wait_items(job_id, 2)
+    get_store().apply(job_id, CancelRequest(CancellationReason.RESOURCE_LIMIT, "only in Redis",
+                                            CancellationSource.API, actor="gone"))
+    job = wait_terminal(job_id)
+    assert (job.status, job.cancellation_reason, job.cancellation_message) == (
+        "cancelled", "resource_limit", "only in Redis")
+    assert job.cancel_requested_at is not None
+    [request] = _requests(job_id)
+    assert (request.reason, request.actor, request.detail["won"]) == ("resource_limit", "gone", True)
+
+
+def test_with_redis_away_the_row_decides_and_a_later_token_follows_the_row(database, monkeypatch):
+    job_id = _running_job()
+    dead = CancellationStore(redis.Redis(port=1, socket_connect_timeout=0.2, socket_timeout=0.2))
+    monkeypatch.setattr(control, "get_store", lambda: dead)
+    outcome = control.request_cancel(job_id, CancellationReason.TIMEOUT, "first", actor="a")
+    assert (outcome.status, outcome.won) == (JobStatus.CANCELLING, True)
+    assert get_store().read([job_id]) == {}
+    monkeypatch.undo()
+    # Redis is back: a second request wins there, but the row came first and Redis is corrected
+    later = control.request_cancel(job_id, CancellationReason.USER_REQUESTED, "second", actor="b")
+    assert (later.won, later.request.reason) == (False, CancellationReason.TIMEOUT)
+    assert get_store().read([job_id])[job_id].reason is CancellationReason.TIMEOUT
+    assert job_row(job_id).cancellation_reason == "timeout"
+    assert [(e.reason, e.detail["won"]) for e in _requests(job_id)] == [("timeout", True), ("user_requested", False)]
+
+
+def test_racing_cancels_with_different_reasons_leave_the_redis_winner_first_on_record(database):
+    reasons = list(CancellationReason)
+    for _ in range(10):
+        job_id = _running_job()
+        barrier = threading.Barrier(len(reasons))
+        outcomes = []
+
+        def cancel(reason):
+            barrier.wait()
+            outcomes.append(control.request_cancel(job_id, reason, f"by {reason.value}", actor=reason.value))
+
+        threads = [threading.Thread(target=cancel, args=(r,)) for r in reasons]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        winner = get_store().read([job_id])[job_id]
+        assert sum(o.won for o in outcomes) == 1
+        assert {o.request.reason for o in outcomes} == {winner.reason}
+        assert job_row(job_id).cancellation_reason == winner.reason.value
+        requests = _requests(job_id)
+        assert len(requests) == len(reasons)
+        assert (requests[0].reason, requests[0].actor, requests[0].detail["won"]) == (
+            winner.reason.value, winner.actor, True)
+        assert [r.detail["won"] for r in requests[1:]] == [False] * (len(reasons) - 1)
+
+
+@pytest.mark.usefixtures("database")
+def test_a_cancel_is_observed_while_the_database_is_locked_and_recorded_once_it_is_back(start_worker):
+    w = start_worker(concurrency=1, ANDON_SQLITE_BUSY_TIMEOUT_MS="200", ANDON_DB_RETRY_S="30")
+    job_id = submit(40, stage_delay_s=0.05, pipeline="user-sync", queue=w.queue)
+    wait_items(job_id, 2)
+    holder = hold_write_lock(1.5)
+    asked = datetime.now(UTC)
+    outcome = control.request_cancel(job_id, CancellationReason.TIMEOUT, "while locked", actor="t")
+    assert outcome.won
+    holder.join(30)
+    job = wait_terminal(job_id)
+    assert (job.status, job.cancellation_reason, job.cancellation_message) == ("cancelled", "timeout", "while locked")
+    # the job stopped at its checkpoint long before the lock was released (its end waited for it)
+    assert (job.cancel_observed_at - asked).total_seconds() < 1.0
+    assert [(e.reason, e.detail["won"]) for e in _requests(job_id)] == [("timeout", True)]
