@@ -18,8 +18,6 @@ SHUTDOWN = ("system_shutdown", "worker_shutdown")
 DEADLINE = ("timeout", "deadline")
 #: README, "Resume": a job cancelled for timeout or system_shutdown is resumable
 RESUMABLE = {"timeout", "system_shutdown"}
-#: Celery results that mean "the result backend was away", not "the job went wrong"
-OUTAGE_ERRORS = {"ConnectionError", "OperationalError", "TimeoutError"}
 
 #: the checks, in the order the report lists them (name → what it means)
 CHECKS = {
@@ -269,31 +267,22 @@ def check_rows(record: Record, jobs: list, items: list, events: list, partials: 
 
         state = states.get(jid)
         info["celery-state"][(job.status, state)] += 1
-        meta = (celery_meta or {}).get(jid, {})
-        done_at = datetime.fromisoformat(meta["date_done"]) if meta.get("date_done") else None
-        if done_at is not None and done_at.tzinfo is None:
-            done_at = done_at.replace(tzinfo=job.created_at.tzinfo)
-        during_outage = any(
-            t is not None and b - slack <= t <= e + 10 * slack
-            for _, b, e in redis_windows
-            for t in (job.finished_at, done_at if meta.get("exc_type") in OUTAGE_ERRORS else None))
         expected = {"completed": {"SUCCESS"}, "cancelled": {"REVOKED"}, "failed": {"FAILURE"}}[job.status]
         if job.status == "failed" and any(a.kind.startswith("flower") for a in acts):
             expected = expected | {"REVOKED"}  # a revoke of its requeued message after it failed
         if lost_msg and not any(e.kind == "started" for e in evs):
             expected = expected | {None}  # the harness deleted its message: no worker ever saw it
         if state not in expected:
-            if during_outage and state == "FAILURE":
-                # Celery could not store the result while Redis (its result backend) was away and
-                # records the ConnectionError as FAILURE once back: Celery's doing; reported only
-                info["celery-state-outage"][(job.status, state)] += 1
-            else:
-                note = (f"; its message was delivered at {parked_at.isoformat()} and never acked (parked in "
-                        "kombu's unacked hash)" if parked_at is not None else "")
-                near = faults_near(record, job.finished_at)
-                out.append(("celery-state", jid, f"row {job.status}, Celery result {state}{note}"
-                            + (f"; faults around it: {near}" if near else "")
-                            + (f"; {worker_errors[jid]}" if jid in worker_errors else "")))
+            # andon's sweep (tasks/results.py) writes the row's state where its run couldn't — also
+            # over a FAILURE Celery stored for an outage of Redis or the database — so none is excused
+            exc_type = (celery_meta or {}).get(jid, {}).get("exc_type")
+            note = (f"; its message was delivered at {parked_at.isoformat()} and never acked (parked in "
+                    "kombu's unacked hash)" if parked_at is not None else "")
+            near = faults_near(record, job.finished_at)
+            out.append(("celery-state", jid, f"row {job.status}, Celery result {state}"
+                        + (f" ({exc_type})" if exc_type else "") + note
+                        + (f"; faults around it: {near}" if near else "")
+                        + (f"; {worker_errors[jid]}" if jid in worker_errors else "")))
 
         # -- who asked it to stop -------------------------------------------------------------------
         requests = [e for e in evs if e.kind == "cancel_requested"]

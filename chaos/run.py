@@ -201,6 +201,7 @@ def run_one(args, seed: int, db: str) -> int:
                                     policy_on="auto_resume" in (plan.policy or ""))
         violations += more
         info.update(beyond)
+        info["results-settled"] = h.results_settled()
         race = race_summary(h.record, jobs, events)
     except KeyboardInterrupt:
         say("interrupted: stopping the stack")
