@@ -5,18 +5,19 @@ with the reason). Some ends leave that state wrong for ever:
 
 * the row was ended by someone else — the reaper or a finalizer for a run that died, a cancel of a
   queued job whose retried delivery is still waiting — so the result stays PENDING/STARTED/RETRY;
-* the run's own write was cut by an outage — the database gone between its terminal commit and
-  the read that builds REVOKED's reason, or Redis (the result backend) away when it stored the
-  result — so Celery stores the outage as FAILURE (``ConnectionError``, ``OperationalError``) once
-  it can, or nothing.
+* the run's own write was cut by an outage, and Celery stored the outage instead: a FAILURE
+  (``ConnectionError``, ``OperationalError``) once Redis, its result backend, was back, or
+  ``Reject`` when the broker took no retry of the delivery;
+* a late message of an ended job was discarded as revoked, over a result that was never stored.
 
-:class:`ResultSweep` finds terminal rows whose Celery state disagrees in one of those two ways and
-writes the state the row implies: REVOKED with the reason for ``cancelled``, SUCCESS for
-``completed``, FAILURE with the error for ``failed``. A FAILURE the job itself raised is never
-touched, nor a row that ended less than ``grace_s`` ago (its run is still writing), nor one whose
-heartbeat a live run still beats. Writing a state derived from a terminal row is idempotent: two
-workers sweeping at once write the same thing. It can't help a deployment whose result backend is
-not Redis (it reads the backend's keys in bulk) — andon always configures Redis.
+:class:`ResultSweep` finds terminal rows whose Celery state is not the one the row implies and
+writes it: REVOKED with the reason for ``cancelled``, SUCCESS for ``completed``, FAILURE with the
+error for ``failed`` (DESIGN.md: the row is what a job's Celery state must say). It leaves alone a
+row that ended less than ``grace_s`` ago (its run is still writing), one whose heartbeat a live run
+still beats, a ``failed`` row's FAILURE (the job's own words), and a SUCCESS (Celery never
+overwrites one: ``BaseKeyValueStoreBackend._store_result``). Writing a state derived from a terminal
+row is idempotent: two workers sweeping at once write the same thing. It reads the result backend's
+keys in bulk, so it needs Redis as the result backend — which andon always configures.
 """
 
 from __future__ import annotations
@@ -37,15 +38,10 @@ from tasks.cancellation.keys import heartbeat_key
 from tasks.celery_app import app
 from tasks.process import get_redis
 
-__all__ = ["OUTAGE_ERRORS", "ResultSweep", "expected_state", "needs_settling", "settle_result"]
+__all__ = ["ResultSweep", "expected_state", "needs_settling", "settle_result"]
 
 log = logging.getLogger(__name__)
 
-#: States a run that never got to its end leaves (``RECEIVED`` too: Celery's event-only state).
-UNSETTLED = frozenset({states.PENDING, states.RECEIVED, states.STARTED, states.RETRY})
-#: A FAILURE with one of these is an outage of Redis or the database seen from Celery, not the job's.
-OUTAGE_ERRORS = frozenset({"ConnectionError", "TimeoutError", "OperationalError", "InterfaceError",
-                           "BackendStoreError", "BusyLoadingError"})
 TERMINAL = (JobStatus.CANCELLED.value, JobStatus.COMPLETED.value, JobStatus.FAILED.value)
 
 
@@ -71,15 +67,9 @@ def settle_result(job: Job) -> None:
 
 def needs_settling(status: str, meta: dict[str, Any] | None) -> bool:
     """Does the stored Celery result (``meta``, None when there is none) disagree with a row in
-    ``status`` in a way only a lost write explains?"""
+    ``status`` in a way andon may correct?"""
     state = (meta or {}).get("status", states.PENDING)
-    if state == expected_state(status):
-        return False
-    if state in UNSETTLED:
-        return True
-    result = (meta or {}).get("result")  # the stored form, or the exception Celery rebuilt from it
-    exc_type = result.get("exc_type") if isinstance(result, dict) else type(result).__name__
-    return state == states.FAILURE and status != JobStatus.FAILED.value and exc_type in OUTAGE_ERRORS
+    return state not in (expected_state(status), states.SUCCESS)
 
 
 @dataclass

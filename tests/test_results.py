@@ -11,12 +11,15 @@ import threading
 import uuid
 
 from celery import states
+from celery.exceptions import Reject
 from celery.result import AsyncResult
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api import service
+from tasks import lifecycle
 from tasks.app import app
 from tasks.cancellation.keys import heartbeat_key, sweep_lock_key
+from tasks.jobs import JobFailed
 from tasks.results import ResultSweep
 from tests.jobs_helpers import job_row, submit, wait_items, wait_status, wait_terminal
 from tests.procs import wait_for
@@ -64,12 +67,19 @@ def test_a_completed_job_whose_success_was_lost_to_a_redis_outage_shows_success(
     wait_for(lambda: celery_state(job_id) == states.SUCCESS, 60, what="the sweep to write SUCCESS")
 
 
-def test_a_failure_the_job_itself_raised_is_left_alone(redis_client, database):
-    job_id = service.submit_job(["a"], pipeline="user-sync", queue=f"q-none-{uuid.uuid4().hex[:8]}").job_id
-    assert service.cancel_job(job_id).status.value == "cancelled"
-    app.backend.store_result(job_id, ValueError("the job's own error"), states.FAILURE)
-    assert job_id not in sweep_through(ResultSweep(grace_s=0))
-    assert celery_state(job_id) == states.FAILURE
+def test_a_failure_celery_stored_for_a_cancelled_job_becomes_revoked_and_a_failed_jobs_own_stays(
+        redis_client, database):
+    cancelled = service.submit_job(["a"], pipeline="user-sync", queue=f"q-none-{uuid.uuid4().hex[:8]}").job_id
+    assert service.cancel_job(cancelled).status.value == "cancelled"
+    # what Celery stores when the broker takes no retry of a delivery deferred during a Redis outage
+    app.backend.store_result(cancelled, Reject("Error 111 connecting. Connection refused.", requeue=False),
+                             states.FAILURE)
+    failed = service.submit_job(["a"], pipeline="user-sync", queue=f"q-none-{uuid.uuid4().hex[:8]}").job_id
+    assert lifecycle.end_failed(failed, "no worker knows this job's pipeline")
+    app.backend.store_result(failed, JobFailed("no worker knows this job's pipeline: its own words"), states.FAILURE)
+    settled = sweep_through(ResultSweep(grace_s=0))
+    assert cancelled in settled and celery_state(cancelled) == states.REVOKED
+    assert failed not in settled and "its own words" in str(AsyncResult(failed, app=app).result)
 
 
 def test_a_live_run_keeps_its_result_and_two_sweeps_racing_write_the_same_state(redis_client, database):
