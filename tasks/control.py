@@ -163,9 +163,11 @@ def finalize_stopped(
         won = lifecycle.end_failed(job_id, fail_with)
     else:
         request = first or CancelRequest(reason, message, source)
+        # the request it ends the job for goes on record with the end if nothing holds it yet (a
+        # revoke whose record a database blip cut, kept by Celery and acted on at discard)
         won = lifecycle.end_cancelled(job_id, request, at_item=at_item, by="finalizer", actor=actor,
-                                      requested_at=None if first else requested_at or request.at,
-                                      observed_source=source, requested=first)
+                                      requested_at=None if first else requested_at,
+                                      observed_source=source, requested=request)
     if won:
         settle_children(job_id)
         act_after_cancel(job_id)
