@@ -580,7 +580,8 @@ def check_beyond(record: Record, jobs: list, events: list, winners: dict[str, st
             continue
         info["idempotency"]["actions"] += 1
         first_doc = f"Beyond document {tag}-0."
-        rows = [j for j in jobs if j.inputs and str(j.inputs[0]).startswith(first_doc)]
+        # the rows a submit made: a resume of one (after a warm restart, by a policy) has its inputs too
+        rows = [j for j in jobs if j.inputs and str(j.inputs[0]).startswith(first_doc) and not j.resumed_from]
         same_rows = [j for j in rows if not str(j.inputs[-1]).endswith(f"{tag}-other.")]
         other_rows = [j for j in rows if j not in same_rows]
         kept = [j for j in same_rows if not _refused(j)]
