@@ -169,8 +169,11 @@ def run_one(args, seed: int, db: str) -> int:
             if pg is not None:
                 pg.stop()
 
+    phase_over = threading.Event()
+
     def watchdog() -> None:  # the hard bound: whatever hangs, the run ends and leaves nothing behind
-        time.sleep(plan.budget_s)
+        if phase_over.wait(plan.budget_s):  # this phase's own bound only: the Postgres phase has its own
+            return
         say(f"BUDGET of {plan.budget_s:.0f}s EXCEEDED: stopping everything")
         try:
             stop_all()
@@ -206,16 +209,19 @@ def run_one(args, seed: int, db: str) -> int:
     except KeyboardInterrupt:
         say("interrupted: stopping the stack")
         stop_all()
+        phase_over.set()
         print(f"logs kept in {home}", flush=True)
         return 130
     except Exception:
         say("the harness failed:\n" + traceback.format_exc())
         stop_all()
+        phase_over.set()
         print(f"logs kept in {home}", flush=True)
         return 2
     say("stopping the stack")
     known = h.stack.all_pids()
     stop_all()
+    phase_over.set()
     time.sleep(0.5)
     procs = leftover_processes(home, known, pg.base_dir if pg is not None else None)
     text, total = report(h, jobs, events, violations, info, race, leftovers_dirs, procs,
