@@ -155,7 +155,9 @@ def run_one(args, seed: int, db: str) -> int:
         pg = PostgresServer().start()
         database_url = pg.create_database("andon_chaos")
     configure_env(home, ports["redis"], flower_auth, database_url, plan.policy, plan.max_policy_resumes)
-
+    # once, here: action threads that import it lazily at the same moment race on its import cycle
+    # (ImportError: partially initialized module 'tasks.process')
+    import tasks.process  # noqa: F401
     from chaos.checks import check_beyond, check_rows, race_summary
     from chaos.procs import leftover_processes
 

@@ -174,9 +174,11 @@ def add_request_event(session: Session, job_id: str, request: CancelRequest, sta
     )
 
 
-def end_failed(job_id: str, error: str, fence: int | None = None) -> bool:
+def end_failed(job_id: str, error: str, fence: int | None = None, only_from: JobStatus | None = None) -> bool:
+    """``only_from``: as :func:`db.jobs.transition` (a finalizer fails only a row still ``running``:
+    one a cancel moved to ``cancelling`` meanwhile ends cancelled instead)."""
     with session_scope() as session:
-        return _end(session, job_id, JobStatus.FAILED, fence=fence, error=error)
+        return _end(session, job_id, JobStatus.FAILED, fence=fence, error=error, only_from=only_from)
 
 
 def requeue(job_id: str, source: CancellationSource, actor: str | None, detail: dict[str, Any]) -> bool:

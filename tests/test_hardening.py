@@ -256,3 +256,22 @@ def test_a_revoke_whose_record_a_database_blip_cut_is_recorded_when_celery_disca
     assert kinds(job_id).count("cancel_requested") == 1
     assert_one_terminal(job_id)
 
+
+
+def test_a_lost_job_a_cancel_reached_meanwhile_ends_cancelled_not_failed(database):
+    """The second loss of a job races an accepted cancel: the finalizer fails only a row still
+    ``running``; one the cancel moved to ``cancelling`` ends cancelled with that request."""
+    from db.vocabulary import CancellationReason, CancellationSource
+    from tasks import lifecycle
+    from tasks.control import finalize_stopped, request_cancel
+
+    job_id = service.submit_job(["a", "b"], pipeline="user-sync", queue=f"q-none-{uuid.uuid4().hex[:8]}").job_id
+    assert lifecycle.start(job_id, owner="lost-run") is not None
+    request_cancel(job_id, CancellationReason.DEPENDENCY_FAILED, "accepted after the loss", CancellationSource.API)
+    assert not lifecycle.end_failed(job_id, "worker process lost 2 times", only_from=JobStatus.RUNNING)
+    assert finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.WORKER_LOST,
+                            fail_with="worker process lost 2 times", actor="reaper")
+    job = job_row(job_id)
+    assert (job.status, job.cancellation_reason, job.cancellation_source) == ("cancelled", "dependency_failed", "api")
+    assert kinds(job_id).count("cancel_requested") == 1
+    assert_one_terminal(job_id)
