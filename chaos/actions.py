@@ -57,9 +57,12 @@ class Actions:
                     if self.record.submitted.get(j, {}).get("phase") == "chaos" and j not in self.protected]
         if not ours:
             return None
-        with session_scope() as session:
-            rows = session.execute(select(Job.id, Job.status, Job.total_items, Job.completed_items, Job.options)
-                                   .where(Job.id.in_(ours))).all()
+        def read():
+            with session_scope() as session:
+                return session.execute(select(Job.id, Job.status, Job.total_items, Job.completed_items,
+                                              Job.options).where(Job.id.in_(ours))).all()
+
+        rows = self.retry("pick a long target", read)  # the database may be restarting (the Postgres phase)
         left = {j: (total - done) * 3 * float((options or {}).get("stage_delay_s") or 0) + (
                     2.0 if status == "pending" else 0.0)
                 for j, status, total, done, options in rows if status in ("pending", "running")}
