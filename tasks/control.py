@@ -166,7 +166,6 @@ def finalize_stopped(
         won = lifecycle.end_failed(job_id, fail_with, only_from=JobStatus.RUNNING)
         if not won:
             first = lifecycle.requested_cancels([job_id]).get(job_id)
-            in_row = first is not None
     if first is not None or fail_with is None:
         request = first or CancelRequest(reason, message, source)
         # the request it ends the job for goes on record with the end if nothing holds it yet (a

@@ -124,7 +124,8 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
     arbiter when a first request reached only the database (Redis away)."""
     now = observed_at or datetime.now(UTC)
     with session_scope(writer=True) as session:
-        claimed = requested is not None and record_winner(session, job_id, requested, "cancelling", only_open=True)
+        if requested is not None:
+            record_winner(session, job_id, requested, "cancelling", only_open=True)
         # after the claim's UPDATE this row is ours to read until commit (write lock / row lock)
         pipeline, *held = session.execute(
             select(Job.pipeline, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source)
@@ -144,8 +145,8 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
             session, job_id, JobStatus.CANCELLED, fence=fence, **job_rows.cancel_values(first), **values,
             cancel_observed_at=now, cancelled_at_item=at_item, resumable=resumable(pipeline, first.reason),
         )
-        if claimed and not won:  # the record goes with the end, or not at all: the request writes it
-            session.rollback()
+        if not won:  # the loser changes nothing: no request record (the request writes it), and no
+            session.rollback()  # observation either — two reapers finalizing one lost run declare it lost once
         return won
 
 

@@ -275,3 +275,22 @@ def test_a_lost_job_a_cancel_reached_meanwhile_ends_cancelled_not_failed(databas
     assert (job.status, job.cancellation_reason, job.cancellation_source) == ("cancelled", "dependency_failed", "api")
     assert kinds(job_id).count("cancel_requested") == 1
     assert_one_terminal(job_id)
+
+
+def test_two_finalizers_racing_on_one_job_record_one_observation(database):
+    """Two reapers finalize one lost run at once (both read it unfinished): the one whose terminal
+    UPDATE loses writes no event either — the job is declared lost once."""
+    from db.vocabulary import CancellationReason, CancellationSource
+    from tasks import lifecycle
+    from tasks.cancellation import CancelRequest
+    from tasks.control import request_cancel
+
+    job_id = service.submit_job(["a", "b"], pipeline="user-sync", queue=f"q-none-{uuid.uuid4().hex[:8]}").job_id
+    assert lifecycle.start(job_id, owner="lost-run") is not None
+    request_cancel(job_id, CancellationReason.RESOURCE_LIMIT, "over its memory", CancellationSource.API)
+    request = CancelRequest(CancellationReason.RESOURCE_LIMIT, "over its memory", CancellationSource.API)
+    ends = [lifecycle.end_cancelled(job_id, request, at_item=0, by="finalizer", actor=f"reaper:{name}",
+                                    observed_source=CancellationSource.WORKER_LOST) for name in ("a", "b")]
+    assert ends == [True, False]
+    assert kinds(job_id).count("cancel_observed") == 1
+    assert_one_terminal(job_id)
