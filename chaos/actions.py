@@ -16,6 +16,9 @@ from chaos.errors import Transient
 from chaos.plan import REASONS
 from chaos.procs import ROOT
 
+#: How long one `andon cancel` process may take, start included (a fresh Python process on a busy box).
+CLI_TIMEOUT_S = 180.0
+
 
 class Actions:
     """Phase 1's actions: random cancels through the API, the CLI and Flower (Revoke, Terminate), and Mixed into ``chaos.harness.Harness``, whose state it uses."""
@@ -54,9 +57,12 @@ class Actions:
                     if self.record.submitted.get(j, {}).get("phase") == "chaos" and j not in self.protected]
         if not ours:
             return None
-        with session_scope() as session:
-            rows = session.execute(select(Job.id, Job.status, Job.total_items, Job.completed_items, Job.options)
-                                   .where(Job.id.in_(ours))).all()
+        def read():
+            with session_scope() as session:
+                return session.execute(select(Job.id, Job.status, Job.total_items, Job.completed_items,
+                                              Job.options).where(Job.id.in_(ours))).all()
+
+        rows = self.retry("pick a long target", read)  # the database may be restarting (the Postgres phase)
         left = {j: (total - done) * 3 * float((options or {}).get("stage_delay_s") or 0) + (
                     2.0 if status == "pending" else 0.0)
                 for j, status, total, done, options in rows if status in ("pending", "running")}
@@ -113,9 +119,11 @@ class Actions:
         raise RuntimeError(f"cancel answered {answer.status_code}: {answer.text[:200]}")
 
     def do_cli_cancel(self, job_id: str, reason: str) -> str:
+        # a fresh `andon` process: on the shared box under load its start alone took ~60 s once (imports
+        # stalled on a thrashing disk, 1.7 s of CPU), so 90 s was the box's bound, not andon's
         def run():
             done = subprocess.run([*self.cli, "cancel", job_id, "--reason", reason, "--message", "chaos: cli"],
-                                  capture_output=True, text=True, timeout=90, cwd=str(ROOT),
+                                  capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=str(ROOT),
                                   env={**os.environ, "ANDON_API_URL": self.stack.api_url})  # the CLI speaks HTTP
             if done.returncode == 0:
                 return "accepted"
@@ -126,7 +134,7 @@ class Actions:
                 raise Transient(done.stderr.strip()[:200])
             raise RuntimeError(f"andon cancel exited {done.returncode}: {done.stderr.strip()[:300]}")
 
-        return self.retry("cli cancel", run, timeout=90)
+        return self.retry("cli cancel", run, timeout=CLI_TIMEOUT_S)
 
     def _flower_revoke(self, job_id: str, terminate: bool) -> str:
         def post():

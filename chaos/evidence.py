@@ -65,10 +65,13 @@ class Evidence:
         deadline = time.monotonic() + settle_s
         while time.monotonic() < deadline and self.retry("queue length", lambda: redis.llen("andon")):
             time.sleep(0.25)
-        want = {j.id for j in jobs if j.status in ("cancelled", "completed", "failed")}
+        # the state each row implies; andon's sweep writes it within seconds where the run couldn't
+        # (tasks/results.py), so wait (within settle_s) for agreement, not just for any state
+        want = {j.id: {"cancelled": "REVOKED", "completed": "SUCCESS", "failed": "FAILURE"}[j.status]
+                for j in jobs if j.status in ("cancelled", "completed", "failed")}
         states: dict[str, str | None] = {}
         while True:
-            missing = sorted(want - {j for j, s in states.items() if s})
+            missing = sorted(j for j, state in want.items() if states.get(j) != state)
             raws = self.retry("result backend", lambda: redis.mget([f"celery-task-meta-{j}" for j in missing])) \
                 if missing else []
             for job_id, raw in zip(missing, raws):
@@ -76,7 +79,7 @@ class Evidence:
                 states[job_id] = meta.get("status")
                 result = meta.get("result") if isinstance(meta.get("result"), dict) else {}
                 self.celery_meta[job_id] = {"exc_type": result.get("exc_type"), "date_done": meta.get("date_done")}
-            if all(states.get(j) for j in want) or time.monotonic() > deadline:
+            if not missing or time.monotonic() > deadline:
                 return states
             time.sleep(0.5)
 
@@ -140,3 +143,7 @@ class Evidence:
                     found[m.group(1)] = f"{log.name}: {line.strip()[:260]}"
         return found
 
+    def results_settled(self) -> dict[str, int]:
+        """How many Celery results andon's sweep wrote because the job's run couldn't, per worker log."""
+        return {log.name: n for log in sorted((self.home / "logs").glob("worker-*.log"))
+                if (n := log.read_text(errors="replace").count("wrote the Celery state of ended job"))}

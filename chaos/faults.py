@@ -159,6 +159,10 @@ class Faults:
             return took if ok else float("inf")
 
         base_conns, base_threads = api_conns(), threads()
+        before = []  # how fast the API answers on this box right now, before any stream is open
+        for _ in range(5):
+            before.append(probe())
+            time.sleep(0.1)
         began = now()
         self.mark(f"stream storm: opening {n} GET /api/jobs/ID/events streams, held {hold}s")
         socks: list[socket.socket] = []
@@ -204,12 +208,14 @@ class Faults:
             time.sleep(0.5)
             conns_after, threads_after = api_conns(), threads()
         result = {"streams": n, "hold_s": hold, "statuses": statuses, "open_errors": open_errors,
+                  "before_max_s": max(before),
                   "during_max_s": max(during) if during else None, "during_n": len(during),
                   "after_max_s": max(after), "conns": [base_conns, open_conns, conns_after],
                   "threads": [base_threads, open_threads, threads_after], "closed": closed.isoformat()}
         self.record_fault("streams", began, now(), **result)
-        self.mark(f"stream storm: statuses {statuses}, GET /api/jobs/ID took ≤{result['during_max_s']:.2f}s "
-                  f"while open, ≤{result['after_max_s']:.2f}s after; API connections {result['conns']}, "
+        self.mark(f"stream storm: statuses {statuses}, GET /api/jobs/ID took ≤{result['before_max_s']:.2f}s before, "
+                  f"≤{result['during_max_s']:.2f}s while open, ≤{result['after_max_s']:.2f}s after; "
+                  f"API connections {result['conns']}, "
                   f"threads {result['threads']}")
 
     # -- weighted actions ------------------------------------------------------------------------------

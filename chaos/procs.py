@@ -40,6 +40,8 @@ def configure_env(home: Path, redis_port: int, flower_auth: str, database_url: s
         ANDON_LOST_MESSAGE_AFTER_S="5",
         # a message delivered but unacked this long (its worker died) counts as lost for a queued job
         ANDON_PARKED_AFTER_S="20",
+        # a job that ended this long ago gets the Celery state its row implies if its run couldn't write it
+        ANDON_RESULT_SETTLE_AFTER_S="5",
         # issue 13: per-reason policy (timeout → auto_resume) for every process of the stack
         ANDON_MAX_POLICY_RESUMES=str(max_policy_resumes),
     )

@@ -89,9 +89,9 @@ def report(h: Harness, jobs, events, violations, info, race, leftovers_dirs, lef
     if info.get("parked"):
         add("  task messages parked in kombu's `unacked` hash after the run (redelivered only after the 12 h "
             "visibility timeout): " + ", ".join(f"row {k} {v}" for k, v in sorted(info["parked"].items())))
-    if info.get("celery-state-outage"):
-        add("  ended during the Redis outage, so Celery stored FAILURE (ConnectionError; reported, not a violation): " +
-            ", ".join(f"{status}→{state} {n}" for (status, state), n in info["celery-state-outage"].items()))
+    if info.get("results-settled"):
+        add("  Celery states written by andon's sweep for jobs whose run couldn't (tasks/results.py): "
+            + ", ".join(f"{log} {n}" for log, n in info["results-settled"].items()))
     cleanup = Counter((e.detail or {}).get("errors", ["?"])[0].split(":")[0] + ": " +
                       (e.detail or {}).get("errors", ["?"])[0].split(":")[1].strip()
                       for e in events if e.kind == "cleanup_failed")

@@ -155,7 +155,9 @@ def run_one(args, seed: int, db: str) -> int:
         pg = PostgresServer().start()
         database_url = pg.create_database("andon_chaos")
     configure_env(home, ports["redis"], flower_auth, database_url, plan.policy, plan.max_policy_resumes)
-
+    # once, here: action threads that import it lazily at the same moment race on its import cycle
+    # (ImportError: partially initialized module 'tasks.process')
+    import tasks.process  # noqa: F401
     from chaos.checks import check_beyond, check_rows, race_summary
     from chaos.procs import leftover_processes
 
@@ -169,8 +171,11 @@ def run_one(args, seed: int, db: str) -> int:
             if pg is not None:
                 pg.stop()
 
+    phase_over = threading.Event()
+
     def watchdog() -> None:  # the hard bound: whatever hangs, the run ends and leaves nothing behind
-        time.sleep(plan.budget_s)
+        if phase_over.wait(plan.budget_s):  # this phase's own bound only: the Postgres phase has its own
+            return
         say(f"BUDGET of {plan.budget_s:.0f}s EXCEEDED: stopping everything")
         try:
             stop_all()
@@ -201,20 +206,24 @@ def run_one(args, seed: int, db: str) -> int:
                                     policy_on="auto_resume" in (plan.policy or ""))
         violations += more
         info.update(beyond)
+        info["results-settled"] = h.results_settled()
         race = race_summary(h.record, jobs, events)
     except KeyboardInterrupt:
         say("interrupted: stopping the stack")
         stop_all()
+        phase_over.set()
         print(f"logs kept in {home}", flush=True)
         return 130
     except Exception:
         say("the harness failed:\n" + traceback.format_exc())
         stop_all()
+        phase_over.set()
         print(f"logs kept in {home}", flush=True)
         return 2
     say("stopping the stack")
     known = h.stack.all_pids()
     stop_all()
+    phase_over.set()
     time.sleep(0.5)
     procs = leftover_processes(home, known, pg.base_dir if pg is not None else None)
     text, total = report(h, jobs, events, violations, info, race, leftovers_dirs, procs,

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     resend_uninspectable_after_s: float = 3600.0
     #: A message delivered and unacked this long whose job has ended is acked by the reaper.
     parked_after_s: float = 120.0
+    #: A job that ended this long ago with a Celery result its row disagrees with (PENDING/STARTED,
+    #: or an outage stored as FAILURE) gets the state its row implies (tasks/results.py).
+    result_settle_after_s: float = 30.0
+    #: How far back that sweep looks (it passes over these rows a bounded batch at a time).
+    result_settle_window_s: float = 3600.0
     #: Longest wait for one Redis reply (a paused server must not hang a cancel or a heartbeat).
     redis_timeout_s: float = 5.0
     #: The global per-reason policy, JSON: {"timeout": "auto_resume", "resource_limit": "requeue:big"}

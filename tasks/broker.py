@@ -20,11 +20,8 @@ import json
 import logging
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import redis
-from celery import states
-from celery.exceptions import TaskRevokedError
 from sqlalchemy import select
 
 from db import jobs as job_rows
@@ -33,6 +30,7 @@ from db.session import session_scope
 from db.settings import get_settings
 from db.vocabulary import EventKind, JobStatus
 from tasks.celery_app import app
+from tasks.results import needs_settling, settle_result
 from tasks.sending import enqueue
 
 __all__ = ["release_parked", "resend_lost"]
@@ -132,7 +130,8 @@ def release_parked(older_than_s: float) -> list[str]:
     released = []
     for job_id, job in ended.items():
         tag = by_job[job_id]
-        _settle_backend(job)  # first: whoever sees the message move sees the job's state written
+        if needs_settling(job.status, app.backend.get_task_meta(job_id, cache=False)):
+            settle_result(job)  # first: whoever sees the message move sees the job's state written
         _restore(broker, tag, entries[tag])
         released.append(job_id)
     return released
@@ -147,20 +146,3 @@ def _restore(broker: redis.Redis, tag: bytes, raw: bytes) -> None:
         return
     with broker.pipeline() as pipe:
         pipe.zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).lpush(routing_key, json.dumps(message)).execute()
-
-
-def _settle_backend(job: Job) -> None:
-    """Celery's result for the job, if the worker that should have written it never did."""
-    backend = app.backend
-    if backend.get_state(job.id) not in (states.PENDING, states.STARTED, states.RECEIVED):
-        return
-    status = JobStatus(job.status)
-    if status is JobStatus.COMPLETED:
-        backend.store_result(job.id, {"job_id": job.id, "status": status.value}, states.SUCCESS)
-        return
-    why: Any
-    if status is JobStatus.CANCELLED:
-        why = TaskRevokedError(f"{job.cancellation_reason} ({job.cancellation_source})")
-        backend.store_result(job.id, why, states.REVOKED)
-    else:
-        backend.store_result(job.id, RuntimeError(job.error or "failed"), states.FAILURE)

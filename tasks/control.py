@@ -159,13 +159,20 @@ def finalize_stopped(
         requested_at = job.cancel_requested_at
     # tidy before the terminal row is committed: whoever sees the job ended sees it cleaned up
     remove_tree(job_scratch_dir(job_id))
+    won = False
     if fail_with is not None and first is None:
-        won = lifecycle.end_failed(job_id, fail_with)
-    else:
+        # only a row still running: a cancel that came in since the read above (status cancelling)
+        # wins over the loss, and the job ends cancelled with it
+        won = lifecycle.end_failed(job_id, fail_with, only_from=JobStatus.RUNNING)
+        if not won:
+            first = lifecycle.requested_cancels([job_id]).get(job_id)
+    if first is not None or fail_with is None:
         request = first or CancelRequest(reason, message, source)
+        # the request it ends the job for goes on record with the end if nothing holds it yet (a
+        # revoke whose record a database blip cut, kept by Celery and acted on at discard)
         won = lifecycle.end_cancelled(job_id, request, at_item=at_item, by="finalizer", actor=actor,
-                                      requested_at=None if first else requested_at or request.at,
-                                      observed_source=source, requested=first)
+                                      requested_at=None if first else requested_at,
+                                      observed_source=source, requested=request)
     if won:
         settle_children(job_id)
         act_after_cancel(job_id)

@@ -124,7 +124,8 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
     arbiter when a first request reached only the database (Redis away)."""
     now = observed_at or datetime.now(UTC)
     with session_scope(writer=True) as session:
-        claimed = requested is not None and record_winner(session, job_id, requested, "cancelling", only_open=True)
+        if requested is not None:
+            record_winner(session, job_id, requested, "cancelling", only_open=True)
         # after the claim's UPDATE this row is ours to read until commit (write lock / row lock)
         pipeline, *held = session.execute(
             select(Job.pipeline, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source)
@@ -144,8 +145,8 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
             session, job_id, JobStatus.CANCELLED, fence=fence, **job_rows.cancel_values(first), **values,
             cancel_observed_at=now, cancelled_at_item=at_item, resumable=resumable(pipeline, first.reason),
         )
-        if claimed and not won:  # the record goes with the end, or not at all: the request writes it
-            session.rollback()
+        if not won:  # the loser changes nothing: no request record (the request writes it), and no
+            session.rollback()  # observation either — two reapers finalizing one lost run declare it lost once
         return won
 
 
@@ -174,9 +175,11 @@ def add_request_event(session: Session, job_id: str, request: CancelRequest, sta
     )
 
 
-def end_failed(job_id: str, error: str, fence: int | None = None) -> bool:
+def end_failed(job_id: str, error: str, fence: int | None = None, only_from: JobStatus | None = None) -> bool:
+    """``only_from``: as :func:`db.jobs.transition` (a finalizer fails only a row still ``running``:
+    one a cancel moved to ``cancelling`` meanwhile ends cancelled instead)."""
     with session_scope() as session:
-        return _end(session, job_id, JobStatus.FAILED, fence=fence, error=error)
+        return _end(session, job_id, JobStatus.FAILED, fence=fence, error=error, only_from=only_from)
 
 
 def requeue(job_id: str, source: CancellationSource, actor: str | None, detail: dict[str, Any]) -> bool:

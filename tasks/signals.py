@@ -25,6 +25,7 @@ from tasks.control import finalize_stopped, request_cancel
 from tasks.errors import AndonError
 from tasks.process import get_redis, reset_process_state
 from tasks.reaper import Reaper
+from tasks.results import ResultSweep
 from tasks.resume import auto_resume_after_shutdown
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,9 @@ def _cancel_before_cold_shutdown(consumer) -> None:
 
 
 def _start_reaper(hostname: str | None) -> None:
-    reaper = Reaper(get_settings().heartbeat_s)
+    settings = get_settings()
+    reaper = Reaper(settings.heartbeat_s)
+    results = ResultSweep(settings.result_settle_after_s, settings.result_settle_window_s)
     next_sweep = time.monotonic()
 
     def loop() -> None:
@@ -143,7 +146,7 @@ def _start_reaper(hostname: str | None) -> None:
             time.sleep(reaper.heartbeat_s)
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + get_settings().broker_sweep_s
-                _sweep_broker(hostname)
+                _sweep_broker(hostname, results)
             try:
                 for job_id in reaper.reap(actor=f"reaper:{hostname}"):
                     log.warning("andon: reaped lost job %s", job_id)
@@ -153,8 +156,9 @@ def _start_reaper(hostname: str | None) -> None:
     threading.Thread(target=loop, name="andon-reaper", daemon=True).start()
 
 
-def _sweep_broker(hostname: str | None) -> None:
-    """Lost and parked messages (tasks/broker.py), by one worker at a time."""
+def _sweep_broker(hostname: str | None, results: ResultSweep) -> None:
+    """Lost and parked messages (tasks/broker.py) and Celery results its rows disagree with
+    (tasks/results.py), by one worker at a time."""
     settings = get_settings()
     try:
         if not get_redis().set(sweep_lock_key(), hostname or "worker", nx=True,
@@ -167,6 +171,8 @@ def _sweep_broker(hostname: str | None) -> None:
             log.warning("andon: acked the parked message of ended job %s", job_id)
         for job_id in apply_pending_policies():
             log.warning("andon: a policy resume its cancelling process couldn't queue was made now: %s", job_id)
+        for job_id in results.run():
+            log.warning("andon: wrote the Celery state of ended job %s that its run could not", job_id)
     except Exception:
         log.exception("andon: broker sweep failed")
 

@@ -12,7 +12,7 @@ import sys
 
 from celery import Celery, signals
 
-from tasks import jobs, notify, policy, registry, webhooks
+from tasks import jobs, notify, policy, registry, transport, webhooks
 from tasks import signals as moments
 from tasks.celery_app import ANALYZE_DOCUMENTS, RUN_PIPELINE
 from tasks.errors import PipelineError
@@ -33,6 +33,7 @@ def install(app: Celery) -> None:
                    app.task(name=ANALYZE_DOCUMENTS, bind=True, base=jobs.PipelineTask)(jobs.analyze_documents)]
     webhooks.install(app)  # its own task and time limit: a slow receiver never holds a job's slot long
     install_control_commands()
+    transport.install()  # a worker survives its Redis broker restarting mid-job (celery/kombu#970)
     notify.install()  # every job event and item row this worker commits wakes the API's event streams
     signals.worker_init.connect(load_pipelines_or_exit, weak=False)
     signals.worker_process_init.connect(moments.after_child_fork, weak=False)

@@ -233,3 +233,64 @@ def test_operator_limits_are_ceilings_a_job_can_only_lower(api_client, monkeypat
         assert post({"time_limit_s": 10, "max_rss_mb": 256}).status_code == 202
     finally:
         get_settings.cache_clear()
+
+
+def test_a_revoke_whose_record_a_database_blip_cut_is_recorded_when_celery_discards_the_job(database):
+    """A Flower revoke of a queued job during a database outage: andon's wrapper could not record
+    it, Celery kept the id in its revoked set, and a worker discards the message later
+    (``on_task_revoked`` → ``finalize_stopped``). The job ends cancelled *with* the request it ended
+    for: its first ``cancel_requested`` event carries the row's reason and source."""
+    from db.vocabulary import CancellationReason, CancellationSource
+    from tasks.control import finalize_stopped
+
+    job_id = service.submit_job(["a"], pipeline="user-sync", queue=f"q-none-{uuid.uuid4().hex[:8]}").job_id
+    assert "cancel_requested" not in kinds(job_id)
+    assert finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.REVOKE,
+                            "revoked before it started", actor="celery@test")
+    job = job_row(job_id)
+    assert (job.status, job.cancellation_reason, job.cancellation_source) == ("cancelled", "user_requested", "revoke")
+    requested = [e for e in events(job_id) if e.kind == "cancel_requested"]
+    assert [(e.reason, e.source) for e in requested] == [("user_requested", "revoke")]
+    assert kinds(job_id).index("cancel_requested") < kinds(job_id).index("cancel_observed")
+    assert not finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.REVOKE)  # a 2nd worker
+    assert kinds(job_id).count("cancel_requested") == 1
+    assert_one_terminal(job_id)
+
+
+
+def test_a_lost_job_a_cancel_reached_meanwhile_ends_cancelled_not_failed(database):
+    """The second loss of a job races an accepted cancel: the finalizer fails only a row still
+    ``running``; one the cancel moved to ``cancelling`` ends cancelled with that request."""
+    from db.vocabulary import CancellationReason, CancellationSource
+    from tasks import lifecycle
+    from tasks.control import finalize_stopped, request_cancel
+
+    job_id = service.submit_job(["a", "b"], pipeline="user-sync", queue=f"q-none-{uuid.uuid4().hex[:8]}").job_id
+    assert lifecycle.start(job_id, owner="lost-run") is not None
+    request_cancel(job_id, CancellationReason.DEPENDENCY_FAILED, "accepted after the loss", CancellationSource.API)
+    assert not lifecycle.end_failed(job_id, "worker process lost 2 times", only_from=JobStatus.RUNNING)
+    assert finalize_stopped(job_id, CancellationReason.USER_REQUESTED, CancellationSource.WORKER_LOST,
+                            fail_with="worker process lost 2 times", actor="reaper")
+    job = job_row(job_id)
+    assert (job.status, job.cancellation_reason, job.cancellation_source) == ("cancelled", "dependency_failed", "api")
+    assert kinds(job_id).count("cancel_requested") == 1
+    assert_one_terminal(job_id)
+
+
+def test_two_finalizers_racing_on_one_job_record_one_observation(database):
+    """Two reapers finalize one lost run at once (both read it unfinished): the one whose terminal
+    UPDATE loses writes no event either — the job is declared lost once."""
+    from db.vocabulary import CancellationReason, CancellationSource
+    from tasks import lifecycle
+    from tasks.cancellation import CancelRequest
+    from tasks.control import request_cancel
+
+    job_id = service.submit_job(["a", "b"], pipeline="user-sync", queue=f"q-none-{uuid.uuid4().hex[:8]}").job_id
+    assert lifecycle.start(job_id, owner="lost-run") is not None
+    request_cancel(job_id, CancellationReason.RESOURCE_LIMIT, "over its memory", CancellationSource.API)
+    request = CancelRequest(CancellationReason.RESOURCE_LIMIT, "over its memory", CancellationSource.API)
+    ends = [lifecycle.end_cancelled(job_id, request, at_item=0, by="finalizer", actor=f"reaper:{name}",
+                                    observed_source=CancellationSource.WORKER_LOST) for name in ("a", "b")]
+    assert ends == [True, False]
+    assert kinds(job_id).count("cancel_observed") == 1
+    assert_one_terminal(job_id)
