@@ -12,35 +12,30 @@ set) still keeps the job from starting.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections import OrderedDict
 
-import redis
-
+from tasks.cancellation.follower import ChannelFollower
 from tasks.cancellation.store import QUEUED_CANCELS_KEPT, CancellationStore
 
 __all__ = ["QueuedCancels"]
 
-log = logging.getLogger(__name__)
 
-
-class QueuedCancels:
+class QueuedCancels(ChannelFollower):
     """A bounded, thread-safe set of job ids cancelled while queued, kept in step with Redis."""
+
+    thread_name = "andon-queued-cancels"
 
     def __init__(self, store: CancellationStore, reconcile_s: float = 5.0, ttl_s: float = 7 * 24 * 3600,
                  kept: int = QUEUED_CANCELS_KEPT) -> None:
+        super().__init__(reconcile_s)
         self.store = store
-        self.reconcile_s = reconcile_s
         self.ttl_s = ttl_s
         self.kept = kept
         self._ids: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self._since = 0.0  # the newest score reconciled so far
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.connected = threading.Event()
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._ids  # a dict lookup: safe without the lock
@@ -49,14 +44,8 @@ class QueuedCancels:
         return len(self._ids)
 
     def start(self) -> QueuedCancels:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="andon-queued-cancels", daemon=True)
-            self._thread.start()
+        self._ensure_running()
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def add(self, job_ids: list[str], at: float | None = None) -> None:
         at = at or time.time()
@@ -81,33 +70,5 @@ class QueuedCancels:
         text = data.decode() if isinstance(data, bytes) else data
         self.add(json.loads(text) if text.startswith("[") else [text])
 
-    def _run(self) -> None:
-        backoff = 0.05
-        while not self._stop.is_set():
-            pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.store.queued_channel)
-                self.reconcile()  # whatever was cancelled while we were away
-                self.connected.set()
-                backoff = 0.05
-                last = time.monotonic()
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=self.reconcile_s)
-                    if message is not None:
-                        self._on_message(message["data"])
-                    if time.monotonic() - last >= self.reconcile_s:
-                        self.reconcile()
-                        last = time.monotonic()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                self.connected.clear()
-                log.warning("queued cancels: lost Redis (%s); reconnecting", exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
-            except Exception:  # never let it die silently
-                log.exception("queued cancels: error")
-                self._stop.wait(backoff)
-            finally:
-                try:
-                    pubsub.close()
-                except Exception:
-                    pass
+    def _subscription(self):
+        return self.store.redis, self.store.queued_channel

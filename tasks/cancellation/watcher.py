@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
 
+from tasks.cancellation.follower import ChannelFollower
 from tasks.cancellation.store import CancellationStore
 from tasks.cancellation.token import CancellationToken, CancelRequest
 
@@ -25,7 +25,7 @@ __all__ = ["TokenWatcher"]
 log = logging.getLogger(__name__)
 
 
-class TokenWatcher:
+class TokenWatcher(ChannelFollower):
     """Keeps this process's live tokens in step with Redis (push first, reconcile as a safety net).
 
     One per process, started lazily on first use so it is born *after* a prefork child forks.
@@ -34,16 +34,15 @@ class TokenWatcher:
     unreachable when the cancel was requested.
     """
 
+    thread_name = "andon-token-watcher"
+
     def __init__(self, store: CancellationStore, reconcile_s: float = 1.0,
                  durable: Callable[[list[str]], dict[str, CancelRequest]] | None = None) -> None:
+        super().__init__(reconcile_s)
         self.store = store
-        self.reconcile_s = reconcile_s
         self.durable = durable
         self._tokens: dict[str, CancellationToken] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.connected = threading.Event()
 
     def watch(self, job_id: str) -> CancellationToken:
         """The live token for a job running here. Already cancelled if Redis says so."""
@@ -61,15 +60,6 @@ class TokenWatcher:
     def unwatch(self, job_id: str) -> None:
         with self._lock:
             self._tokens.pop(job_id, None)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _ensure_running(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="andon-token-watcher", daemon=True)
-            self._thread.start()
 
     def _apply(self, states: dict[str, CancelRequest]) -> None:
         with self._lock:
@@ -103,34 +93,8 @@ class TokenWatcher:
         payload = json.loads(data)
         self._apply({payload["job_id"]: CancelRequest.from_json(payload)})
 
-    def _run(self) -> None:
-        backoff = 0.05
-        while not self._stop.is_set():
-            pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.store.channel)
-                self.connected.set()
-                self.reconcile()  # whatever was published while we were away
-                backoff = 0.05
-                last = time.monotonic()
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=self.reconcile_s)
-                    if message is not None:
-                        self._on_message(message["data"])
-                    if time.monotonic() - last >= self.reconcile_s:
-                        self.reconcile()
-                        last = time.monotonic()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                self.connected.clear()
-                log.warning("token watcher lost Redis (%s); reconnecting", exc)
-                self.reconcile_durable()  # Redis is away, the rows are not
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
-            except Exception:  # never let the watcher die silently
-                log.exception("token watcher error")
-                self._stop.wait(backoff)
-            finally:
-                try:
-                    pubsub.close()
-                except Exception:
-                    pass
+    def _subscription(self):
+        return self.store.redis, self.store.channel
+
+    def _on_lost(self) -> None:
+        self.reconcile_durable()  # Redis is away, the rows are not
