@@ -201,14 +201,16 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Pa
         os.close(fd)  # the child has its own copy
 
 
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-    """Signal a child, wait up to ``timeout``, then SIGKILL its whole process group (no orphaned pool
-    children). Returns within ``timeout`` + 5 s whatever the child does."""
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0,
+                 ask: Callable[[], object] | None = None) -> None:
+    """Signal a child (or ``ask`` it to stop some other way, e.g. a server's own stop command), wait
+    up to ``timeout``, then SIGKILL its whole process group (no orphaned pool children). Returns
+    within ``timeout`` + 5 s (plus what ``ask`` takes) whatever the child does."""
     if proc.poll() is None:
         try:
-            proc.send_signal(sig)
+            ask() if ask is not None else proc.send_signal(sig)
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, OSError):
             pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)

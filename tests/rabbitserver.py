@@ -16,14 +16,13 @@ import atexit
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from api.supervisor import port_is_free, spawn
+from api.supervisor import port_is_free, spawn, stop_process
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 #: RabbitMQ's ``consumer_timeout`` for the test server: far above any test job, and the value the
@@ -165,21 +164,8 @@ class RabbitServer:
         call repeatedly, or if never/partly started."""
         atexit.unregister(self.stop)
         proc, self.proc = self.proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                try:
-                    self.ctl("stop", timeout=20, check=False)
-                    proc.wait(15)
-                except (subprocess.TimeoutExpired, OSError):
-                    pass
-            try:  # the beam and its helpers (the script does not exec it)
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        if proc is not None:  # then the beam and its helpers' group (the script does not exec it)
+            stop_process(proc, timeout=15, ask=lambda: self.ctl("stop", timeout=20, check=False))
             self._kill_epmd()
         if self._owns_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
