@@ -55,8 +55,8 @@ def test_a_cancel_published_while_the_listener_is_disconnected_is_observed_after
                               "at": "2026-01-01T00:00:00+00:00"})
         with client.pipeline(transaction=True) as pipe:
             pipe.client_kill_filter(_type="pubsub")
-            store._cancel(keys=[f"andon:cancel:{job}", f"andon:cancel:{job}:requests"],
-                          args=[request, 3600, "andon:cancellations"], client=pipe)
+            store._cancel(keys=[f"andon:cancel:{job}", f"andon:cancel:{job}:requests", store.queued_key],
+                          args=[request, 3600, store.channel, "", 0, store.queued_channel], client=pipe)
             pipe.execute()
         # periodic reconcile is 60 s away: only the reconcile on reconnect can deliver it this fast
         assert token.wait(5) is True
