@@ -367,9 +367,9 @@ def analysis_lines(report: Report) -> list[str]:
     if lat:
         out.append(
             f"cancel → observed {lat['observe_ms'][0]:.1f} / {lat['observe_ms'][1]:.1f} ms (p50 / p99): "
-            f"`request_cancel` first commits the job row (`cancelling` + a `cancel_requested` event; the row "
-            f"decides which request wins), then sets the token (Lua `SET NX` + `PUBLISH`), which the worker's "
-            f"watcher thread hands to the job's `token.wait()`. The whole `cancel_job()` call takes "
+            f"`request_cancel` reads the row (404/400), sets the token first (one Lua call: `SET NX` decides "
+            f"which request wins, `PUBLISH` tells the workers), which the worker's watcher thread hands to the "
+            f"job's `token.wait()`; the row follows with the winner. The whole `cancel_job()` call takes "
             f"{lat['call_ms'][0]:.1f} / {lat['call_ms'][1]:.1f} ms (it also looks for child jobs).")
     br = report.extra.get("breakdown")
     tp = report.extra.get("throughput", {})
