@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from api import service
 from api.supervisor import free_port
-from db.models import JobEvent
+from db.models import Job, JobEvent
 from db.session import session_scope
 from db.settings import Settings, get_settings
 from tasks.errors import InvalidInput
@@ -290,8 +290,9 @@ def test_a_batch_takes_callback_urls_checked_as_a_single_submit_checks_them(webh
         {"documents": ["One."], "tags": [tag], "callback_url": r.url}, {"documents": ["One."], "tags": [tag]}]})
     assert answer.status_code == 202
     hooked, silent = answer.json()["job_ids"]
-    service.cancel_matching(tag=tag)  # whatever state they reached, each ends now or soon
-    wait_for(lambda: len(r.requests) == 1, 60, what="the batch job's webhook")
-    assert verify(r.requests[0])["job_id"] == hooked
-    time.sleep(0.5)
-    assert len(r.requests) == 1 and not attempts(silent)
+    # the rows hold what a single submit stores (both are made by db.jobs.create_jobs); delivery is the
+    # terminal transition's, tested above — here the jobs may end on the suite's default worker, which
+    # has no webhook settings, so the test doesn't wait for one
+    with session_scope() as session:
+        assert session.get(Job, hooked).callback_url == r.url and session.get(Job, silent).callback_url is None
+    service.cancel_matching(tag=tag)
