@@ -29,7 +29,7 @@ from typing import Any
 
 from celery import states
 from celery.exceptions import TaskRevokedError
-from sqlalchemy import select
+from sqlalchemy import Select, and_, or_, select
 
 from db.models import Job
 from db.session import session_scope
@@ -74,40 +74,66 @@ def needs_settling(status: str, meta: dict[str, Any] | None) -> bool:
 
 @dataclass
 class ResultSweep:
-    """Bounded passes over the rows that ended between ``window_s`` and ``grace_s`` ago, oldest
-    first, ``batch`` rows a pass; the cursor (in memory, per worker) wraps round to the window's
-    start, so every row in the window is looked at again until it ages out."""
+    """Bounded passes over the rows that ended between ``window_s`` and ``grace_s`` ago.
+
+    Each pass first looks at the rows that ended since this sweeper's previous pass, newest first
+    (a run that just died is what a caller is waiting on), then spends what is left of its
+    ``batch`` on a rescan cursor that walks the whole window oldest first and wraps (a run whose
+    own write came back wrong after an outage longer than ``grace_s``). Only ids and states are
+    read in bulk; a full row is loaded just for the few that need writing. So a pass costs the same
+    however many jobs ended this hour, and a new job's state never waits behind the backlog."""
 
     grace_s: float
     window_s: float = 3600.0
-    batch: int = 200
-    cursor: datetime | None = None
+    batch: int = 2000
+    #: The rescan's position, ``(finished_at, id)`` of the last row it looked at; None once it wrapped.
+    cursor: tuple[datetime, str] | None = None
+    #: The end of the window at this sweeper's previous pass: rows past it are new to this sweeper.
+    edge: datetime | None = None
 
     def run(self) -> list[str]:
         """One pass: the ids whose Celery state was written."""
         now = datetime.now(UTC)
         start, end = now - timedelta(seconds=self.window_s), now - timedelta(seconds=self.grace_s)
-        after = max(self.cursor, start) if self.cursor is not None else start
+        seen = max(self.edge, start) if self.edge is not None else start
         with session_scope() as session:
-            rows = list(session.scalars(
-                select(Job).where(Job.finished_at > after, Job.finished_at <= end, Job.status.in_(TERMINAL))
-                .order_by(Job.finished_at).limit(self.batch)))
-            for row in rows:
-                session.expunge(row)
-        self.cursor = rows[-1].finished_at if len(rows) == self.batch else None
+            fresh = session.execute(self._rows(seen, end).order_by(Job.finished_at.desc(), Job.id.desc())
+                                    .limit(self.batch)).all()
+            room = self.batch - len(fresh)
+            older = []
+            if room > 0 and seen > start:
+                query = self._rows(start, seen)
+                if self.cursor is not None:
+                    at, job_id = self.cursor
+                    query = query.where(or_(Job.finished_at > at, and_(Job.finished_at == at, Job.id > job_id)))
+                older = session.execute(query.order_by(Job.finished_at, Job.id).limit(room)).all()
+                self.cursor = (older[-1].finished_at, older[-1].id) if len(older) == room else None
+        self.edge = end
+        return self._settle([*fresh, *older])
+
+    @staticmethod
+    def _rows(after: datetime, until: datetime) -> Select:
+        return select(Job.id, Job.status, Job.finished_at).where(
+            Job.finished_at > after, Job.finished_at <= until, Job.status.in_(TERMINAL))
+
+    @staticmethod
+    def _settle(rows: list) -> list[str]:
         if not rows:
             return []
         backend = app.backend
         raw = backend.client.mget([backend.get_key_for_task(row.id) for row in rows])
-        wrong = [row for row, value in zip(rows, raw)
+        wrong = [row.id for row, value in zip(rows, raw)
                  if needs_settling(row.status, backend.decode(value) if value else None)]
         if not wrong:
             return []
-        beating = get_redis().mget([heartbeat_key(row.id) for row in wrong])
-        settled = []
-        for row, beat in zip(wrong, beating):
-            if beat is not None:  # a live run still holds it: it writes its own state as it ends
-                continue
-            settle_result(row)
-            settled.append(row.id)
-        return settled
+        beating = get_redis().mget([heartbeat_key(job_id) for job_id in wrong])
+        idle = [job_id for job_id, beat in zip(wrong, beating) if beat is None]  # a live run writes its own end
+        if not idle:
+            return []
+        with session_scope() as session:
+            jobs = list(session.scalars(select(Job).where(Job.id.in_(idle))))
+            for job in jobs:
+                session.expunge(job)
+        for job in jobs:
+            settle_result(job)
+        return [job.id for job in jobs]

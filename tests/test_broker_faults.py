@@ -18,7 +18,9 @@ from tasks.cancellation.keys import sweep_lock_key
 from tests.jobs_helpers import events, job_row, wait_terminal
 from tests.procs import wait_for
 
-FAST_SWEEP = {"ANDON_BROKER_SWEEP_S": "0.5", "ANDON_LOST_MESSAGE_AFTER_S": "0.5", "ANDON_PARKED_AFTER_S": "1"}
+# A delivered message counts as held for PARKED_AFTER_S: short enough for the parked test, long enough
+# that a loaded box's delivery-to-start of the re-sent message is never taken for a second loss.
+FAST_SWEEP = {"ANDON_BROKER_SWEEP_S": "0.5", "ANDON_LOST_MESSAGE_AFTER_S": "0.5", "ANDON_PARKED_AFTER_S": "15"}
 
 
 def take_message(redis_client, queue: str, job_id: str) -> bytes:
@@ -56,7 +58,7 @@ def test_a_parked_message_of_an_ended_job_is_acked_and_its_state_written(start_w
     raw = take_message(redis_client, queue, job_id)
     tag = str(uuid.uuid4())  # delivered to a worker whose ack never reached the broker
     redis_client.hset(UNACKED, tag, json.dumps([json.loads(raw), "", queue]))
-    redis_client.zadd(UNACKED_INDEX, {tag: time.time() - 60})
+    redis_client.zadd(UNACKED_INDEX, {tag: time.time() - 60})  # parked for longer than PARKED_AFTER_S
     assert service.cancel_job(job_id).status.value == "cancelled"
     assert AsyncResult(job_id, app=app).state == "PENDING"
     redis_client.delete(sweep_lock_key())

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import uuid
+from datetime import UTC, datetime
 
 from celery import states
 from celery.exceptions import Reject
@@ -32,7 +33,8 @@ def celery_state(job_id: str) -> str:
 
 
 def sweep_through(sweep: ResultSweep) -> list[str]:
-    """Passes until the cursor wraps: every row in the window looked at once."""
+    """Passes until the rescan wraps: every row in the window looked at once (the first pass reads
+    the newest ``batch`` of it, the rescan the rest)."""
     settled = sweep.run()
     while sweep.cursor is not None:
         settled += sweep.run()
@@ -104,3 +106,25 @@ def test_a_live_run_keeps_its_result_and_two_sweeps_racing_write_the_same_state(
     assert "user_requested (api): racing" in str(AsyncResult(job_id, app=app).result)
     assert job_id not in sweep_through(ResultSweep(grace_s=0))  # settled: nothing more to write
     assert job_row(job_id).status == "cancelled"
+
+
+def test_a_new_end_is_settled_before_the_backlog_and_the_rescan_reaches_every_older_one(database):
+    def ended_with_a_stale_state() -> str:
+        job_id = service.submit_job(["a"], pipeline="user-sync", queue=f"q-none-{uuid.uuid4().hex[:8]}").job_id
+        assert service.cancel_job(job_id).status.value == "cancelled"
+        app.backend.store_result(job_id, {"pid": 1, "hostname": "gone"}, states.STARTED)
+        return job_id
+
+    backlog = [ended_with_a_stale_state() for _ in range(7)]
+    first = job_row(backlog[0]).finished_at
+    window_s = (datetime.now(UTC) - (first if first.tzinfo else first.replace(tzinfo=UTC))).total_seconds() + 2
+    sweep = ResultSweep(grace_s=0, window_s=window_s, batch=3)
+    assert backlog[-1] in sweep.run()  # the newest first, not the oldest three
+    assert celery_state(backlog[0]) == states.STARTED
+    newer = ended_with_a_stale_state()
+    assert newer in sweep.run()  # new since the last pass: ahead of the backlog still waiting
+    for _ in range(10):
+        if all(celery_state(job_id) == states.REVOKED for job_id in backlog):
+            break
+        sweep.run()
+    assert [celery_state(job_id) for job_id in backlog] == [states.REVOKED] * len(backlog)
