@@ -7,6 +7,7 @@ text so scripts and narrow terminals read them the same way.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from api.client import AndonClient
+from api.client import AndonAPIError, AndonClient
 from api.views import literal, printable
 
 
@@ -36,11 +37,42 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
             data.append(line[5:].strip())
 
 
-def follow(job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The job's events from the API (ANDON_API_URL, ANDON_API_TOKEN), as ``(event, data)``."""
+def follow(job_id: str, reopen_after_s: float = 0.5, away_for_s: float = 60.0) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The job's events from the API (ANDON_API_URL, ANDON_API_TOKEN), as ``(event, data)``, until
+    ``end``. A stream the API closed before the job ended (a restart, its own time bound) is opened
+    again, for up to ``away_for_s`` of the API not answering; each stream starts with the job's
+    history, so what was already given is not given twice. An API never reached is an error at once."""
+    given: set[tuple] = set()
+    away_since: float | None = None
     with AndonClient(client_name="cli") as api:
-        for event in api.events(job_id):
-            yield event.event, event.data
+        while True:
+            try:
+                for event in api.events(job_id):
+                    away_since = None
+                    key = _identity(event.event, event.data)
+                    if key is not None and key in given:
+                        continue
+                    if key is not None:
+                        given.add(key)
+                    yield event.event, event.data
+                    if event.event == "end":
+                        return
+            except AndonAPIError as exc:
+                if exc.status is not None or not given:
+                    raise
+                away_since = away_since or time.monotonic()
+                if time.monotonic() - away_since > away_for_s:
+                    raise
+            time.sleep(reopen_after_s)
+
+
+def _identity(event: str, data: dict[str, Any]) -> tuple | None:
+    """What makes a history entry the same one in the next stream (None: a live position, never repeated)."""
+    if event == "item":
+        return event, data.get("index"), data.get("status")
+    if event in ("progress", "open"):
+        return None
+    return event, data.get("at"), data.get("actor"), data.get("reason")
 
 
 def summary_lines(end: dict[str, Any]) -> list[str]:

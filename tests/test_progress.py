@@ -16,6 +16,7 @@ import pytest
 from api import service
 from api.watch import parse_sse
 from tests.jobs_helpers import job_row, submit, wait_items, wait_status, wait_terminal
+from tests.procs import wait_for
 
 ANDON = str(Path(sys.executable).parent / "andon")
 
@@ -83,12 +84,42 @@ def test_ctrl_c_in_watch_stops_watching_never_the_job(api_server):
                                text=True, env={**os.environ, "ANDON_API_URL": api_server})
     time.sleep(1.5)
     watcher.send_signal(signal.SIGINT)
-    _, err = watcher.communicate(timeout=30)
-    assert watcher.returncode == 130 and "goes on" in err and "Traceback" not in err
+    out, err = watcher.communicate(timeout=30)
+    seen = f"exit {watcher.returncode}; job {job_row(job_id).status}; stdout {out[-500:]!r}; stderr {err[-500:]!r}"
+    assert watcher.returncode == 130 and "goes on" in err and "Traceback" not in err, seen
     time.sleep(0.3)
     assert job_row(job_id).status == "running"
     service.cancel_job(job_id)
     wait_terminal(job_id)
+
+
+def test_watch_rides_out_an_api_restart_and_gives_nothing_twice(worker, tmp_path):
+    from api.supervisor import api_service, free_port
+
+    port = free_port()
+    api = api_service(port, tmp_path / "api.log").start()
+    job_id = submit(40, stage_delay_s=0.05)
+    out = tmp_path / "watch.jsonl"
+    with out.open("w") as sink:
+        watcher = subprocess.Popen([ANDON, "watch", job_id, "--json"], stdout=sink, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "ANDON_API_URL": f"http://127.0.0.1:{port}"})
+    try:
+        wait_for(lambda: out.read_text().strip(), 60, what="the watch to start")
+        wait_items(job_id, 3)
+        api.stop(timeout=15)  # its open streams end without an `end`: the job runs on
+        assert job_row(job_id).status == "running"
+        time.sleep(1)
+        api = api_service(port, tmp_path / "api-again.log").start()
+        _, err = watcher.communicate(timeout=120)
+    finally:
+        watcher.kill()
+        api.stop(timeout=15)
+    assert watcher.returncode == 0, err
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert events[-1]["event"] == "end" and events[-1]["status"] == "completed"
+    done = [e["index"] for e in events if e["event"] == "item"]
+    assert sorted(done) == list(range(40))  # each item once, across both streams
+    assert [e["event"] for e in events].count("submitted") == 1
 
 
 def test_watch_without_an_api_is_one_line(worker):
