@@ -80,7 +80,12 @@ def test_watch_json_lines(api_server):
 def test_ctrl_c_in_watch_stops_watching_never_the_job(api_server):
     job_id = submit(200, stage_delay_s=0.03)
     wait_status(job_id, "running")
-    watcher = subprocess.Popen([ANDON, "watch", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # as from a terminal: Ctrl-C at its default even when this suite runs in the background (`cmd &`
+    # starts with SIGINT ignored, and an ignored SIGINT is inherited through exec)
+    as_in_a_terminal = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execv(sys.argv[1], sys.argv[1:])")
+    watcher = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, ANDON, "watch", job_id],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "ANDON_API_URL": api_server})
     time.sleep(1.5)
     watcher.send_signal(signal.SIGINT)
