@@ -9,8 +9,9 @@ The promises, and where they are kept:
 
 * an item is handed to the writer at most ``window_s`` after it ended (then its transaction's time);
 * :meth:`ItemCommitter.close` writes everything pending — the runner calls it before the job's
-  terminal row, on every exit path it sees (a cancel, a failure, ``SystemExit`` from a time limit or
-  a cold shutdown), and the escalation ladder before it kills the process;
+  terminal row, on every exit path it sees (a failure, ``SystemExit`` from a time limit or a cold
+  shutdown), and the escalation ladder before it kills the process; on a cancel the runner takes
+  what is pending with :meth:`ItemCommitter.detach` and writes it in the terminal row's transaction;
 * a cancel wakes the writer at once: what ended before the cancel doesn't wait out the window;
 * a batch is one transaction, fenced like a single item: a run that lost the job has the whole batch
   refused.
@@ -95,13 +96,25 @@ class ItemCommitter(Generic[R]):
 
     def close(self) -> None:
         """Stop the writer thread and write what is left, here. Raises what a write raised."""
+        self._stop_thread()
+        self.flush()
+
+    def detach(self) -> list[R]:
+        """Stop the writer thread and hand back what it had not written, for the caller to write in
+        a transaction of its own (a cancelled job's last items go in with its terminal row: one
+        commit instead of two). Raises what a write raised."""
+        self._stop_thread()
+        with self._writing, self._wake:  # a flush in another thread (the ladder's) finishes first
+            batch, self._pending = self._pending, []
+        return batch
+
+    def _stop_thread(self) -> None:
         with self._wake:
             self._closed = True
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._raise_error()
-        self.flush()
 
     def _raise_error(self) -> None:
         error, self._error = self._error, None

@@ -8,6 +8,7 @@ its event in the same transaction. Who calls: the job's own run (start, finish),
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs as job_rows
+from db.jobs import StoredItem
 from db.models import Job
 from db.session import session_scope
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
@@ -113,7 +115,7 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
                   stage: str | None = None, observed_at: datetime | None = None, by: str | None = None,
                   actor: str | None = None, requested_at: datetime | None = None,
                   observed_source: CancellationSource | None = None, fence: int | None = None,
-                  requested: CancelRequest | None = None) -> bool:
+                  requested: CancelRequest | None = None, items: Sequence[StoredItem] = ()) -> bool:
     """The cancel was observed (by the job at a checkpoint, or by a finalizer): record it and end the
     job ``cancelled`` with the winning request's reason. True if this call ended it.
 
@@ -121,9 +123,14 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
     row, so the job may get here first: it then puts that request on record itself (the row's
     ``cancel_requested_at`` and its ``cancel_requested`` event, exactly once, see
     :func:`record_winner`). A reason the row already holds wins over the token's: the row is the
-    arbiter when a first request reached only the database (Redis away)."""
+    arbiter when a first request reached only the database (Redis away).
+
+    ``items``: the run's items that ended and were not written yet, written in this transaction
+    (fenced: a run that lost the job has them refused with :class:`~db.jobs.NotOwner`, and ends nothing)."""
     now = observed_at or datetime.now(UTC)
     with session_scope(writer=True) as session:
+        if items:
+            job_rows.record_items(session.connection(), job_id, items, fence=fence or 0)
         if requested is not None:
             record_winner(session, job_id, requested, "cancelling", only_open=True)
         # after the claim's UPDATE this row is ours to read until commit (write lock / row lock)

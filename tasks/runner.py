@@ -210,8 +210,17 @@ class JobRun:
     def _write(self, records: list[ItemRecord]) -> None:
         with transaction() as conn:
             job_rows.record_items(conn, self.job.id, records, fence=self.fence)
-        self.finished.update(r.index for r in records if r.status is not ItemStatus.INTERRUPTED)
-        self.completed += sum(1 for r in records if r.status is ItemStatus.DONE)
+        self._counted(records)
+
+    def _why_cancelled(self, exc: BaseException) -> CancellationError | None:
+        """The cancel that stopped the run, if one did: the exception's, or the token's when the
+        exception carries no reason (forced) or the run was torn down after a cancel."""
+        cancel = cancellation_in(exc)
+        if isinstance(cancel, ForcedCancellation) or (cancel is not None and cancel.reason is None):
+            cancel = self.token.error()
+        if cancel is None and self.token.is_cancelled:
+            cancel = self.token.error()
+        return cancel
 
     def _close_committer(self) -> None:
         """On a stop: write the items still in the window before anything else (a hard time limit
@@ -222,6 +231,22 @@ class JobRun:
             self._lose()
         except Exception:
             log.exception("job %s: writing its last items failed", self.job.id)
+
+    def _detach_committer(self) -> list[ItemRecord]:
+        """On a cancel: stop the writer and take the items it had not written yet (the terminal
+        row's transaction writes them). An earlier background write's error is handled as
+        :meth:`_close_committer` does."""
+        try:
+            return self.committer.detach()
+        except NotOwner:
+            self._lose()
+        except Exception:
+            log.exception("job %s: writing its items failed", self.job.id)
+        return []
+
+    def _counted(self, records: list[ItemRecord]) -> None:
+        self.finished.update(r.index for r in records if r.status is not ItemStatus.INTERRUPTED)
+        self.completed += sum(1 for r in records if r.status is ItemStatus.DONE)
 
     def _lose(self) -> None:
         """Another delivery took the job over: stop this run's items, write nothing more."""
@@ -254,27 +279,30 @@ class JobRun:
         return retry_transient(flush_then_write, within_s=within, what="end of job")
 
     def _stopped(self, exc: BaseException, observed_at: datetime | None) -> JobOutcome:
-        self._close_committer()
+        # a cancel's last items go in with its terminal row (one commit); any other stop (a failure, a
+        # teardown that may leave this process a tenth of a second) writes them first, on their own
+        last = self._detach_committer() if cancellation_in(exc) is not None else self._close_committer()
         if self.lost or isinstance(exc, NotOwner):
             return self._lost()
-        cancel = cancellation_in(exc)
-        if isinstance(cancel, ForcedCancellation) or (cancel is not None and cancel.reason is None):
-            cancel = self.token.error()
-        if cancel is None and self.token.is_cancelled:  # torn down after a cancel: that cancel is why
-            cancel = self.token.error()
+        cancel = self._why_cancelled(exc)
         self._release()
         if cancel is not None:
+            if last is None:  # the cancel came from writing the last items (the database went away)
+                last = []
+            ended = self.finished | {r.index for r in last if r.status is not ItemStatus.INTERRUPTED}
+            at_item = next((i for i in range(self.job.total_items) if i not in ended), None)
+
             def end() -> bool:
-                at_item = next((i for i in range(self.job.total_items) if i not in self.finished), None)
                 return lifecycle.end_cancelled(self.job.id, cancel, at_item=at_item,
                                                stage=self.reached[1] if self.reached else None,
                                                observed_at=observed_at, fence=self.fence,
-                                               requested=self.token.first_request)
+                                               requested=self.token.first_request, items=last)
             try:
                 if self._durably(end):
                     act_after_cancel(self.job.id)  # its per-reason policy may resume it at once
             except NotOwner:
                 return self._lost()
+            self._counted(last)
             if isinstance(exc, CancellationError) or cancellation_in(exc) is not None:
                 return JobOutcome(self.job.id, JobStatus.CANCELLED, ran=True, reason=cancel.reason)
             raise exc
