@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from celery.signals import after_task_publish, before_task_publish
 from celery.utils.time import utcoffset
@@ -22,12 +24,10 @@ __all__ = ["ENQUEUE_CHUNK", "enqueue", "enqueue_many", "job_signature", "task_ro
 
 
 def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) -> None:
-    """Send the pipeline task for a job whose row is committed (the worker must find it)."""
-    with app.producer_or_acquire() as producer:
-        # the message and its task-sent event in one round trip (kombu's publish batch; other
-        # transports publish at once, as send_task does)
-        with producer.connection._reraise_as_library_errors(), producer.batch(max_size=16):
-            _publish(producer, *_message(job_id, options or {}, queue))
+    """Send the pipeline task for a job whose row is committed (the worker must find it): a batch of
+    one — on Redis, the message and its task-sent event in one round trip from a cached template
+    (Celery's and kombu's publish path per message was most of a single submit's enqueue)."""
+    enqueue_many([(job_id, options or {}, queue)], [])
 
 
 def job_signature(job_id: str, options: dict[str, Any], queue: str | None):
@@ -253,19 +253,44 @@ def _redis_templates(producer, jobs: list, templates: _Templates) -> dict[tuple,
     through the whole publish path, which also declares the queue); ``None`` to take kombu's path:
     not a Redis channel, a publish signal someone listens to (it must see every message), or a
     routing kombu writes more for than one ``LPUSH`` and its event."""
-    if not isinstance(producer.channel, RedisChannel) or before_task_publish.receivers \
-            or after_task_publish.receivers:
+    channel = producer.channel
+    if not isinstance(channel, RedisChannel) or before_task_publish.receivers or after_task_publish.receivers:
         return None
+    cache = _cache(channel)
     made: dict[tuple, _RedisTemplate] = {}
     for _, options, queue in jobs:
         key = templates.key(options or {}, queue)
         if key not in made:
-            template, route, _ = templates.template(options or {}, queue)
-            captured = _RedisTemplate.capture(producer, _copy_message(template), route)
+            captured = cache.get(key)
             if captured is None:
-                return None
+                template, route, _ = templates.template(options or {}, queue)
+                captured = _RedisTemplate.capture(producer, _copy_message(template), route)
+                if captured is None:
+                    return None
+                cache[key] = captured
             made[key] = captured
     return made
+
+
+#: Captured templates per channel: a channel made after a reconnect captures (and so declares its
+#: queues) again. Keyed also by what a template holds of its sender: the process, the thread
+#: (``reply_to``: Celery's ``thread_oid``).
+_CAPTURED: WeakKeyDictionary[Any, dict[tuple, _RedisTemplate]] = WeakKeyDictionary()
+#: Routings kept per channel and sender (a template is a few hundred bytes).
+_CAPTURED_MAX = 256
+
+
+def _cache(channel) -> dict:
+    """Where this sender's captured templates live. In a worker's task (a parent's children), the
+    templates carry that task's root and parent ids: a fresh dict each call, as nothing is shared."""
+    if app.current_worker_task is not None:
+        return {}
+    per_channel = _CAPTURED.setdefault(channel, {})
+    sender = (os.getpid(), app.thread_oid)
+    cache = per_channel.get(sender)
+    if cache is None or len(cache) > _CAPTURED_MAX:
+        cache = per_channel[sender] = {}
+    return cache
 
 
 def _copy_message(message: Any) -> Any:

@@ -155,6 +155,19 @@ def test_a_pipelined_message_is_byte_for_byte_kombus(redis_server, request, opti
     assert job_id in pipelined and "00000000-0000-4000-8000" not in pipelined
 
 
+def test_a_single_enqueue_from_a_cached_template_is_byte_for_byte_kombus(redis_server, request):
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    enqueue(first, {}, "q-pipe-one")  # captures this routing's template
+    enqueue(second, {}, "q-pipe-one")  # from the cache
+    pipelined = _lpushed("q-pipe-one")
+    request.getfixturevalue("kombu_path")
+    enqueue(first, {}, "q-pipe-one")
+    enqueue(second, {}, "q-pipe-one")
+    kombus = _lpushed("q-pipe-one")
+    assert [_untagged(p) for p in pipelined] == [_untagged(k) for k in kombus]
+    assert len(pipelined) == 2 and second in pipelined[1] and first not in pipelined[1]
+
+
 def test_a_pipelined_task_sent_event_is_kombus_but_its_clock_and_time(redis_server, request):
     import base64
     import json
