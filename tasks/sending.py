@@ -181,11 +181,11 @@ class _RedisTemplate:
         when kombu would write anything but one ``LPUSH`` and its event (a queue with
         ``x-expires``, say): those jobs take kombu's path."""
         capture, local = _Capture(), producer._batch_local
-        local.current = capture
+        outer, local.current = getattr(local, "current", None), capture
         try:
             _publish(producer, message, {**route, "retry": False})
         finally:
-            local.current = None
+            local.current = outer
         pushes = [args for name, args in capture.commands if name == "lpush"]
         events = [args for name, args in capture.commands if name == "publish"]
         if len(pushes) != 1 or len(pushes) + len(events) != len(capture.commands) or \
@@ -260,10 +260,13 @@ def enqueue_many(jobs: list[tuple[str, dict | None, str | None]], sent: list[str
 def _redis_templates(producer, jobs: list, templates: _Templates) -> dict[tuple, _RedisTemplate] | None:
     """Per routing of these jobs, what kombu's Redis channel writes for its template (captured
     through the whole publish path, which also declares the queue); ``None`` to take kombu's path:
-    not a Redis channel, a publish signal someone listens to (it must see every message), or a
+    not a Redis channel, a publish signal someone listens to (it must see every message), a kombu
+    without the producer batch we capture through, a ``body_encoding`` other than base64, or a
     routing kombu writes more for than one ``LPUSH`` and its event."""
     channel = producer.channel
-    if not isinstance(channel, RedisChannel) or before_task_publish.receivers or after_task_publish.receivers:
+    if not isinstance(channel, RedisChannel) or before_task_publish.receivers or after_task_publish.receivers \
+            or getattr(producer, "_batch_local", None) is None \
+            or channel.body_encoding != "base64":  # kombu's default; the templates rewrite base64 bodies
         return None
     cache = _cache(channel)
     made: dict[tuple, _RedisTemplate] = {}
