@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import metrics, progress, ui
 from api.hosts import HostAllowlist
 from api.routes import admin, chains, events, jobs, ops, pipelines
+from db.session import checkpoint_in_background
 from db.settings import get_settings
 from tasks import notify, policy, registry
 from tasks.errors import (
@@ -42,6 +43,7 @@ log = logging.getLogger("andon.api")
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     registry.load_configured()  # a bad ANDON_PIPELINES stops the API at start, not at the first submit
     policy.check_global()
+    checkpoint_in_background()  # SQLite: no WAL checkpoint inside a request's commit
     settings = get_settings()
     if not settings.api_token and not settings.api_tokens:
         log.warning("ANDON_API_TOKEN is not set: anyone who can reach this API can submit and cancel jobs")

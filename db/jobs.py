@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, Connection, Integer, bindparam, case, delete, func, insert, or_, select, update
@@ -276,8 +277,14 @@ def create_jobs(session: Session, jobs: list[dict[str, Any]], *, actor: str | No
     what :func:`create_job` writes, at a fraction of the CPU. Each entry has the keys of
     :func:`create_job`'s arguments: ``id``, ``inputs``, ``options``, ``pipeline``, and optionally
     ``queue``, ``deadline_s``, ``parent_job_id``, ``deferred``, ``tenant``, ``tags``,
-    ``supersede_key``, ``callback_url``."""
+    ``supersede_key``, ``callback_url``.
+
+    The jobs and their tags go in in id order: every index of both tables ends with the id after
+    columns the batch shares (one ``created_at``), so each index then grows in one place instead of
+    at random pages — a quarter of a 10,000-job batch's insert CPU on SQLite. The events keep the
+    caller's order (their ids are the order a feed shows)."""
     now = utcnow()
+    by_id = sorted(jobs, key=itemgetter("id"))
     session.execute(insert(_jobs), [
         {"id": job["id"], "status": JobStatus.PENDING.value, "pipeline": job["pipeline"], "queue": job.get("queue"),
          "documents": job["inputs"], "options": job["options"], "total_items": len(job["inputs"]),
@@ -285,9 +292,9 @@ def create_jobs(session: Session, jobs: list[dict[str, Any]], *, actor: str | No
          "parent_job_id": job.get("parent_job_id"), "resumed_from": None, "deferred": job.get("deferred", False),
          "tenant": job.get("tenant"), "supersede_key": job.get("supersede_key"),
          "callback_url": job.get("callback_url"), "resumable": False, "fence": 0, "created_at": now}
-        for job in jobs
+        for job in by_id
     ])
-    tags = [{"job_id": job["id"], "tag": tag, "created_at": now} for job in jobs
+    tags = [{"job_id": job["id"], "tag": tag, "created_at": now} for job in by_id
             for tag in dict.fromkeys(job.get("tags") or ())]
     if tags:
         session.execute(insert(JobTag.__table__), tags)

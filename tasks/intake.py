@@ -81,6 +81,8 @@ def check_storable(value: Any, loc: Sequence[str | int]) -> None:
     objects, keys included — that the database can't store: text with NUL or a lone surrogate, or
     NaN / Infinity (PostgreSQL's jsonb refuses them). Iterative: a deeply nested body can't make it
     overflow the stack."""
+    if _clean(value):
+        return
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, tuple(loc))]
     while stack:
         current, where = stack.pop()
@@ -100,6 +102,34 @@ def check_storable(value: Any, loc: Sequence[str | int]) -> None:
             stack.extend((item, (*where, key)) for key, item in reversed(list(current.items())))
         elif isinstance(current, (list, tuple)):
             stack.extend((item, (*where, i)) for i, item in reversed(list(enumerate(current))))
+
+
+_SCALARS = (int, bool, type(None))
+
+
+def _clean(value: Any) -> bool:
+    """True when nothing in ``value`` is unstorable: :func:`check_storable`'s walk without the
+    locations it names (a tuple per value it visits) — nearly every body is clean, and a batch
+    checks ten thousand. False also for a type it doesn't know: the full walk then decides."""
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        kind = type(current)
+        if kind is str:
+            if _UNSTORABLE.search(current):
+                return False
+        elif kind is list or kind is tuple:
+            stack.extend(current)
+        elif kind is dict:
+            if any(type(key) is not str or _UNSTORABLE.search(key) for key in current):
+                return False
+            stack.extend(current.values())
+        elif kind is float:
+            if not math.isfinite(current):
+                return False
+        elif kind not in _SCALARS:
+            return False
+    return True
 
 
 @dataclass(frozen=True)

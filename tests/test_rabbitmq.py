@@ -125,6 +125,24 @@ def test_a_job_runs_to_completion(api, rabbit_worker, rabbitmq_server):
     assert_drained(rabbitmq_server)
 
 
+def test_a_batch_submit_goes_through_kombus_path_and_every_job_completes(api, rabbit_worker, rabbitmq_server):
+    """The pipelined put is Redis's only: on AMQP, a batch's messages go through kombu, one publish
+    each, and each job runs."""
+    from kombu import Connection
+
+    from tasks.sending import _redis_templates, _Templates
+
+    with Connection(rabbitmq_server.url) as conn, conn.Producer() as producer:
+        assert _redis_templates(producer, [("x", {}, None)], _Templates()) is None
+    rabbit_worker()
+    answer = api.post("/api/jobs/batch", json={"jobs": [{"documents": docs(2)} for _ in range(6)]})
+    assert answer.status_code == 202, answer.text
+    for job_id in answer.json()["job_ids"]:
+        job = wait_terminal(job_id, timeout=60)
+        assert (job.status, job.completed_items) == ("completed", 2), job.error
+    assert_drained(rabbitmq_server)
+
+
 def test_a_running_job_cancelled_through_the_api_keeps_its_partial_results(api, rabbit_worker, rabbitmq_server):
     rabbit_worker()
     job_id = submit(api, 30, stage_delay_s=0.03)

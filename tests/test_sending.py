@@ -110,3 +110,155 @@ def test_a_batch_whose_broker_is_away_leaves_no_job_pending(database):
     assert len(rows) == 30
     assert {status for status, _ in rows} == {"failed"}
     assert all(error.startswith("could not enqueue") for _, error in rows)
+
+
+# --- Redis: a batch's messages written straight to a pipeline ------------------------------------
+
+
+@pytest.fixture
+def kombu_path():
+    """While active, ``enqueue_many`` takes kombu's publish path: a ``before_task_publish`` receiver
+    must see every message, so the pipelined path steps aside."""
+    def nothing(**_):
+        pass
+
+    before_task_publish.connect(nothing, weak=False)
+    yield
+    before_task_publish.disconnect(nothing)
+
+
+def _lpushed(queue: str) -> list[str]:
+    """The raw payloads on a queue's list (kombu's default priority), oldest first, then dropped."""
+    from tasks.process import get_redis
+
+    raw = [p.decode() for p in reversed(get_redis().lrange(queue, 0, -1))]
+    get_redis().delete(queue)
+    return raw
+
+
+def _untagged(payload: str) -> str:
+    """The payload with its random delivery tag out: the one byte range two puts may differ in."""
+    import json
+
+    return payload.replace(json.loads(payload)["properties"]["delivery_tag"], "<tag>")
+
+
+@pytest.mark.parametrize("options, queue", [({}, "q-pipe-1"), ({"time_limit_s": 30, "soft_time_limit_s": 20}, "q-pipe-2")])
+def test_a_pipelined_message_is_byte_for_byte_kombus(redis_server, request, options, queue):
+    job_id = str(uuid.uuid4())
+    enqueue_many([(job_id, options, queue)], [])
+    pipelined, = _lpushed(queue)
+    request.getfixturevalue("kombu_path")
+    enqueue_many([(job_id, options, queue)], [])
+    kombus, = _lpushed(queue)
+    assert _untagged(pipelined) == _untagged(kombus)
+    assert job_id in pipelined and "00000000-0000-4000-8000" not in pipelined
+
+
+def test_a_single_enqueue_from_a_cached_template_is_byte_for_byte_kombus(redis_server, request):
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    enqueue(first, {}, "q-pipe-one")  # captures this routing's template
+    enqueue(second, {}, "q-pipe-one")  # from the cache
+    pipelined = _lpushed("q-pipe-one")
+    request.getfixturevalue("kombu_path")
+    enqueue(first, {}, "q-pipe-one")
+    enqueue(second, {}, "q-pipe-one")
+    kombus = _lpushed("q-pipe-one")
+    assert [_untagged(p) for p in pipelined] == [_untagged(k) for k in kombus]
+    assert len(pipelined) == 2 and second in pipelined[1] and first not in pipelined[1]
+
+
+def test_a_pipelined_task_sent_event_is_kombus_but_its_clock_and_time(redis_server, request):
+    import base64
+    import json
+
+    from tasks.process import get_redis
+
+    def sent_event(job_id: str) -> tuple[dict, dict]:
+        with get_redis().pubsub() as sub:
+            sub.psubscribe("*celeryev*")
+            wait_message(sub, "psubscribe")
+            enqueue_many([(job_id, {}, "q-pipe-ev")], [])
+            envelope = json.loads(wait_message(sub, "pmessage")["data"])
+        _lpushed("q-pipe-ev")
+        event = json.loads(base64.b64decode(envelope.pop("body")))
+        envelope["properties"].pop("delivery_tag")
+        return envelope, event
+
+    job_id = str(uuid.uuid4())
+    pipelined = sent_event(job_id)
+    request.getfixturevalue("kombu_path")
+    kombus = sent_event(job_id)
+    assert pipelined[0] == kombus[0]
+    (p_event, k_event) = pipelined[1], kombus[1]
+    assert list(p_event) == list(k_event)  # the same keys in the same order
+    assert p_event["type"] == "task-sent" and p_event["uuid"] == job_id and p_event["queue"] == "q-pipe-ev"
+    assert {k: v for k, v in p_event.items() if k not in ("clock", "timestamp")} == \
+        {k: v for k, v in k_event.items() if k not in ("clock", "timestamp")}
+    assert p_event["clock"] < k_event["clock"] and p_event["timestamp"] <= k_event["timestamp"]
+
+
+def wait_message(sub, kind: str, timeout: float = 5.0) -> dict:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        message = sub.get_message(timeout=0.2)
+        if message and message["type"] == kind:
+            return message
+    raise AssertionError(f"no {kind} within {timeout} s")
+
+
+def test_pipelined_jobs_land_on_their_own_queues_in_order(redis_server):
+    jobs = [(str(uuid.uuid4()), {"time_limit_s": 60} if i % 2 else {}, f"q-pipe-{i % 3}") for i in range(1207)]
+    sent: list[str] = []
+    enqueue_many(jobs, sent)
+    assert sent == [job_id for job_id, _, _ in jobs]
+    for queue in ("q-pipe-0", "q-pipe-1", "q-pipe-2"):
+        import json
+
+        ids = [json.loads(p)["headers"]["id"] for p in _lpushed(queue)]
+        assert ids == [job_id for job_id, _, q in jobs if q == queue]
+
+
+def test_a_priority_lands_where_kombu_puts_it(redis_server):
+    """kombu's Redis priorities live in ``queue\\x06\\x16N`` lists: the captured template says where."""
+    from kombu.transport.redis import Channel
+
+    from tasks.process import get_redis
+    from tasks.sending import _message, _RedisTemplate
+
+    job_id, queue = str(uuid.uuid4()), "q-pipe-pri"
+    with app.producer_or_acquire() as producer:
+        assert isinstance(producer.channel, Channel)
+        message, route = _message(job_id, {}, queue)
+        template = _RedisTemplate.capture(producer, message, {**route, "priority": 5})
+        kombu_message, _ = _message(job_id, {}, queue)
+        app.amqp.send_task_message(producer, RUN_PIPELINE, kombu_message, **route, priority=5)
+    key = f"{queue}\x06\x163"  # kombu's steps 0, 3, 6, 9: 5 goes to 3
+    assert template.key == key and get_redis().llen(key) == 1 and get_redis().llen(queue) == 0
+    assert _untagged(template.payload) == _untagged(get_redis().lpop(key).decode())
+
+
+def test_on_redis_a_batch_takes_the_pipelined_path_unless_a_publish_signal_is_heard(redis_server, request):
+    from tasks.sending import _redis_templates, _Templates
+
+    jobs = [(str(uuid.uuid4()), {}, None)]
+    with app.producer_or_acquire() as producer:
+        assert _redis_templates(producer, jobs, _Templates()) is not None
+        request.getfixturevalue("kombu_path")
+        assert _redis_templates(producer, jobs, _Templates()) is None
+
+
+def test_jobs_of_a_pipelined_batch_run_to_completion(api_client):
+    from tasks.sending import _redis_templates, _Templates
+    from tests.jobs_helpers import docs, wait_terminal
+
+    with app.producer_or_acquire() as producer:  # the API's path, here: no publish signal heard
+        assert _redis_templates(producer, [(str(uuid.uuid4()), {}, None)], _Templates()) is not None
+
+    answer = api_client.post("/api/jobs/batch", json={"jobs": [{"documents": docs(2)} for _ in range(12)]})
+    assert answer.status_code == 202, answer.text
+    for job_id in answer.json()["job_ids"]:
+        job = wait_terminal(job_id, timeout=60)
+        assert (job.status, job.completed_items) == ("completed", 2), job.error
