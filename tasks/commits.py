@@ -10,7 +10,9 @@ The promises, and where they are kept:
 * an item is handed to the writer at most ``window_s`` after it ended (then its transaction's time);
 * :meth:`ItemCommitter.close` writes everything pending — the runner calls it before the job's
   terminal row, on every exit path it sees (a cancel, a failure, ``SystemExit`` from a time limit or
-  a cold shutdown), and the escalation ladder before it kills the process;
+  a cold shutdown), and the escalation ladder before it kills the process; a job that ran through
+  takes what is pending with :meth:`ItemCommitter.detach` and writes it in its terminal row's own
+  transaction instead (never after it: the two commit together or not at all);
 * a cancel wakes the writer at once: what ended before the cancel doesn't wait out the window;
 * a batch is one transaction, fenced like a single item: a run that lost the job has the whole batch
   refused.
@@ -95,13 +97,26 @@ class ItemCommitter(Generic[R]):
 
     def close(self) -> None:
         """Stop the writer thread and write what is left, here. Raises what a write raised."""
+        self._stop_thread()
+        self._raise_error()
+        self.flush()
+
+    def detach(self) -> list[R]:
+        """Stop the writer thread and hand back what it had not written, for the caller to write in
+        a transaction of its own — the job's end, so a job that ran through costs one transaction
+        less. Raises what a write raised. What :meth:`add` gets after this is written at once."""
+        self._stop_thread()
+        self._raise_error()
+        with self._writing, self._wake:  # no batch in flight: the rest is everything not written
+            rest, self._pending = self._pending, []
+        return rest
+
+    def _stop_thread(self) -> None:
         with self._wake:
             self._closed = True
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        self._raise_error()
-        self.flush()
 
     def _raise_error(self) -> None:
         error, self._error = self._error, None

@@ -8,6 +8,7 @@ its event in the same transaction. Who calls: the job's own run (start, finish),
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs as job_rows
+from db.jobs import StoredItem
 from db.models import Job
 from db.session import session_scope
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
@@ -90,12 +92,20 @@ def _owned(job_id: str, owner: str) -> Job | None:
         return job
 
 
-def finish_ran_through(job_id: str, fence: int | None = None, *,
-                       counts: tuple[int, int] | None = None) -> JobOutcome:
+def finish_ran_through(job_id: str, fence: int | None = None, *, counts: tuple[int, int] | None = None,
+                       items: Sequence[StoredItem] = ()) -> JobOutcome:
     """Every item was tried: completed, unless not a single one succeeded. ``counts``: the job's
-    ``(total_items, completed_items)`` as the run that owns it (``fence``) knows them, so the end is
-    one write and no read."""
-    with session_scope() as session:
+    ``(total_items, completed_items)`` as the run that owns it (``fence``) knows them, ``items``
+    included, so the end is one write and no read.
+
+    ``items``: the run's last items, not yet written, stored in this same transaction before the
+    end — fenced like every item write (:class:`~db.jobs.NotOwner`, and nothing of it is committed,
+    if the run lost the job). The job's last item write and its end are then one commit, not two."""
+    with session_scope(writer=bool(items)) as session:
+        if items:
+            if fence is None:
+                raise ValueError("a run's items are written under its fence")
+            job_rows.record_items(session.connection(), job_id, items, fence=fence)
         if counts is None:
             job = session.get(Job, job_id)
             counts = (job.total_items, job.completed_items)
