@@ -89,13 +89,12 @@ class JobMonitor:
         return self
 
     def stop(self) -> None:
+        """Stop beating; returns at once. The thread removes the heartbeat key as its last act — after
+        its last beat, so no beat can bring the key back — and the job's thread doesn't wait for it
+        to wake, beat or round-trip to Redis (the key was the one the reaper reads for a *running*
+        row; this runs once the row is terminal)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=self.interval_s + 1)
-        try:
-            get_redis().delete(heartbeat_key(self.job_id))
-        except RedisError:
-            pass  # it expires by itself
 
     def beat(self) -> None:
         item, stage = self.position or (None, None)
@@ -127,6 +126,18 @@ class JobMonitor:
         self._wake.set()  # the ladder's clock starts now
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        finally:
+            self._remove_heartbeat()
+
+    def _remove_heartbeat(self) -> None:
+        try:
+            get_redis().delete(heartbeat_key(self.job_id))
+        except RedisError:
+            pass  # it expires by itself
+
+    def _watch(self) -> None:
         next_beat, first = time.monotonic(), True
         while not self._stop.is_set():
             try:
