@@ -56,8 +56,9 @@ def outcome_of(job_id: str, ran: bool) -> JobOutcome:
 def start(job_id: str, owner: str) -> Job | None:
     """Queued → running, owned by this run (its fence is ``job.fence``); None if the job is not
     queued any more (another delivery started it, or it ended). One transaction: the row is read
-    back under the write that took it."""
-    with session_scope() as session:
+    back under the write that took it. It takes its turn with the item writers (``writer``): on
+    SQLite, meeting them in the busy handler instead sleeps a millisecond or more per retry."""
+    with session_scope(writer=True) as session:
         if not job_rows.transition(session, job_id, JobStatus.RUNNING, only_from=JobStatus.PENDING,
                                    started_at=datetime.now(UTC), raise_fence=True, owner=owner):
             return None
