@@ -28,7 +28,7 @@ from tasks.cancellation import CancellationToken, ForcedCancellation
 from tasks.cancellation.keys import heartbeat_key
 from tasks.control import request_cancel
 from tasks.errors import AndonError
-from tasks.notify import notify
+from tasks.notify import notify_in
 from tasks.process import get_redis
 
 __all__ = ["JobMonitor", "Ladder"]
@@ -99,8 +99,10 @@ class JobMonitor:
     def beat(self) -> None:
         item, stage = self.position or (None, None)
         value = json.dumps({"pid": os.getpid(), "owner": self.owner, "item": item, "stage": stage})
-        get_redis().set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
-        notify(self.job_id, "heartbeat")
+        with get_redis().pipeline(transaction=False) as pipe:  # the beat and its notification: one round trip
+            pipe.set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
+            notify_in(pipe, self.job_id, "heartbeat")
+            pipe.execute()
 
     def disarm(self) -> None:
         """Called by the job thread as its exit path begins: no forced cancel can land after this, so
