@@ -27,7 +27,7 @@ from sqlalchemy import select
 from db import jobs as job_rows
 from db.jobs import NotOwner
 from db.models import Job
-from db.session import is_transient, retry_transient, session_scope, transaction
+from db.session import get_engine, is_transient, retry_transient, session_scope, transaction
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, ItemStatus, JobStatus
 from tasks import lifecycle, registry
@@ -67,8 +67,8 @@ def run_job(job_id: str) -> JobOutcome:
     """
     check_job_id(job_id)
     settings = get_settings()
-    with session_scope() as session:  # not the row's items (its inputs): the run reads those once it owns it
-        row = session.execute(select(Job.status, Job.fence, Job.pipeline).where(Job.id == job_id)).one_or_none()
+    with get_engine().connect() as conn:  # not the row's items (its inputs): the run reads those once it owns it
+        row = conn.execute(select(Job.status, Job.fence, Job.pipeline).where(Job.id == job_id)).one_or_none()
         if row is None:
             raise JobNotFound(job_id)
         status, seen_fence = JobStatus(row.status), row.fence
