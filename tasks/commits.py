@@ -10,8 +10,9 @@ The promises, and where they are kept:
 * an item is handed to the writer at most ``window_s`` after it ended (then its transaction's time);
 * :meth:`ItemCommitter.close` writes everything pending — the runner calls it before the job's
   terminal row, on every exit path it sees (a failure, ``SystemExit`` from a time limit or a cold
-  shutdown), and the escalation ladder before it kills the process; on a cancel the runner takes
-  what is pending with :meth:`ItemCommitter.detach` and writes it in the terminal row's transaction;
+  shutdown), and the escalation ladder before it kills the process; a job that was cancelled or ran
+  through takes what is pending with :meth:`ItemCommitter.detach` and writes it in its terminal
+  row's own transaction instead (never after it: the two commit together or not at all);
 * a cancel wakes the writer at once: what ended before the cancel doesn't wait out the window;
 * a batch is one transaction, fenced like a single item: a run that lost the job has the whole batch
   refused.
@@ -97,16 +98,25 @@ class ItemCommitter(Generic[R]):
     def close(self) -> None:
         """Stop the writer thread and write what is left, here. Raises what a write raised."""
         self._stop_thread()
+        self._raise_error()
         self.flush()
 
     def detach(self) -> list[R]:
         """Stop the writer thread and hand back what it had not written, for the caller to write in
-        a transaction of its own (a cancelled job's last items go in with its terminal row: one
-        commit instead of two). Raises what a write raised."""
-        self._stop_thread()
-        with self._writing, self._wake:  # a flush in another thread (the ladder's) finishes first
-            batch, self._pending = self._pending, []
-        return batch
+        a transaction of its own — the job's end, so a job that ran through costs one transaction
+        less. Raises what a write raised. What :meth:`add` gets after this is written at once.
+
+        It waits for a batch the thread is writing, not for the thread to end: waking an idle thread
+        only to join it cost the job's end a scheduler round trip (milliseconds on a busy machine).
+        The thread writes under the same lock, and once this is closed it takes nothing more."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        with self._writing:  # a batch in flight ends first (its error is set under this lock too)
+            self._raise_error()
+            with self._wake:
+                rest, self._pending = self._pending, []
+        return rest
 
     def _stop_thread(self) -> None:
         with self._wake:
@@ -114,7 +124,6 @@ class ItemCommitter(Generic[R]):
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        self._raise_error()
 
     def _raise_error(self) -> None:
         error, self._error = self._error, None
@@ -130,10 +139,21 @@ class ItemCommitter(Generic[R]):
                     self._wake.wait(None if not self._pending else self._oldest + self.window_s - time.monotonic())
                 if self._closed:
                     return  # close() writes the rest in its own thread
+            if not self._write_pending():
+                return
+
+    def _write_pending(self) -> bool:
+        """The thread's turn: write what is pending; False after a failed write. The error is handed
+        to the job's thread, set before the write lock is let go (:meth:`detach` looks under it)."""
+        with self._writing:
+            with self._wake:
+                batch, self._pending = self._pending, []
             try:
-                self.flush()
-            except BaseException as exc:  # handed to the job's thread; nothing more is written from here
+                if batch:
+                    self._write(batch)
+            except BaseException as exc:  # nothing more is written from this thread
                 self._error = exc
                 with self._wake:
                     self._closed = True
-                return
+                return False
+        return True

@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
-from sqlalchemy import select, update
+from sqlalchemy import Row, bindparam, select, update
 
 from db import jobs as job_rows
 from db.models import Job
@@ -242,10 +242,18 @@ def _recover(job_id: str, actor: str | None, resend: bool, redis) -> str:
     return "requeued"
 
 
-def _unfinished_children(job_id: str) -> list[Job]:
-    with session_scope() as session:
-        return list(session.scalars(select(Job).where(
-            job_rows.children_of(job_id), Job.status.not_in([s.value for s in TERMINAL_STATUSES]))))
+#: Every job's end reads these two (:func:`settle_children`): built once, not per call — building the
+#: children filter cost more than running it.
+_STATUS_OF = select(Job.status).where(Job.id == bindparam("job_id"))
+_UNFINISHED_CHILDREN = select(Job.id, Job.options, Job.queue).where(
+    job_rows.children_of(bindparam("job_id")), Job.status.not_in([s.value for s in TERMINAL_STATUSES]))
+
+
+def _unfinished_children(job_id: str) -> list[Row]:
+    """The id, options and queue of each unfinished child: not whole rows (their inputs), which every
+    job that ends would otherwise load for the children it usually doesn't have."""
+    with get_engine().connect() as conn:
+        return list(conn.execute(_UNFINISHED_CHILDREN, {"job_id": job_id}))
 
 
 def cancel_children(job_id: str, message: str, actor: str | None = None) -> None:
@@ -264,9 +272,9 @@ def settle_children(job_id: str) -> None:
     Children in a Celery chain are not ``deferred`` — Celery sends the next step itself, and only
     after a success — but their rows still need ending when a step doesn't complete.
     """
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        status = JobStatus(job.status) if job else None
+    with get_engine().connect() as conn:  # the status only: every job pays this read as it ends
+        seen = conn.scalar(_STATUS_OF, {"job_id": job_id})
+    status = JobStatus(seen) if seen else None
     if status is None or not status.is_terminal:
         return
     if status is not JobStatus.COMPLETED:

@@ -56,8 +56,9 @@ def outcome_of(job_id: str, ran: bool) -> JobOutcome:
 def start(job_id: str, owner: str) -> Job | None:
     """Queued → running, owned by this run (its fence is ``job.fence``); None if the job is not
     queued any more (another delivery started it, or it ended). One transaction: the row is read
-    back under the write that took it."""
-    with session_scope() as session:
+    back under the write that took it. It takes its turn with the item writers (``writer``): on
+    SQLite, meeting them in the busy handler instead sleeps a millisecond or more per retry."""
+    with session_scope(writer=True) as session:
         if not job_rows.transition(session, job_id, JobStatus.RUNNING, only_from=JobStatus.PENDING,
                                    started_at=datetime.now(UTC), raise_fence=True, owner=owner):
             return None
@@ -92,12 +93,20 @@ def _owned(job_id: str, owner: str) -> Job | None:
         return job
 
 
-def finish_ran_through(job_id: str, fence: int | None = None, *,
-                       counts: tuple[int, int] | None = None) -> JobOutcome:
+def finish_ran_through(job_id: str, fence: int | None = None, *, counts: tuple[int, int] | None = None,
+                       items: Sequence[StoredItem] = ()) -> JobOutcome:
     """Every item was tried: completed, unless not a single one succeeded. ``counts``: the job's
-    ``(total_items, completed_items)`` as the run that owns it (``fence``) knows them, so the end is
-    one write and no read."""
-    with session_scope() as session:
+    ``(total_items, completed_items)`` as the run that owns it (``fence``) knows them, ``items``
+    included, so the end is one write and no read.
+
+    ``items``: the run's last items, not yet written, stored in this same transaction before the
+    end — fenced like every item write (:class:`~db.jobs.NotOwner`, and nothing of it is committed,
+    if the run lost the job). The job's last item write and its end are then one commit, not two."""
+    with session_scope(writer=bool(items)) as session:
+        if items:
+            if fence is None:
+                raise ValueError("a run's items are written under its fence")
+            job_rows.record_items(session.connection(), job_id, items, fence=fence)
         if counts is None:
             job = session.get(Job, job_id)
             counts = (job.total_items, job.completed_items)

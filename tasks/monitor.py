@@ -28,7 +28,7 @@ from tasks.cancellation import CancellationToken, ForcedCancellation
 from tasks.cancellation.keys import heartbeat_key
 from tasks.control import request_cancel
 from tasks.errors import AndonError
-from tasks.notify import notify
+from tasks.notify import notify_in
 from tasks.process import get_redis
 
 __all__ = ["JobMonitor", "Ladder"]
@@ -89,19 +89,20 @@ class JobMonitor:
         return self
 
     def stop(self) -> None:
+        """Stop beating; returns at once. The thread removes the heartbeat key as its last act — after
+        its last beat, so no beat can bring the key back — and the job's thread doesn't wait for it
+        to wake, beat or round-trip to Redis (the key was the one the reaper reads for a *running*
+        row; this runs once the row is terminal)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=self.interval_s + 1)
-        try:
-            get_redis().delete(heartbeat_key(self.job_id))
-        except RedisError:
-            pass  # it expires by itself
 
     def beat(self) -> None:
         item, stage = self.position or (None, None)
         value = json.dumps({"pid": os.getpid(), "owner": self.owner, "item": item, "stage": stage})
-        get_redis().set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
-        notify(self.job_id, "heartbeat")
+        with get_redis().pipeline(transaction=False) as pipe:  # the beat and its notification: one round trip
+            pipe.set(heartbeat_key(self.job_id), value, px=int(self.interval_s * 3000))
+            notify_in(pipe, self.job_id, "heartbeat")
+            pipe.execute()
 
     def disarm(self) -> None:
         """Called by the job thread as its exit path begins: no forced cancel can land after this, so
@@ -127,6 +128,18 @@ class JobMonitor:
         self._wake.set()  # the ladder's clock starts now
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        finally:
+            self._remove_heartbeat()
+
+    def _remove_heartbeat(self) -> None:
+        try:
+            get_redis().delete(heartbeat_key(self.job_id))
+        except RedisError:
+            pass  # it expires by itself
+
+    def _watch(self) -> None:
         next_beat, first = time.monotonic(), True
         while not self._stop.is_set():
             try:

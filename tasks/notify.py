@@ -36,7 +36,7 @@ from sqlalchemy.sql.dml import Insert
 from tasks.cancellation.keys import job_changes_channel
 from tasks.process import get_redis
 
-__all__ = ["channel_for", "install", "notify"]
+__all__ = ["channel_for", "install", "notify", "notify_in"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,13 @@ def channel_for(client: Any) -> str:
 def notify(job_id: str, kind: str) -> None:
     """Tell every listening stream that ``job_id`` changed, now. Never raises."""
     _publish([(job_id, kind)])
+
+
+def notify_in(pipe: Any, job_id: str, kind: str) -> None:
+    """Queue the notification on the caller's Redis pipeline, after the write it announces: one
+    round trip for both (the heartbeat: its key and its notification). The caller's error handling
+    is the notification's."""
+    pipe.publish(channel_for(pipe), json.dumps({"job_id": job_id, "kind": kind}))
 
 
 def _publish(changes: list[tuple[str, str]]) -> None:

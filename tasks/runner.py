@@ -27,7 +27,7 @@ from sqlalchemy import select
 from db import jobs as job_rows
 from db.jobs import NotOwner
 from db.models import Job
-from db.session import is_transient, retry_transient, session_scope, transaction
+from db.session import get_engine, is_transient, retry_transient, session_scope, transaction
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, ItemStatus, JobStatus
 from tasks import lifecycle, registry
@@ -67,8 +67,8 @@ def run_job(job_id: str) -> JobOutcome:
     """
     check_job_id(job_id)
     settings = get_settings()
-    with session_scope() as session:  # not the row's items (its inputs): the run reads those once it owns it
-        row = session.execute(select(Job.status, Job.fence, Job.pipeline).where(Job.id == job_id)).one_or_none()
+    with get_engine().connect() as conn:  # not the row's items (its inputs): the run reads those once it owns it
+        row = conn.execute(select(Job.status, Job.fence, Job.pipeline).where(Job.id == job_id)).one_or_none()
         if row is None:
             raise JobNotFound(job_id)
         status, seen_fence = JobStatus(row.status), row.fence
@@ -161,17 +161,31 @@ class JobRun:
                     self.finished = retry_transient(self._finished_indexes, within_s=settings.db_retry_s)
                 todo = [(i, raw) for i, raw in enumerate(job.inputs) if i not in self.finished]
                 items.run(todo)
-                self.committer.close()
+                last = self.committer.detach()  # written with the terminal row, in its transaction
             except BaseException as exc:
                 monitor.disarm()
                 return self._stopped(exc, items.observed_at)
             monitor.disarm()
             if self.lost:
                 return self._lost()
-            self._release()
+            try:
+                self._release()
+            except BaseException:
+                self._commit(last)  # a cleanup that raised must not cost the items that ended
+                raise
+            return self._finish(last)
+
+    def _finish(self, last: list[ItemRecord]) -> JobOutcome:
+        """End a job that ran through: its last items and its terminal row in one transaction."""
+        done = sum(1 for r in last if r.status is ItemStatus.DONE)
+        try:
             outcome = self._durably(lambda: lifecycle.finish_ran_through(
-                job.id, self.fence, counts=(job.total_items, self.completed)))
-            return outcome
+                self.job.id, self.fence, counts=(self.job.total_items, self.completed + done), items=last))
+        except NotOwner:
+            self._lose()
+            return self._lost()
+        self._counted(last)
+        return outcome
 
     def _scratch_dir(self) -> Path:
         """This run's scratch dir, made on first use (by any stage's thread) and removed at cleanup."""

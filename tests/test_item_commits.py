@@ -162,3 +162,34 @@ def test_a_stale_batch_is_refused_whole_by_the_fence(db_url, stale):
         job = session.get(Job, job_id)
         assert (job.completed_items, job.failed_items) == (1, 1)
         assert sorted(session.scalars(select(JobItem.index).where(JobItem.job_id == job_id))) == [0, 1]
+
+
+
+@pytest.mark.parametrize("owner", ["this run", "a stale run"])
+def test_a_run_through_writes_its_last_items_and_its_end_together(database, owner):
+    """A job that ran through writes the items still in its window in its terminal row's own
+    transaction: both, or — for a run that lost the job — neither."""
+    job_id = service.submit_job(["a", "b", "c"], {}, queue="nobody-serves-this").job_id
+    with session_scope() as session:
+        assert job_rows.transition(session, job_id, JobStatus.RUNNING, raise_fence=True, owner="test")
+        fence = session.scalar(select(Job.fence).where(Job.id == job_id))
+    with transaction() as conn:
+        job_rows.record_items(conn, job_id, [job_rows.ItemRow(0, "s", ItemStatus.DONE, result={"ok": 0})],
+                              fence=fence)
+    last = [job_rows.ItemRow(1, "s", ItemStatus.DONE, result={"ok": 1}),
+            job_rows.ItemRow(2, "s", ItemStatus.FAILED, error="bad")]
+    if owner == "this run":
+        assert lifecycle.finish_ran_through(job_id, fence, counts=(3, 2), items=last).status is JobStatus.COMPLETED
+        expected = ("completed", 2, 1, [0, 1, 2])
+    else:
+        with session_scope() as session:  # another run took the job over
+            session.execute(update(Job).where(Job.id == job_id).values(fence=Job.fence + 1))
+        with pytest.raises(job_rows.NotOwner):
+            lifecycle.finish_ran_through(job_id, fence, counts=(3, 2), items=last)
+        expected = ("running", 1, 0, [0])
+    job = job_row(job_id)
+    assert (job.status, job.completed_items, job.failed_items, sorted(r.index for r in items(job_id))) == expected
+    if owner == "this run":
+        assert_one_terminal(job_id)
+    else:
+        lifecycle.end_failed(job_id, "test over")
