@@ -68,10 +68,11 @@ def test_every_item_is_durable_before_the_terminal_row(start_worker):
     while seen_terminal < len(job_ids) and time.monotonic() < deadline:
         seen_terminal = 0
         for job_id in job_ids:
-            with session_scope() as session:  # one read transaction: the row and its items as of one moment
-                status, completed = session.execute(
-                    select(Job.status, Job.completed_items).where(Job.id == job_id)).one()
-                stored = session.scalar(select(func.count()).select_from(JobItem).where(JobItem.job_id == job_id))
+            with session_scope() as session:  # one statement: the row and its items as of one moment
+                stored_items = select(func.count()).select_from(JobItem).where(JobItem.job_id == job_id)
+                status, completed, stored = session.execute(
+                    select(Job.status, Job.completed_items, stored_items.scalar_subquery())
+                    .where(Job.id == job_id)).one()
             assert stored == completed  # the counter moves with its items, batch by batch
             if JobStatus(status).is_terminal:
                 assert status == "completed" and stored == 40, (status, stored)
