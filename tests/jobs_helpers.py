@@ -69,3 +69,25 @@ def assert_one_terminal(job_id: str) -> Job:
     assert JobStatus(job.status).is_terminal, job.status
     assert terminal_events(job_id) == [job.status], terminal_events(job_id)
     return job
+
+
+def while_sweeping(predicate, timeout: float, what: str):
+    """Poll ``predicate`` while keeping the broker-sweep lock free, so a worker started with a fast
+    sweep (``ANDON_BROKER_SWEEP_S``) gets every turn. The suite's other workers sweep every 30 s and
+    hold the lock that long each time, with settings that don't do what the test waits for; a lock
+    freed once lets whichever of them comes next take it again (the holder's next turn falls right
+    at its lock's expiry)."""
+    from tasks.cancellation.keys import sweep_lock_key
+    from tasks.process import get_redis
+
+    def swept():
+        value = predicate()
+        if not value:
+            get_redis().delete(sweep_lock_key())
+        return value
+
+    return wait_for(swept, timeout, interval=0.05, what=what)
+
+
+def is_terminal(job_id: str) -> bool:
+    return JobStatus(job_row(job_id).status).is_terminal

@@ -14,13 +14,13 @@ from celery.result import AsyncResult
 from api import service
 from tasks.app import app
 from tasks.broker import UNACKED, UNACKED_INDEX
-from tasks.cancellation.keys import sweep_lock_key
-from tests.jobs_helpers import events, job_row, wait_terminal
+from tests.jobs_helpers import events, is_terminal, job_row, while_sweeping
 from tests.procs import wait_for
 
 # A delivered message counts as held for PARKED_AFTER_S: short enough for the parked test, long enough
 # that a loaded box's delivery-to-start of the re-sent message is never taken for a second loss.
-FAST_SWEEP = {"ANDON_BROKER_SWEEP_S": "0.5", "ANDON_LOST_MESSAGE_AFTER_S": "0.5", "ANDON_PARKED_AFTER_S": "15"}
+FAST_SWEEP = {"ANDON_HEARTBEAT_S": "0.3", "ANDON_BROKER_SWEEP_S": "0.5", "ANDON_LOST_MESSAGE_AFTER_S": "0.5",
+              "ANDON_PARKED_AFTER_S": "15"}
 
 
 def take_message(redis_client, queue: str, job_id: str) -> bytes:
@@ -35,19 +35,18 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(start_worker, redis_c
     job_id = service.submit_job(["a", "b"], pipeline="user-sync", queue=queue).job_id
     take_message(redis_client, queue, job_id)  # the broker loses it: the row still says pending
     time.sleep(0.6)
-    redis_client.delete(sweep_lock_key())
     start_worker(concurrency=1, queue=queue, **FAST_SWEEP)
-    job = wait_terminal(job_id, timeout=90)
-    assert job.status == "completed"
+    while_sweeping(lambda: is_terminal(job_id), 90, what="the job sent again to end")
+    assert job_row(job_id).status == "completed"
     assert [e.kind for e in events(job_id)].count("resent") == 1
 
 
 def test_a_queued_job_whose_message_is_there_is_not_sent_twice(start_worker, redis_client):
     queue = f"q-held-{uuid.uuid4().hex[:8]}"
     job_id = service.submit_job(["a"], pipeline="user-sync", queue=queue).job_id
-    redis_client.delete(sweep_lock_key())
     start_worker(concurrency=1, queue=f"q-other-{uuid.uuid4().hex[:8]}", **FAST_SWEEP)  # sweeps, doesn't serve it
-    time.sleep(3)
+    until = time.monotonic() + 3
+    while_sweeping(lambda: time.monotonic() > until, 10, what="three seconds of sweeps")
     assert job_row(job_id).status == "pending" and "resent" not in [e.kind for e in events(job_id)]
     assert redis_client.llen(queue) == 1
 
@@ -61,9 +60,8 @@ def test_a_parked_message_of_an_ended_job_is_acked_and_its_state_written(start_w
     redis_client.zadd(UNACKED_INDEX, {tag: time.time() - 60})  # parked for longer than PARKED_AFTER_S
     assert service.cancel_job(job_id).status.value == "cancelled"
     assert AsyncResult(job_id, app=app).state == "PENDING"
-    redis_client.delete(sweep_lock_key())
     start_worker(concurrency=1, queue=f"q-other-{uuid.uuid4().hex[:8]}", **FAST_SWEEP)
-    wait_for(lambda: not redis_client.hexists(UNACKED, tag), 60, what="the parked message to be released")
+    while_sweeping(lambda: not redis_client.hexists(UNACKED, tag), 60, what="the parked message to be released")
     assert redis_client.zscore(UNACKED_INDEX, tag) is None
     assert AsyncResult(job_id, app=app).state == "REVOKED"
     # back on its queue, never lost: a worker serving it takes it, finds the job ended, and acks it

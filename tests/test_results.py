@@ -19,10 +19,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from api import service
 from tasks import lifecycle
 from tasks.app import app
-from tasks.cancellation.keys import heartbeat_key, sweep_lock_key
+from tasks.cancellation.keys import heartbeat_key
 from tasks.jobs import JobFailed
 from tasks.results import ResultSweep
-from tests.jobs_helpers import job_row, submit, wait_items, wait_status, wait_terminal
+from tests.jobs_helpers import job_row, submit, wait_items, wait_status, wait_terminal, while_sweeping
 from tests.procs import wait_for
 
 FAST = {"ANDON_HEARTBEAT_S": "0.3", "ANDON_BROKER_SWEEP_S": "0.5", "ANDON_RESULT_SETTLE_AFTER_S": "1"}
@@ -49,11 +49,10 @@ def test_a_job_the_reaper_ends_after_its_worker_vanished_shows_revoked_with_its_
     os.killpg(gone.proc.pid, signal.SIGKILL)  # main process and child: nobody writes REVOKED
     gone.proc.wait(10)
     assert service.cancel_job(job_id, message="stop it").status.value == "cancelling"
-    redis_client.delete(sweep_lock_key())
     start_worker(concurrency=1, **FAST)  # another queue: it reaps and sweeps, never runs the job
     job = wait_terminal(job_id, timeout=60)
     assert job.status == "cancelled" and job.cancellation_reason == "user_requested"
-    wait_for(lambda: celery_state(job_id) == states.REVOKED, 60, what="the sweep to write REVOKED")
+    while_sweeping(lambda: celery_state(job_id) == states.REVOKED, 60, what="the sweep to write REVOKED")
     assert "user_requested (api): stop it" in str(AsyncResult(job_id, app=app).result)
 
 
@@ -65,8 +64,7 @@ def test_a_completed_job_whose_success_was_lost_to_a_redis_outage_shows_success(
     # what Celery stores when Redis was away as the job returned: the outage as the task's FAILURE
     AsyncResult(job_id, app=app).forget()
     app.backend.store_result(job_id, RedisConnectionError("Error 111 connecting. Connection refused."), states.FAILURE)
-    redis_client.delete(sweep_lock_key())
-    wait_for(lambda: celery_state(job_id) == states.SUCCESS, 60, what="the sweep to write SUCCESS")
+    while_sweeping(lambda: celery_state(job_id) == states.SUCCESS, 60, what="the sweep to write SUCCESS")
 
 
 def test_a_failure_celery_stored_for_a_cancelled_job_becomes_revoked_and_a_failed_jobs_own_stays(
