@@ -67,7 +67,11 @@ def notify_in(pipe: Any, job_id: str, kind: str) -> None:
     """Queue the notification on the caller's Redis pipeline, after the write it announces: one
     round trip for both (the heartbeat: its key and its notification). The caller's error handling
     is the notification's."""
-    pipe.publish(channel_for(pipe), json.dumps({"job_id": job_id, "kind": kind}))
+    pipe.publish(channel_for(pipe), _message(job_id, kind))
+
+
+def _message(job_id: str, kind: str) -> str:
+    return json.dumps({"job_id": job_id, "kind": kind})
 
 
 def _publish(changes: list[tuple[str, str]]) -> None:
@@ -79,11 +83,11 @@ def _publish(changes: list[tuple[str, str]]) -> None:
         client = get_redis()
         channel = channel_for(client)
         if len(changes) == 1:
-            client.publish(channel, json.dumps({"job_id": changes[0][0], "kind": changes[0][1]}))
+            client.publish(channel, _message(*changes[0]))
             return
         pipe = client.pipeline(transaction=False)
         for job_id, kind in changes:
-            pipe.publish(channel, json.dumps({"job_id": job_id, "kind": kind}))
+            pipe.publish(channel, _message(job_id, kind))
         pipe.execute()
     except RedisError as exc:
         _quiet_until = time.monotonic() + QUIET_AFTER_ERROR_S

@@ -295,14 +295,16 @@ class JobRun:
     def _stopped(self, exc: BaseException, observed_at: datetime | None) -> JobOutcome:
         # a cancel's last items go in with its terminal row (one commit); any other stop (a failure, a
         # teardown that may leave this process a tenth of a second) writes them first, on their own
-        last = self._detach_committer() if cancellation_in(exc) is not None else self._close_committer()
+        last: list[ItemRecord] = []
+        if cancellation_in(exc) is not None:
+            last = self._detach_committer()
+        else:
+            self._close_committer()
         if self.lost or isinstance(exc, NotOwner):
             return self._lost()
         cancel = self._why_cancelled(exc)
         self._release()
         if cancel is not None:
-            if last is None:  # the cancel came from writing the last items (the database went away)
-                last = []
             ended = self.finished | {r.index for r in last if r.status is not ItemStatus.INTERRUPTED}
             at_item = next((i for i in range(self.job.total_items) if i not in ended), None)
 
