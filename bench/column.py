@@ -48,6 +48,7 @@ class ColumnSpec:
     only_scale: bool = False
     profile: bool = False
     time_s: float = 3600.0  # what the column may take in all: phases that would start later are not run
+    phases: list[str] | None = None  # only these (bench/run.py --phases); None: all of them
 
 
 class SharedWorker:
@@ -138,6 +139,9 @@ def run_column(spec: ColumnSpec) -> Report:
         phases += [("breakdown", alone(lambda: bench_breakdown(sizes, report))),
                    ("memory", alone(lambda: bench_memory(sizes, report))),
                    ("bulk cancel", alone(lambda: bench_bulk_cancel(sizes, logs, report)))]
+
+    if spec.phases:
+        phases = [(name, fn) for name, fn in phases if name in spec.phases]
 
     def save() -> None:
         """After every phase: what this column measured so far survives whatever comes next."""

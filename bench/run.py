@@ -18,6 +18,8 @@ and the whole run is bounded (14 minutes; --quick 9): a phase that would start p
     --scale-rows N rows in the jobs table for the list and /metrics figures (make bench-scale: 1,000,000)
     --only-scale   only the batch-submit and scale figures (make bench-scale)
     --budget S     the whole run's bound in seconds (default: Sizes.run_budget_s)
+    --phases L     only these phases, comma-separated (e.g. "bulk cancel,throughput"; a look at one
+                   figure while working on it: the README is not written)
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-rows", type=int, default=None)
     parser.add_argument("--only-scale", action="store_true")
     parser.add_argument("--budget", type=float, default=None)
+    parser.add_argument("--phases", default=None)
     args = parser.parse_args(argv)
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else None
     databases = [d.strip() for d in args.databases.split(",") if d.strip()]
     if not databases or set(databases) - set(DATABASES):
         parser.error(f"--databases: choose from {', '.join(DATABASES)}")
@@ -111,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         upgrade()
 
         if not args.only_scale:  # the figures that touch no database: once, before the columns
-            say("checkpoint cost")
-            run_phase(report, "checkpoint", lambda: bench_checkpoint(sizes, report), budget_s=sizes.budget_s)
-            say(f"peer baseline: {sizes.peer_cancels} dramatiq-abort aborts")
-            run_phase(report, "peer baseline", lambda: bench_peer_abort(sizes, logs, report, redis_url),
-                      budget_s=sizes.budget_s)
+            if _chosen(args, "checkpoint"):
+                say("checkpoint cost")
+                run_phase(report, "checkpoint", lambda: bench_checkpoint(sizes, report), budget_s=sizes.budget_s)
+            if _chosen(args, "peer baseline"):
+                say(f"peer baseline: {sizes.peer_cancels} dramatiq-abort aborts")
+                run_phase(report, "peer baseline", lambda: bench_peer_abort(sizes, logs, report, redis_url),
+                          budget_s=sizes.budget_s)
 
         for i, database in enumerate(databases):
             _flush(redis_port)  # each column starts on an empty Redis: no queue or token carries over
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for database, lines in report.analysis.items():
         for line in lines:
             print(f"- {DATABASE_NAMES[database]}: {line}")
-    if not args.quick and not args.no_readme and not args.only_scale:
+    if not args.quick and not args.no_readme and not args.only_scale and not args.phases:
         path = write_readme(report, machine, load, total_s)
         print(f"wrote {path.relative_to(ROOT)}")
     print(f"wrote {write_results(report, machine, load, total_s, args.results)}")
@@ -169,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"--strict: {len(missed)} figures missed their goal or were not measured")
         return 1
     return 0
+
+
+def _chosen(args, phase: str) -> bool:
+    return not args.phases or phase in args.phases
 
 
 def _flush(redis_port: int) -> None:
@@ -185,7 +195,8 @@ def _run_column(database: str, url: str, sizes: Sizes, args, home: Path, report:
     (column_home / "logs").mkdir(parents=True, exist_ok=True)
     out = column_home / "report.json"
     spec = ColumnSpec(database=database, url=url, sizes=dataclasses.asdict(sizes), logs=str(column_home / "logs"),
-                      out=str(out), only_scale=args.only_scale, profile=args.profile, time_s=max(time_s, 30.0))
+                      out=str(out), only_scale=args.only_scale, profile=args.profile, time_s=max(time_s, 30.0),
+                      phases=args.phases)
     spec_path = column_home / "spec.json"
     spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
     env = {**os.environ, "ANDON_DATABASE_URL": url, "ANDON_HOME": str(column_home)}
