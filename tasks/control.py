@@ -62,18 +62,28 @@ def request_cancel(
     reason, source = CancellationReason(reason), CancellationSource(source)
     requested = CancelRequest(reason, message, source, actor=actor)
     within = get_settings().db_retry_s
-    seen = retry_transient(lambda: _check_open(job_id), within_s=within, what="cancel request")
     # The token first: Redis decides which request wins (SET NX in one script) and the workers hear
     # the winner in the same round trip, so a cancel is observed without waiting on a database commit.
+    # A running job (its heartbeat lives) needs no database read before that; any other is read first,
+    # to refuse an unknown or finished job before anything is written, and to tell a queued one.
     # The row follows with the *winner's* request, whoever writes it; the job may observe the token and
     # commit `cancelled` before that (lifecycle.end_cancelled records the winner then, and this call
     # still answers success). Redis away: the row decides alone, as the durable copy workers reconcile.
     winner: CancelRequest | None = None
+    first = False
     try:
-        first, winner = get_store().apply(job_id, requested, queued=seen is JobStatus.PENDING)
+        applied = get_store().apply_if_running(job_id, requested)
+    except RedisError:
+        applied = None
+    if applied is None:
+        seen = retry_transient(lambda: _check_open(job_id), within_s=within, what="cancel request")
+        try:
+            applied = get_store().apply(job_id, requested, queued=seen is JobStatus.PENDING)
+        except RedisError as exc:
+            log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
+    if applied is not None:
+        first, winner = applied
         winner = requested if first else winner
-    except RedisError as exc:
-        log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
 
     def record() -> tuple[JobStatus, CancelRequest, bool]:
         candidate = winner or requested
@@ -90,7 +100,12 @@ def request_cancel(
 
     # a database blip (a lock past the busy timeout, a restart) is waited out: the row and its events
     # are one transaction, retried whole; the token already stops the job meanwhile
-    status, held, ended = retry_transient(record, within_s=within, what="cancel request")
+    try:
+        status, held, ended = retry_transient(record, within_s=within, what="cancel request")
+    except (JobAlreadyTerminal, JobNotFound):
+        if first:  # the job ended just before the token was set (its heartbeat outlived its row): unset it
+            _withdraw_token(job_id, requested)
+        raise
     won = (winner or requested) is requested and held.same_as(requested)
     if winner is not None and not held.same_as(winner):
         _correct_token(job_id, held)
@@ -106,6 +121,13 @@ def request_cancel(
     if ended and status is JobStatus.CANCELLED:
         act_after_cancel(job_id)  # a queued job ended at once: its policy may resume it
     return CancelOutcome(job_id, status, won, held, ended=ended and status is JobStatus.CANCELLED)
+
+
+def _withdraw_token(job_id: str, requested: CancelRequest) -> None:
+    try:
+        get_store().withdraw(job_id, requested)
+    except RedisError:
+        pass  # it expires with its TTL; nothing runs the job to see it
 
 
 def _check_open(job_id: str) -> JobStatus:

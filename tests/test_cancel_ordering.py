@@ -16,6 +16,7 @@ from db.session import session_scope
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
 from tasks import control, lifecycle
 from tasks.cancellation import CancellationStore, CancelRequest
+from tasks.cancellation.keys import heartbeat_key
 from tasks.errors import JobAlreadyTerminal, JobNotFound
 from tasks.process import get_store
 from tests.jobs_helpers import events, job_row, submit, wait_items, wait_terminal
@@ -58,6 +59,43 @@ def test_unknown_and_finished_jobs_are_refused_before_any_token_is_set(database)
     with pytest.raises(JobAlreadyTerminal):
         control.request_cancel(job_id)
     assert get_store().read([unknown, job_id]) == {}
+
+
+def _beating(job_id: str) -> None:
+    """The heartbeat a worker running the job keeps alive (tasks.monitor.JobMonitor.beat)."""
+    get_store().redis.set(heartbeat_key(job_id), "{}", px=5000)
+
+
+def test_a_running_job_is_cancelled_without_a_row_read_before_its_token(database, monkeypatch):
+    job_id = _running_job()
+    _beating(job_id)
+
+    def no_read(_job_id):
+        raise AssertionError("a running job's cancel read its row before setting the token")
+
+    monkeypatch.setattr(control, "_check_open", no_read)
+    outcome = control.request_cancel(job_id, CancellationReason.TIMEOUT, "fast", actor="t")
+    assert (outcome.status, outcome.won) == (JobStatus.CANCELLING, True)
+    assert get_store().read([job_id])[job_id].message == "fast"
+    assert (job_row(job_id).status, [r.actor for r in _requests(job_id)]) == ("cancelling", ["t"])
+
+
+def test_without_a_heartbeat_nothing_is_set_by_the_running_only_cancel(database):
+    job_id = _running_job()
+    assert get_store().apply_if_running(job_id, CancelRequest(CancellationReason.TIMEOUT)) is None
+    assert get_store().read([job_id]) == {}
+
+
+def test_a_heartbeat_that_outlives_its_finished_job_leaves_no_token_behind(database):
+    """The monitor deletes the heartbeat just after the terminal row commits: a cancel in between
+    sets the token, then finds the row over, answers 400 and takes its token back."""
+    job_id = _running_job()
+    assert lifecycle.finish_ran_through(job_id).status.is_terminal
+    _beating(job_id)
+    with pytest.raises(JobAlreadyTerminal):
+        control.request_cancel(job_id)
+    assert get_store().read([job_id]) == {}
+    assert _requests(job_id) == []
 
 
 def test_a_job_that_commits_cancelled_before_the_request_writes_the_row_still_answers_success(

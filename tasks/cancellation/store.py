@@ -17,6 +17,7 @@ from tasks.cancellation.keys import (
     cancel_key,
     cancel_requests_key,
     cancellations_channel,
+    heartbeat_key,
     queued_cancels_channel,
     queued_cancels_key,
 )
@@ -24,7 +25,12 @@ from tasks.cancellation.token import CancelRequest
 
 __all__ = ["QUEUED_CANCELS_KEPT", "CancellationStore"]
 
+#: A cancel: SET NX (first wins), the request log, the winner published (and a queued job's id added
+#: to the queued cancels). With ARGV[7] = '1', only if the job's heartbeat (KEYS[4]) lives: -1 if not.
 _CANCEL_SCRIPT = """
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
+  return {-1, ''}
+end
 local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -37,6 +43,14 @@ if won then
   end
 end
 return {won and 1 or 0, winner}
+"""
+
+#: Delete a token only while it holds the given request (compare-and-delete).
+_WITHDRAW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 #: Many queued jobs' tokens in one call: ``SET NX`` and the request log per job, as ``_CANCEL_SCRIPT``
@@ -71,6 +85,7 @@ class CancellationStore:
         self.ttl_s = ttl_s
         self._cancel = client.register_script(_CANCEL_SCRIPT)
         self._cancel_many = client.register_script(_CANCEL_MANY_SCRIPT)
+        self._withdraw = client.register_script(_WITHDRAW_SCRIPT)
         db = client.connection_pool.connection_kwargs.get("db", 0)
         self.channel = cancellations_channel(db)
         self.queued_key, self.queued_channel = queued_cancels_key(db), queued_cancels_channel(db)
@@ -94,12 +109,31 @@ class CancellationStore:
         """Set the token with this request (``SET NX``: a token already set keeps its reason) and
         publish it to the workers. ``queued``: the job had not started, so workers' main processes
         may skip its message (it joins the queued cancels). Returns (won, winning request)."""
+        applied = self._apply(job_id, request, queued=queued, only_running=False)
+        assert applied is not None
+        return applied
+
+    def apply_if_running(self, job_id: str, request: CancelRequest) -> tuple[bool, CancelRequest] | None:
+        """:meth:`apply`, in the same round trip, only if a process is running the job (its heartbeat
+        lives: :class:`~tasks.monitor.JobMonitor` beats it from the job's start and deletes it after
+        the job's terminal row); None if not. A cancel of a running job needs no database read first."""
+        return self._apply(job_id, request, queued=False, only_running=True)
+
+    def _apply(self, job_id: str, request: CancelRequest, *, queued: bool,
+               only_running: bool) -> tuple[bool, CancelRequest] | None:
         won, winner = self._cancel(
-            keys=[cancel_key(job_id), cancel_requests_key(job_id), self.queued_key],
+            keys=[cancel_key(job_id), cancel_requests_key(job_id), self.queued_key, heartbeat_key(job_id)],
             args=[json.dumps(request.to_json(job_id)), self.ttl_s, self.channel, job_id if queued else "",
-                  time.time(), self.queued_channel],
+                  time.time(), self.queued_channel, "1" if only_running else "0"],
         )
+        if won == -1:
+            return None
         return bool(won), CancelRequest.from_json(json.loads(winner))
+
+    def withdraw(self, job_id: str, request: CancelRequest) -> None:
+        """Remove a token this request set on a job that turned out to be over already (its heartbeat
+        outlived its terminal row by a moment): only while the token still holds this request."""
+        self._withdraw(keys=[cancel_key(job_id)], args=[json.dumps(request.to_json(job_id))])
 
     def correct(self, job_id: str, request: CancelRequest) -> None:
         """Make an existing token hold ``request``: the job row recorded an earlier winner while Redis
