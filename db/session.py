@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.settings import get_settings
@@ -42,7 +42,38 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    engine = create_engine(url, pool_size=5, max_overflow=10)
+    event.listen(engine, "checkin", _idle_from_now)
+    event.listen(engine, "checkout", _ping_if_idle)
+    return engine
+
+
+#: A pooled connection idle longer than this is pinged before use (a restarted server left it dead).
+#: SQLAlchemy's ``pool_pre_ping`` pings on *every* checkout: a round trip each, four or five per job.
+#: A connection back in use within this long that still finds the server gone fails its statement
+#: as a disconnect instead: SQLAlchemy then invalidates the whole pool, and ``retry_transient``'s
+#: callers (item, start, terminal and cancel writes) go again on fresh connections.
+PING_AFTER_IDLE_S = 1.0
+
+
+def _idle_from_now(_dbapi_connection, record) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection, record, _proxy) -> None:
+    """SQLAlchemy's documented custom pessimistic ping (a checkout handler; raising
+    ``DisconnectionError`` makes the pool retry with a new connection), only after an idle spell."""
+    since = record.info.get("idle_since")
+    if since is None or time.monotonic() - since < PING_AFTER_IDLE_S:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+    except Exception as exc:
+        raise DisconnectionError(f"pooled connection found dead: {exc}") from exc
 
 
 #: How often a process that took WAL checkpoints off its commits (the API) checkpoints instead.

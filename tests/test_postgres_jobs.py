@@ -56,3 +56,38 @@ def test_jobs_on_postgres_with_two_workers(on_postgres, start_worker):
         assert row.completed_items == done
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 41
+
+
+def _kill_backends(server, url: str) -> None:
+    """What a server restart does to pooled connections: every backend of the database is gone."""
+    with server._connect() as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = %s AND pid <> pg_backend_pid()", [url.rsplit("/", 1)[-1]])
+
+
+def test_pooled_connections_the_server_dropped_are_replaced(on_postgres, postgres_server):
+    """No ping on every checkout (a round trip each): a connection idle past PING_AFTER_IDLE_S is
+    pinged and replaced if dead; one back in use sooner fails as a disconnect, the pool is
+    invalidated, and a retried write goes through on a fresh connection."""
+    import time
+
+    from sqlalchemy import text
+
+    from db.session import PING_AFTER_IDLE_S, make_engine, retry_transient
+
+    engine = make_engine(on_postgres)
+
+    def read() -> int:
+        with engine.connect() as conn:
+            return conn.scalar(text("SELECT 1"))
+
+    try:
+        assert read() == 1
+        _kill_backends(postgres_server, on_postgres)
+        time.sleep(PING_AFTER_IDLE_S + 0.2)
+        assert read() == 1  # the idle connection was pinged and replaced, no error
+        _kill_backends(postgres_server, on_postgres)
+        assert retry_transient(read, within_s=10, what="test read") == 1  # at once: a disconnect, retried
+        assert read() == 1
+    finally:
+        engine.dispose()
