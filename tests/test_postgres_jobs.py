@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from sqlalchemy import func, select
 
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def on_postgres(postgres_server, monkeypatch):
-    url = postgres_server.create_database("andon_jobs")
+    url = postgres_server.create_database(f"andon_jobs_{uuid.uuid4().hex[:8]}")
     upgrade(url)
     monkeypatch.setenv("ANDON_DATABASE_URL", url)
     get_settings.cache_clear()
