@@ -8,7 +8,7 @@ its event in the same transaction. Who calls: the job's own run (start, finish),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -53,17 +53,21 @@ def outcome_of(job_id: str, ran: bool) -> JobOutcome:
         return JobOutcome(job_id, JobStatus(row.status), ran=ran, reason=reason, error=row.error)
 
 
-def start(job_id: str, owner: str) -> Job | None:
+def start(job_id: str, owner: str, pipelines: Collection[str] | None = None) -> Job | None:
     """Queued → running, owned by this run (its fence is ``job.fence``); None if the job is not
-    queued any more (another delivery started it, or it ended). One transaction: the row is read
-    back under the write that took it. It takes its turn with the item writers (``writer``): on
+    queued any more (another delivery started it, or it ended) or, given ``pipelines``, runs none
+    of them. One statement takes the row and reads it back (``UPDATE … RETURNING``), in the
+    transaction of its ``started`` event. It takes its turn with the item writers (``writer``): on
     SQLite, meeting them in the busy handler instead sleeps a millisecond or more per retry."""
+    known = [Job.pipeline.in_(list(pipelines))] if pipelines is not None else []
     with session_scope(writer=True) as session:
-        if not job_rows.transition(session, job_id, JobStatus.RUNNING, only_from=JobStatus.PENDING,
-                                   started_at=datetime.now(UTC), raise_fence=True, owner=owner):
+        job = session.scalars(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.PENDING.value, *known)
+            .values(status=JobStatus.RUNNING.value, started_at=datetime.now(UTC), fence=Job.fence + 1, owner=owner)
+            .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
+        if job is None:
             return None
         job_rows.add_event(session, job_id, EventKind.STARTED, actor=owner, detail={"redelivered": False})
-        job = session.get(Job, job_id)
         session.expunge(job)
         return job
 

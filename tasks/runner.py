@@ -67,25 +67,35 @@ def run_job(job_id: str) -> JobOutcome:
     """
     check_job_id(job_id)
     settings = get_settings()
-    with get_engine().connect() as conn:  # not the row's items (its inputs): the run reads those once it owns it
-        row = conn.execute(select(Job.status, Job.fence, Job.pipeline).where(Job.id == job_id)).one_or_none()
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def start() -> Job | None:
+        return retry_transient(lambda: lifecycle.start(job_id, owner, pipelines=[p.name for p in registry.pipelines()]),
+                               within_s=settings.db_retry_s)
+
+    # the usual delivery, a queued job of a pipeline known here, is started by one statement; any
+    # other (ended, running elsewhere, a pipeline this worker doesn't know) is read to tell which
+    job = start()
+    if job is None:
+        with get_engine().connect() as conn:
+            row = conn.execute(select(Job.status, Job.fence, Job.pipeline).where(Job.id == job_id)).one_or_none()
         if row is None:
             raise JobNotFound(job_id)
         status, seen_fence = JobStatus(row.status), row.fence
         if status.is_terminal:
             return lifecycle.outcome_of(job_id, ran=False)
-        pipeline = registry.get(row.pipeline)
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    if status is JobStatus.PENDING:
-        job = retry_transient(lambda: lifecycle.start(job_id, owner), within_s=settings.db_retry_s)
-    elif owner_alive(job_id):
-        raise DuplicateDelivery(job_id)
-    else:
-        job = lifecycle.take_over(job_id, seen_fence, owner)
+        registry.get(row.pipeline)  # UnknownPipeline before the row is touched: sent back for a worker that knows it
+        if status is JobStatus.PENDING:
+            job = start()  # it was queued after all (a pipeline loaded meanwhile)
+        elif owner_alive(job_id):
+            raise DuplicateDelivery(job_id)
+        else:
+            job = lifecycle.take_over(job_id, seen_fence, owner)
     if job is None:  # another delivery moved first, or the job just ended
         if lifecycle.outcome_of(job_id, ran=False).status.is_terminal:
             return lifecycle.outcome_of(job_id, ran=False)
         raise DuplicateDelivery(job_id)
+    pipeline = registry.get(job.pipeline)
     watcher = get_watcher()
     token = watcher.watch(job_id)
     return JobRun(job, pipeline, token, owner).execute(watcher)
