@@ -185,7 +185,10 @@ def _after_commit_requested(conn) -> None:
 
 
 def _after_rollback(conn) -> None:
-    conn.info.pop(_PENDING, None)
+    # a connection the server dropped is invalidated before its rollback: its info went with it, and
+    # touching it would raise PendingRollbackError over the disconnect (which retry_transient retries)
+    if not conn.invalidated:
+        conn.info.pop(_PENDING, None)
 
 
 def _after_checkin(_dbapi_connection, record) -> None:

@@ -76,7 +76,9 @@ def test_pooled_connections_the_server_dropped_are_replaced(on_postgres, postgre
     from sqlalchemy import text
 
     from db.session import PING_AFTER_IDLE_S, make_engine, retry_transient
+    from tasks import notify
 
+    notify.install()  # as in every worker and API process: its rollback hook must not mask the disconnect
     engine = make_engine(on_postgres)
 
     def read() -> int:
