@@ -169,10 +169,34 @@ def record_items(conn: Connection, job_id: str, items: Sequence[StoredItem], *, 
     """
     if not items:
         return
-    done = sum(1 for item in items if item.status is ItemStatus.DONE)
-    failed = sum(1 for item in items if item.status is ItemStatus.FAILED)
+    done, failed = _tally(items)
     if conn.execute(_BUMP, {"job": job_id, "run_fence": fence, "done": done, "failed": failed}).rowcount != 1:
         raise NotOwner(job_id)
+    insert_items(conn, job_id, items)
+
+
+def owns(conn: Connection, job_id: str, fence: int) -> bool:
+    """Does run ``fence`` still own the job? (A read; the writes check it in their UPDATEs.)"""
+    return conn.scalar(select(_jobs.c.fence).where(_jobs.c.id == job_id)) == fence
+
+
+def counted_values(items: Sequence[StoredItem]) -> dict[str, Any]:
+    """The counter columns that add ``items`` to the job, for a fenced UPDATE the caller makes anyway
+    (a job's end): then :func:`insert_items` stores them, and the end costs one statement less."""
+    done, failed = _tally(items)
+    return {"completed_items": _jobs.c.completed_items + done, "failed_items": _jobs.c.failed_items + failed}
+
+
+def _tally(items: Sequence[StoredItem]) -> tuple[int, int]:
+    return (sum(1 for item in items if item.status is ItemStatus.DONE),
+            sum(1 for item in items if item.status is ItemStatus.FAILED))
+
+
+def insert_items(conn: Connection, job_id: str, items: Sequence[StoredItem]) -> None:
+    """Store items, and nothing else: only after a fenced UPDATE that counted them in this transaction
+    (:func:`record_items`' counter update, or a job's end with :func:`counted_values`)."""
+    if not items:
+        return
     now = utcnow()
     conn.execute(_INSERT_ITEM, [
         {"job_id": job_id, "index": item.index, "stage": item.stage, "status": item.status.value,

@@ -106,21 +106,26 @@ def finish_ran_through(job_id: str, fence: int | None = None, *, counts: tuple[i
     ``items``: the run's last items, not yet written, stored in this same transaction before the
     end — fenced like every item write (:class:`~db.jobs.NotOwner`, and nothing of it is committed,
     if the run lost the job). The job's last item write and its end are then one commit, not two."""
+    if items and fence is None:
+        raise ValueError("a run's items are written under its fence")
     with session_scope(writer=bool(items)) as session:
-        if items:
-            if fence is None:
-                raise ValueError("a run's items are written under its fence")
-            job_rows.record_items(session.connection(), job_id, items, fence=fence)
         if counts is None:
             job = session.get(Job, job_id)
             counts = (job.total_items, job.completed_items)
         total, completed = counts
-        if total and completed == 0:
-            error = f"all {total} items failed"
-            if _end(session, job_id, JobStatus.FAILED, fence=fence, error=error):
+        # the end's fenced UPDATE counts the items too, and they are stored after it: one statement less
+        counted = job_rows.counted_values(items) if items else {}
+        error = f"all {total} items failed" if total and completed == 0 else None
+        if error is not None:
+            if _end(session, job_id, JobStatus.FAILED, fence=fence, error=error, **counted):
+                job_rows.insert_items(session.connection(), job_id, items)
                 return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
-        elif _end(session, job_id, JobStatus.COMPLETED, fence=fence):
+        elif _end(session, job_id, JobStatus.COMPLETED, fence=fence, **counted):
+            job_rows.insert_items(session.connection(), job_id, items)
             return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
+        # not ended by this call: a finalizer ended it first (the items are kept, as an item write),
+        # or another run owns it now (NotOwner, and nothing of this is stored)
+        job_rows.record_items(session.connection(), job_id, items, fence=fence or 0)
     return outcome_of(job_id, ran=True)  # a finalizer ended it first: report what the row says
 
 
@@ -142,8 +147,6 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
     (fenced: a run that lost the job has them refused with :class:`~db.jobs.NotOwner`, and ends nothing)."""
     now = observed_at or datetime.now(UTC)
     with session_scope(writer=True) as session:
-        if items:
-            job_rows.record_items(session.connection(), job_id, items, fence=fence or 0)
         if requested is not None:
             record_winner(session, job_id, requested, "cancelling", only_open=True)
         # after the claim's UPDATE this row is ours to read until commit (write lock / row lock)
@@ -161,13 +164,22 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
         values: dict[str, Any] = {}
         if requested_at is not None:
             values["cancel_requested_at"] = requested_at
+        # the end's fenced UPDATE counts the items, stored after it (one statement less than an item write)
         won = _end(
             session, job_id, JobStatus.CANCELLED, fence=fence, **job_rows.cancel_values(first), **values,
             cancel_observed_at=now, cancelled_at_item=at_item, resumable=resumable(pipeline, first.reason),
+            **(job_rows.counted_values(items) if items else {}),
         )
-        if not won:  # the loser changes nothing: no request record (the request writes it), and no
-            session.rollback()  # observation either — two reapers finalizing one lost run declare it lost once
-        return won
+        if won:
+            job_rows.insert_items(session.connection(), job_id, items)
+            return True
+        # the loser changes nothing: no request record (the request writes it), and no observation
+        # either — two reapers finalizing one lost run declare it lost once
+        session.rollback()
+        if items:  # a run whose end lost because another run owns the job now: as an item write would
+            if not job_rows.owns(session.connection(), job_id, fence or 0):
+                raise job_rows.NotOwner(job_id)
+        return False
 
 
 def record_winner(session: Session, job_id: str, winner: CancelRequest, status: str, *,
