@@ -66,8 +66,18 @@ def _ceilings() -> dict[str, float | None]:
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+def _has_unstorable(text: str) -> bool:
+    """Whether ``text`` holds a NUL or a lone surrogate. Text that is all ASCII (CPython knows that
+    without a scan) can hold no surrogate, so a NUL is all to look for: one ``memchr``, not the
+    regex's walk of every character through its class — 2 µs a 200-character item, most of a
+    batch's checks."""
+    return "\x00" in text if text.isascii() else _UNSTORABLE.search(text) is not None
+
+
 def unstorable(text: str) -> str | None:
     """Why ``text`` can't be stored (None if it can)."""
+    if not _has_unstorable(text):
+        return None
     found = _UNSTORABLE.search(text)
     if found is None:
         return None
@@ -116,12 +126,12 @@ def _clean(value: Any) -> bool:
         current = stack.pop()
         kind = type(current)
         if kind is str:
-            if _UNSTORABLE.search(current):
+            if _has_unstorable(current):
                 return False
         elif kind is list or kind is tuple:
             stack.extend(current)
         elif kind is dict:
-            if any(type(key) is not str or _UNSTORABLE.search(key) for key in current):
+            if any(type(key) is not str or _has_unstorable(key) for key in current):
                 return False
             stack.extend(current.values())
         elif kind is float:
@@ -152,8 +162,8 @@ def check_submission(pipeline_name: str, items: Any, options: Any = None, *, ite
     check_storable(items, ["body", items_field])  # before any model sees them, and before any write
     check_storable(options, ["body", "options"])
     own = {key: value for key, value in options.items() if key in ANDON_OPTIONS}
-    try:
-        limits = JobLimits.model_validate(own).model_dump(exclude_none=True)
+    try:  # none of andon's options given (most jobs): no limits, and no model to say so
+        limits = JobLimits.model_validate(own).model_dump(exclude_none=True) if own else {}
     except ValidationError as exc:
         raise InvalidInput([{"loc": ["body", "options", *e["loc"]], "msg": e["msg"], "type": e["type"]}
                             for e in exc.errors(include_url=False, include_input=False)]) from None

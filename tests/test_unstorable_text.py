@@ -91,3 +91,29 @@ def test_a_job_id_with_a_nul_is_simply_not_found(api_on, suffix):
         assert client.post(f"/api/jobs/bad%00id/{action}").status_code == 404
     child = _post(client, "/api/jobs", {"documents": ["a"], "parent_job_id": f"p{NUL}"})
     assert child.status_code == 422
+
+
+@pytest.mark.parametrize("text, why", [
+    ("plain ascii", None),
+    ("ascii with a " + NUL + " in it", "NUL"),
+    ("café ✓ 日本", None),
+    ("café with a " + NUL, "NUL"),  # not ASCII: the regex's path finds the NUL too
+    ("café with a " + SURROGATE, "surrogate"),
+    ("\U0001f600 a pair written as one character", None),
+])
+def test_unstorable_text_is_found_whether_or_not_the_text_is_ascii(text, why):
+    """ASCII text takes a NUL search alone (it can hold no surrogate), other text the regex: both
+    name the same problems, as plain values, as keys and deep in a body."""
+    from tasks.errors import InvalidInput
+    from tasks.intake import check_storable, unstorable
+
+    found = unstorable(text)
+    assert (found is None) if why is None else (why in found)
+    for body, loc in (([{"a": [text]}], ["items", 0, "a", 0]), ({text: 1}, ["items", text])):
+        if why is None:
+            check_storable(body, ["items"])
+        else:
+            with pytest.raises(InvalidInput) as raised:
+                check_storable(body, ["items"])
+            assert raised.value.errors[0]["loc"] == loc
+            assert why in raised.value.errors[0]["msg"]
