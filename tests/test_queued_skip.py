@@ -139,7 +139,8 @@ def _queued_ids(queue: str) -> list[str]:
     return [loads(raw)["headers"]["id"] for raw in reversed(get_redis().lrange(queue, 0, -1))]
 
 
-def test_a_look_ahead_takes_only_the_run_it_decided_on_and_passes_over_what_another_worker_took(redis_client):
+def test_a_look_ahead_takes_only_the_run_it_decided_on_and_passes_over_what_another_worker_took(database,
+                                                                                               redis_client):
     queue = f"q-ahead-{uuid.uuid4().hex[:8]}"
     priority = f"{queue}\x06\x163"  # kombu's list for priority 3 of this queue
     urgent = _queue(2, queue)
