@@ -101,7 +101,7 @@ def take_cancelled_run(message, skippable: Callable[[object], str | None], peek:
                 if run:
                     first, got = (int(n) for n in _TAKE(keys=[name], args=[raw for raw, _ in run], client=client))
                     popped += [job_id for _, job_id in run[first:first + got]]
-                    if first + got < len(run):  # the list's tail is not what was decided on any more
+                    if got == 0 or first + got < len(run):  # another worker is ahead, or the tail differs
                         break
                 if len(run) < len(window):  # the next message takes the normal path
                     break

@@ -124,8 +124,9 @@ class RevokedWriter:
     """Stores REVOKED for skipped messages in batches, off the consumer's loop: one pipelined read and
     one pipelined write per batch (Celery's ``mark_as_revoked`` costs two round trips per id). As
     Celery's ``store_result`` does, a SUCCESS already stored is never overwritten. Its limit: a worker
-    killed within the few milliseconds between the ack and the write leaves that Celery state
-    PENDING (the job row, already ``cancelled``, is unaffected)."""
+    killed within the few milliseconds between the ack (or the look-ahead's pop) and the write leaves
+    that Celery state PENDING until the result sweep writes it (tasks/results.py; the job row, already
+    ``cancelled``, is unaffected)."""
 
     REASON = "cancelled while queued"
 
