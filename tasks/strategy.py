@@ -15,6 +15,11 @@ net: a job cancelled too long ago for the set, or while Redis was away, still ne
 
 Messages that carry a chain, chord or callbacks are left to ``default`` too: ending those takes the
 whole request (later steps, chord counters), which the pool process's path already does.
+
+A skip on Redis then looks ahead (:mod:`tasks.lookahead`): the run of skippable messages at the head
+of the queue is popped in one go and each is answered as above, without kombu's delivery and ack per
+message (no ack at all: they never entered its unacked hash). A worker killed between that pop and
+the REVOKED writes loses only what the sweeps redo, as that module says.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from db.models import Job
 from db.session import get_engine
 from db.vocabulary import CancellationReason, CancellationSource, JobStatus
 from tasks.control import finalize_stopped
+from tasks.lookahead import take_cancelled_run
 from tasks.process import get_queued_cancels
 
 __all__ = ["QueuedRows", "RevokedWriter", "skip_cancelled"]
@@ -50,17 +56,55 @@ def skip_cancelled(task, app, consumer, **kwargs: Any):
     eventer = consumer.event_dispatcher
     send_events = bool(eventer and eventer.enabled and task.send_events)
 
+    def skip(job_id: str) -> None:
+        if send_events:
+            eventer.send("task-revoked", uuid=job_id, terminated=False, signum=None, expired=False)
+        if revoked is not None:
+            revoked.add(job_id)
+        rows.add(job_id)
+
+    def skip_run(job_ids: list[str]) -> None:
+        """Their events in one publish: Celery's dispatcher publishes its buffer of task events every
+        ``buffer_limit`` (24) sends, else on the loop's next turn (``on_send_buffered``)."""
+        if not send_events:
+            for job_id in job_ids:
+                skip(job_id)
+            return
+        limit = eventer.buffer_limit
+        eventer.buffer_limit = limit + len(job_ids)
+        try:
+            for job_id in job_ids:
+                skip(job_id)
+        finally:
+            eventer.buffer_limit = limit
+
+    def skippable(message) -> str | None:
+        """The job id of a message of this task that may be skipped, else None."""
+        headers = message.headers or {}
+        if "task" in headers:
+            name, job_id = headers["task"], headers.get("id")
+        else:
+            payload = message.payload or {}
+            name, job_id = payload.get("task"), payload.get("id")
+        if name != task.name or job_id not in cancelled or _has_workflow(message, headers):
+            return None
+        return job_id
+
     def task_message_handler(message, body, ack, reject, callbacks, **more: Any):
         headers = message.headers or {}
         job_id = headers.get("id") if "task" in headers else (message.payload or {}).get("id")
         if job_id not in cancelled or _has_workflow(message, headers):
             return handle(message, body, ack, reject, callbacks, **more)
-        if send_events:
-            eventer.send("task-revoked", uuid=job_id, terminated=False, signum=None, expired=False)
         ack(log, connection_errors)
-        if revoked is not None:
-            revoked.add(job_id)
-        rows.add(job_id)
+        skip(job_id)
+        try:
+            ahead = take_cancelled_run(message, skippable)
+        except Exception:  # the queue is as it was, or the messages popped before the error are lost
+            # with their jobs already cancelled: the sweeps redo what they need (tasks/lookahead.py)
+            log.warning("andon: could not look ahead of a skipped message", exc_info=True)
+            ahead = []
+        if ahead:
+            skip_run(ahead)
         return None
 
     return task_message_handler
@@ -80,8 +124,9 @@ class RevokedWriter:
     """Stores REVOKED for skipped messages in batches, off the consumer's loop: one pipelined read and
     one pipelined write per batch (Celery's ``mark_as_revoked`` costs two round trips per id). As
     Celery's ``store_result`` does, a SUCCESS already stored is never overwritten. Its limit: a worker
-    killed within the few milliseconds between the ack and the write leaves that Celery state
-    PENDING (the job row, already ``cancelled``, is unaffected)."""
+    killed within the few milliseconds between the ack (or the look-ahead's pop) and the write leaves
+    that Celery state PENDING until the result sweep writes it (tasks/results.py; the job row, already
+    ``cancelled``, is unaffected)."""
 
     REASON = "cancelled while queued"
 
