@@ -3,6 +3,7 @@ with many rows in the database (``--scale-rows``; ``make bench-scale`` for 1,000
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -284,6 +285,26 @@ def _time_list(client, params: dict, count: int) -> dict[str, tuple[float, float
 
 
 @contextmanager
+def _gc_pauses() -> Iterator[dict[int, list[float]]]:
+    """Each garbage collection's wall milliseconds while the block runs, by generation: a full one
+    over the whole heap was the list p99s' outliers once (api/heap.py), so the run says what it saw."""
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started: list[float] = []
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses[info["generation"]].append((time.perf_counter() - started.pop()) * 1e3)
+
+    gc.callbacks.append(note)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(note)
+
+
+@contextmanager
 def _as_tenants(tenants: dict[str, str]) -> Iterator[None]:
     """Tokens for these tenants while the block runs (every request then needs one)."""
     from db.settings import get_settings
@@ -309,7 +330,7 @@ def bench_scale(sizes: Sizes, report: Report) -> None:
     say(f"scale: filled in {fill_s:.1f} s, and a job of {items:,} items in {big_s:.1f} s"
         + (f"; ANALYZE took {analyze_s:.1f} s" if analyze_s else "") + "; timing the reads")
     n = sizes.scale_requests
-    with _client() as client:
+    with _client() as client, _gc_pauses() as pauses:
         timed = FILTERS.keys() | TENANT_FILTERS.keys() if rows >= SMALL_RUN else set(SMALL_RUN_LISTS)
         lists = {label: _time_list(client, params, n) for label, params in FILTERS.items() if label in timed}
         with _as_tenants(TENANTS):
@@ -371,11 +392,14 @@ def bench_scale(sizes: Sizes, report: Report) -> None:
                              "analyze_s": analyze_s, "lists_ms": lists,
                              "one_job_ms": one_job, "partial_results_ms": {"first": partial_first,
                                                                           "later": partial_later},
-                             "metrics_ms": metrics, "first_metrics_ms": first_metrics_ms}
+                             "metrics_ms": metrics, "first_metrics_ms": first_metrics_ms,
+                             "gc_pause_ms": {g: sorted(ms)[-5:] for g, ms in pauses.items()}}
     report.notes.append(
         f"scale, {rows:,} rows (filled in {fill_s:.0f} s): list p50 / p99, first page | page {LATER_PAGE + 1}: "
         + "; ".join(f"{k} {v['first'][0]:.1f} / {v['first'][1]:.1f}"
                     + (f" | {v['later'][0]:.1f} / {v['later'][1]:.1f}" if v["later"] else "") + " ms"
                     for k, v in lists.items())
         + f". /metrics: the first scrape of a process counts every job once ({first_metrics_ms:.0f} ms), later "
-          f"ones only what is unfinished or ended since (api/metrics.py).")
+          f"ones only what is unfinished or ended since (api/metrics.py). Garbage collections while timing: "
+        + ", ".join(f"generation {g} ×{len(ms)} (longest {max(ms, default=0):.1f} ms)" for g, ms in pauses.items())
+        + ".")
