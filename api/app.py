@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics, progress, ui
+from api.heap import freeze_startup_heap
 from api.hosts import HostAllowlist
 from api.routes import admin, chains, events, jobs, ops, pipelines
 from db.session import checkpoint_in_background
@@ -64,6 +65,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         log.warning("ANDON_API_TOKEN is not set: anyone who can reach this API can submit and cancel jobs")
     elif settings.public_reads and not settings.api_tokens:
         log.warning("ANDON_PUBLIC_READS=1: anyone who can reach this API can read every job and its results")
+    freeze_startup_heap()  # last: what start-up loaded is never walked by a full GC again
     yield
     await progress.changes.close()
 

@@ -3,6 +3,7 @@ with many rows in the database (``--scale-rows``; ``make bench-scale`` for 1,000
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -224,6 +225,24 @@ def big_job(items: int = BIG_JOB_ITEMS, chunk: int = 20_000) -> str:
     return job_id
 
 
+def settle_statistics() -> float:
+    """On PostgreSQL, ``ANALYZE`` the tables just filled; returns seconds. A table that grew to this
+    size over weeks was analyzed by autovacuum many times on the way; one filled in seconds has no
+    statistics until autovacuum's next turn (up to a minute later), and the planner, guessing each
+    filter's selectivity, chose plans that took 25–90 ms for one page of ``status=cancelled`` or
+    ``pipeline=documents`` at 50,000 rows (0.1 ms each after ``ANALYZE``; EXPLAIN ANALYZE, both). SQLite keeps no
+    statistics unless asked, and andon never asks: nothing to settle there."""
+    from db.session import get_engine
+
+    engine = get_engine()
+    if engine.dialect.name != "postgresql":
+        return 0.0
+    t0 = time.perf_counter()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE jobs, job_tags, job_items")
+    return time.perf_counter() - t0
+
+
 #: CPU seconds this process spent on each timed request, by what was asked (``_timed_gets(kind=)``).
 _CPU: dict[str, list[float]] = {}
 
@@ -266,6 +285,26 @@ def _time_list(client, params: dict, count: int) -> dict[str, tuple[float, float
 
 
 @contextmanager
+def _gc_pauses() -> Iterator[dict[int, list[float]]]:
+    """Each garbage collection's wall milliseconds while the block runs, by generation: a full one
+    over the whole heap was the list p99s' outliers once (api/heap.py), so the run says what it saw."""
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started: list[float] = []
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses[info["generation"]].append((time.perf_counter() - started.pop()) * 1e3)
+
+    gc.callbacks.append(note)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(note)
+
+
+@contextmanager
 def _as_tenants(tenants: dict[str, str]) -> Iterator[None]:
     """Tokens for these tenants while the block runs (every request then needs one)."""
     from db.settings import get_settings
@@ -287,9 +326,11 @@ def bench_scale(sizes: Sizes, report: Report) -> None:
     items = min(BIG_JOB_ITEMS, rows // 10)
     big = big_job(items)
     big_s = time.perf_counter() - t0
-    say(f"scale: filled in {fill_s:.1f} s, and a job of {items:,} items in {big_s:.1f} s; timing the reads")
+    analyze_s = settle_statistics()
+    say(f"scale: filled in {fill_s:.1f} s, and a job of {items:,} items in {big_s:.1f} s"
+        + (f"; ANALYZE took {analyze_s:.1f} s" if analyze_s else "") + "; timing the reads")
     n = sizes.scale_requests
-    with _client() as client:
+    with _client() as client, _gc_pauses() as pauses:
         timed = FILTERS.keys() | TENANT_FILTERS.keys() if rows >= SMALL_RUN else set(SMALL_RUN_LISTS)
         lists = {label: _time_list(client, params, n) for label, params in FILTERS.items() if label in timed}
         with _as_tenants(TENANTS):
@@ -347,14 +388,18 @@ def bench_scale(sizes: Sizes, report: Report) -> None:
         f"CPU per request at {rows:,} rows, p50 / p99 (this process's CPU time: what a loaded machine doesn't "
         f"inflate)", "; ".join(f"{kind} {c50:.1f} / {c99:.1f} ms" for kind, (c50, c99) in cpu.items()), "—", "—",
         "—", None, value=round(max(c99 for _, c99 in cpu.values()), 2), unit="ms", n=n))
-    report.extra["scale"] = {"cpu_ms": cpu, "rows": rows, "fill_s": fill_s, "big_job_s": big_s, "lists_ms": lists,
+    report.extra["scale"] = {"cpu_ms": cpu, "rows": rows, "fill_s": fill_s, "big_job_s": big_s,
+                             "analyze_s": analyze_s, "lists_ms": lists,
                              "one_job_ms": one_job, "partial_results_ms": {"first": partial_first,
                                                                           "later": partial_later},
-                             "metrics_ms": metrics, "first_metrics_ms": first_metrics_ms}
+                             "metrics_ms": metrics, "first_metrics_ms": first_metrics_ms,
+                             "gc_pause_ms": {g: sorted(ms)[-5:] for g, ms in pauses.items()}}
     report.notes.append(
         f"scale, {rows:,} rows (filled in {fill_s:.0f} s): list p50 / p99, first page | page {LATER_PAGE + 1}: "
         + "; ".join(f"{k} {v['first'][0]:.1f} / {v['first'][1]:.1f}"
                     + (f" | {v['later'][0]:.1f} / {v['later'][1]:.1f}" if v["later"] else "") + " ms"
                     for k, v in lists.items())
         + f". /metrics: the first scrape of a process counts every job once ({first_metrics_ms:.0f} ms), later "
-          f"ones only what is unfinished or ended since (api/metrics.py).")
+          f"ones only what is unfinished or ended since (api/metrics.py). Garbage collections while timing: "
+        + ", ".join(f"generation {g} ×{len(ms)} (longest {max(ms, default=0):.1f} ms)" for g, ms in pauses.items())
+        + ".")

@@ -76,19 +76,22 @@ def _ping_if_idle(dbapi_connection, record, _proxy) -> None:
         raise DisconnectionError(f"pooled connection found dead: {exc}") from exc
 
 
-#: How often a process that took WAL checkpoints off its commits (the API) checkpoints instead.
+#: How long after this process's first commit since the last checkpoint (in the API) it checkpoints.
 CHECKPOINT_INTERVAL_S = 0.5
-_checkpointers: dict[tuple[int, str], threading.Event] = {}
+_checkpointers: dict[tuple[int, str], Callable[[], None]] = {}
 _checkpointers_lock = threading.Lock()
 
 
 def checkpoint_in_background(url: str | None = None,
                              interval_s: float = CHECKPOINT_INTERVAL_S) -> Callable[[], None]:
-    """On a SQLite file, this process's commits stop checkpointing the WAL: a thread does it every
-    ``interval_s`` instead. SQLite's automatic checkpoint runs inside the commit that fills the WAL
-    past 1,000 pages (every few dozen submits) and syncs the database file there — 5 to 7 ms added
-    to that one request, most of a single submit's p99. A passive checkpoint blocks no writer; other
-    processes (workers) keep SQLite's automatic checkpoints, so the WAL stays bounded without us.
+    """On a SQLite file, this process's commits stop checkpointing the WAL: a thread does it
+    ``interval_s`` after a commit that changed rows instead. SQLite's automatic checkpoint runs inside
+    the commit that fills the WAL past 1,000 pages (every few dozen submits) and syncs the database
+    file there — 5 to 7 ms added to that one request, most of a single submit's p99. A passive
+    checkpoint blocks no writer; other processes (workers) keep SQLite's automatic checkpoints, so the
+    WAL stays bounded without us. The thread sleeps while this process only reads: a wake-up every
+    half second took the GIL from a request thread now and then, and on a busy box the request then
+    waited for the scheduler to hand it back (50–250 ms of a list request's p99, bench/scale.py).
     Returns what stops the thread (it runs for the life of the process otherwise)."""
     engine = get_engine(url)
     path = engine.url.database if engine.dialect.name == "sqlite" else None
@@ -97,13 +100,20 @@ def checkpoint_in_background(url: str | None = None,
     key = (os.getpid(), str(engine.url))
     with _checkpointers_lock:
         if key in _checkpointers:
-            return _checkpointers[key].set
-        stop = _checkpointers[key] = threading.Event()
+            return _checkpointers[key]
+        wrote, stop = threading.Event(), threading.Event()
+
+        def stop_thread() -> None:
+            stop.set()
+            wrote.set()
+
+        _checkpointers[key] = stop_thread
     event.listen(engine, "connect", _no_autocheckpoint)
+    event.listen(engine, "commit", lambda conn: _note_changes(conn, wrote))
     engine.dispose()  # pooled connections made before are closed: each new one gets the pragma
-    threading.Thread(target=_checkpoints, args=(engine, interval_s, stop), name="andon-wal-checkpoint",
+    threading.Thread(target=_checkpoints, args=(engine, interval_s, wrote, stop), name="andon-wal-checkpoint",
                      daemon=True).start()
-    return stop.set
+    return stop_thread
 
 
 def _no_autocheckpoint(dbapi_connection, _record) -> None:
@@ -112,14 +122,29 @@ def _no_autocheckpoint(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _checkpoints(engine: Engine, interval_s: float, stop: threading.Event) -> None:
-    """Checkpoint the WAL every ``interval_s`` until ``stop`` is set (a daemon thread)."""
-    while not stop.wait(interval_s):
+def _note_changes(conn: Connection, wrote: threading.Event) -> None:
+    """At a commit: wake the checkpoint thread if this connection changed rows since its last commit
+    (every request's session commits, reads too; ``total_changes`` is a counter SQLite keeps)."""
+    changes = conn.connection.driver_connection.total_changes
+    if changes != conn.info.get("andon_total_changes", 0):  # a new connection has changed nothing
+        conn.info["andon_total_changes"] = changes
+        wrote.set()
+
+
+def _checkpoints(engine: Engine, interval_s: float, wrote: threading.Event, stop: threading.Event) -> None:
+    """Checkpoint the WAL ``interval_s`` after a commit that wrote, until ``stop`` is set (a daemon
+    thread): commits meanwhile share that checkpoint; one after it wakes the thread again."""
+    while True:
+        wrote.wait()
+        if stop.wait(interval_s):
+            return
+        wrote.clear()
         try:
             with engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-        except Exception as exc:  # a locked or vanished file now: the next turn tries again
+        except Exception as exc:  # a locked or vanished file now: the next commit tries again
             log.warning("WAL checkpoint failed: %s", str(exc).splitlines()[0][:200])
+            wrote.set()
 
 
 def get_engine(url: str | None = None) -> Engine:

@@ -4,6 +4,9 @@ never pays for one, and the WAL still gets checkpointed."""
 from __future__ import annotations
 
 import threading
+import time
+
+from sqlalchemy import text
 
 from tests.procs import wait_for
 
@@ -40,3 +43,38 @@ def test_the_thread_moves_committed_pages_into_the_database_file(tmp_path):
     wait_for(lambda: path.stat().st_size > size + 1_000_000, 10, interval=0.05, what="a background checkpoint")
     stop()
     engine.dispose()
+
+
+def test_the_thread_sleeps_while_the_process_only_reads(tmp_path):
+    """Reads commit too (every session does), but a checkpoint follows only a commit that changed
+    rows: a read-only API never wakes the thread (its wake-ups cost list requests their p99)."""
+    from sqlalchemy import event
+
+    from db.session import checkpoint_in_background, get_engine, session_scope
+
+    url = f"sqlite:///{tmp_path / 'reads.db'}"
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x TEXT)")
+    checkpoints: list[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: checkpoints.append(statement)
+                 if "wal_checkpoint" in statement else None)
+    stop = checkpoint_in_background(url, interval_s=0.02)
+    try:
+        with session_scope(url) as session:
+            session.execute(text("INSERT INTO t VALUES ('x')"))
+        wait_for(lambda: checkpoints, 10, interval=0.01, what="the checkpoint after a write")
+        time.sleep(0.1)
+        seen = len(checkpoints)
+        for _ in range(20):
+            with session_scope(url) as session:
+                session.execute(text("SELECT count(*) FROM t")).scalar()
+            time.sleep(0.01)
+        assert len(checkpoints) == seen
+        with session_scope(url) as session:
+            session.execute(text("INSERT INTO t VALUES ('y')"))
+        wait_for(lambda: len(checkpoints) > seen, 10, interval=0.01, what="the checkpoint after the next write")
+    finally:
+        stop()
+        engine.dispose()
