@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -39,27 +38,12 @@ from tasks.errors import (
 
 log = logging.getLogger("andon.api")
 
-_started_objects_frozen = False
-
-
-def _freeze_started_objects() -> None:
-    """Take what starting the API made (modules, routes, models: some 180,000 objects) out of the
-    cyclic garbage collector's walks, once per process. A full collection walked them all: 0.1 to
-    0.25 s of a 10,000-job batch submit's CPU (a fifth of it), and tens of milliseconds of whichever
-    single submit it lands in. Collected first, so no garbage of the start is kept for good."""
-    global _started_objects_frozen
-    if not _started_objects_frozen:
-        gc.collect()
-        gc.freeze()
-        _started_objects_frozen = True
-
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     registry.load_configured()  # a bad ANDON_PIPELINES stops the API at start, not at the first submit
     policy.check_global()
     checkpoint_in_background()  # SQLite: no WAL checkpoint inside a request's commit
-    _freeze_started_objects()
     settings = get_settings()
     if not settings.api_token and not settings.api_tokens:
         log.warning("ANDON_API_TOKEN is not set: anyone who can reach this API can submit and cancel jobs")

@@ -105,6 +105,11 @@ def run_column(spec: ColumnSpec) -> Report:
     report = Report()
     started = sample_load()
     upgrade()
+    # this process calls the service layer as the API process does, so its heap is frozen as the API
+    # freezes its own at start-up (api/heap.py): a full GC here would land in the figures as the API's
+    from api.heap import freeze_startup_heap
+
+    freeze_startup_heap()
     server = describe_database(spec.url)
     say(f"{spec.database} column: {server}")
     shared = SharedWorker(f"bench-{spec.database}-{os.getpid()}", logs)

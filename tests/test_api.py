@@ -148,17 +148,3 @@ def test_public_reads_open_the_reads_on_purpose_and_only_them(api_client, monkey
         monkeypatch.delenv("ANDON_PUBLIC_READS")
         get_settings.cache_clear()
 
-
-def test_the_objects_of_the_apis_start_are_out_of_the_collectors_walks(api_client):
-    """What starting the API made is frozen once per process (a full collection walked ~180,000
-    of them inside whichever request it landed in); a later start changes nothing, and the API
-    still answers."""
-    import gc
-
-    from api import app as app_module
-
-    assert app_module._started_objects_frozen and gc.get_freeze_count() > 0
-    frozen = gc.get_freeze_count()
-    app_module._freeze_started_objects()
-    assert gc.get_freeze_count() == frozen
-    assert api_client.post("/api/jobs", json={"documents": docs(1)}).status_code == 202
