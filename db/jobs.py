@@ -30,6 +30,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     true,
     union_all,
     update,
@@ -147,6 +148,14 @@ def ids_in(session: Session, column: ColumnElement[str], ids: list[str], *also: 
         return and_(column == any_(bindparam(None, ids, type_=ARRAY(String))), *also)
     listed = select(func.json_each(bindparam(None, json.dumps(ids))).table_valued("value").c.value)
     return and_(column.in_(listed), *(func.likely(condition) for condition in also))
+
+
+def by_index(session: Session) -> None:
+    """Have this transaction's statements find rows by index on PostgreSQL: for a thousand ids in a
+    table of 100,000 jobs its cost model takes a sequential scan of the whole table (~40 ms, cached)
+    over a thousand index probes (~2 ms) — per batch of a bulk cancel, quadratic in its size."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL enable_seqscan = off"))
 
 
 def add_events_for(session: Session, job_ids: list[str], kinds: Sequence[EventKind], *, reason: str | None = None,

@@ -343,6 +343,7 @@ def cancel_matching(
         for start in range(0, len(queued), batch):
             chunk = queued[start:start + batch]
             with session_scope() as session:
+                job_rows.by_index(session)
                 ended = lifecycle.cancel_queued(session, chunk, request, pipelines)
                 job_rows.add_events_for(session, ended, (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED),
                                         reason=reason.value, source=source.value, actor=actor, detail=detail,

@@ -219,6 +219,7 @@ def test_bulk_cancel_rows_and_events_on_each_database(db_url):
     request = CancelRequest(CancellationReason.TIMEOUT, "bulk", CancellationSource.API)
     detail = {"message": "bulk", "bulk": True}
     with session_scope(db_url) as session:
+        job_rows.by_index(session)
         ended = lifecycle.cancel_queued(session, ids + [unknown], request, {"documents"})
         job_rows.add_events_for(session, ended, (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED),
                                 reason="timeout", source="api", actor="me", detail=detail, at=request.at)
