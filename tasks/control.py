@@ -311,7 +311,8 @@ def cancel_matching(
 
     Queued jobs go by the thousand: one transaction each with one conditional ``UPDATE ...
     RETURNING`` (only rows still ``pending`` change, so a job a worker just started is left to the
-    per-job path) and one multi-row insert of their events; then their tokens, a thousand per Redis
+    per-job path) and one ``INSERT … SELECT`` of their events, the thousand ids one parameter in
+    both (:func:`db.jobs.ids_in`) and looked up by id; then their tokens, a thousand per Redis
     call, written by a helper thread while the next thousand's rows are written (each batch's tokens
     still after its rows commit; all of them before this returns). Running jobs, usually few, each
     get :func:`request_cancel`.
