@@ -7,13 +7,34 @@ the loser sees ``False`` and changes nothing else. A terminal status is never le
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from operator import itemgetter
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Connection, Integer, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Connection,
+    Integer,
+    String,
+    and_,
+    any_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
@@ -112,6 +133,48 @@ def add_events(session: Session, rows: list[dict[str, Any]]) -> None:
 
 
 _INSERT_EVENT = insert(JobEvent.__table__)
+
+
+def ids_in(session: Session, column: ColumnElement[str], ids: list[str], *also: ColumnElement[bool]) -> ColumnElement[bool]:
+    """``column IN ids`` (and ``also``), the rows looked up by ``column``, with the ids as one
+    parameter — a JSON array read by ``json_each`` on SQLite, an array (``= ANY``) on PostgreSQL —
+    instead of a bound parameter per id: for a thousand ids, SQLAlchemy's coercing and rendering them
+    one by one cost the bulk cancel as much CPU as SQLite's own work on the rows.
+
+    On SQLite ``also`` goes in ``likely()``: without statistics its planner takes an equality on an
+    indexed column (``status = 'pending'``) to select ten rows, and walked every pending job's index
+    entry for each thousand ids instead of looking the thousand up — quadratic in a bulk cancel."""
+    if session.get_bind().dialect.name == "postgresql":
+        return and_(column == any_(bindparam(None, ids, type_=ARRAY(String))), *also)
+    listed = select(func.json_each(bindparam(None, json.dumps(ids))).table_valued("value").c.value)
+    return and_(column.in_(listed), *(func.likely(condition) for condition in also))
+
+
+def by_index(session: Session) -> None:
+    """Have this transaction's statements find rows by index on PostgreSQL: for a thousand ids in a
+    table of 100,000 jobs its cost model takes a sequential scan of the whole table (~40 ms, cached)
+    over a thousand index probes (~2 ms) — per batch of a bulk cancel, quadratic in its size."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+
+
+def add_events_for(session: Session, job_ids: list[str], kinds: Sequence[EventKind], *, reason: str | None = None,
+                   source: str | None = None, actor: str | None = None, detail: dict[str, Any] | None = None,
+                   at: datetime | None = None) -> None:
+    """One event of each of ``kinds`` per job, all with the same fields, in one ``INSERT … SELECT``
+    (bulk cancel): the job ids go once, not a parameter row per event — SQLAlchemy's per-row
+    parameter processing and one ``detail`` JSON encoding per row cost more than the insert itself.
+    Each job's events follow one another in ``kinds``' order, jobs in id order."""
+    if not job_ids or not kinds:
+        return
+    events = JobEvent.__table__
+    kind = union_all(*(select(literal(k.value, events.c.kind.type).label("kind"), literal(n).label("n"))
+                       for n, k in enumerate(kinds))).subquery("kinds")
+    rows = (select(_jobs.c.id, kind.c.kind, literal(reason, events.c.reason.type),
+                   literal(source, events.c.source.type), literal(actor, events.c.actor.type),
+                   literal(detail, events.c.detail.type), literal(at or utcnow(), events.c.at.type))
+            .select_from(_jobs.join(kind, true())).where(ids_in(session, _jobs.c.id, job_ids)).order_by(_jobs.c.id, kind.c.n))
+    session.execute(insert(events).from_select(["job_id", "kind", "reason", "source", "actor", "detail", "at"], rows))
 
 
 _jobs, _items = Job.__table__, JobItem.__table__

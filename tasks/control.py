@@ -333,7 +333,8 @@ def cancel_matching(
 
     Queued jobs go by the thousand: one transaction each with one conditional ``UPDATE ...
     RETURNING`` (only rows still ``pending`` change, so a job a worker just started is left to the
-    per-job path) and one multi-row insert of their events; then their tokens, a thousand per Redis
+    per-job path) and one ``INSERT … SELECT`` of their events, the thousand ids one parameter in
+    both (:func:`db.jobs.ids_in`) and looked up by id; then their tokens, a thousand per Redis
     call, written by a helper thread while the next thousand's rows are written (each batch's tokens
     still after its rows commit; all of them before this returns). Running jobs, usually few, each
     get :func:`request_cancel`.
@@ -347,12 +348,14 @@ def cancel_matching(
         filters.append(job_rows.tagged(tag))
     if tenant is not None:
         filters.append(Job.tenant == tenant)
-    with session_scope() as session:
-        rows = session.execute(select(Job.id, Job.status, Job.pipeline).where(*filters)).all()
-    queued = [job_id for job_id, s, _ in rows if s == JobStatus.PENDING.value]
+    with get_engine().connect() as conn:  # a read, of plain rows: the ORM's row loading cost as much as the SELECT
+        rows = conn.execute(select(Job.id, Job.status, Job.pipeline).where(*filters)).all()
+    pending = JobStatus.PENDING.value
+    queued = [job_id for job_id, s, _ in rows if s == pending]
     # the jobs a policy may resume once cancelled: only pipelines whose policy for this reason acts
     # (a bulk `timeout` of 100,000 jobs is not 100,000 policy look-ups, one transaction each)
-    acting = {pipeline for pipeline in {pipeline for _, _, pipeline in rows} if reason not in NEVER_AUTOMATIC
+    pipelines = {pipeline for _, _, pipeline in rows}
+    acting = {pipeline for pipeline in pipelines if reason not in NEVER_AUTOMATIC
               and policy_for(pipeline)[reason] not in (FINAL, RESUMABLE)}
     may_resume = {job_id for job_id, _, pipeline in rows if pipeline in acting}
     request = CancelRequest(reason, message, source)
@@ -363,12 +366,11 @@ def cancel_matching(
         for start in range(0, len(queued), batch):
             chunk = queued[start:start + batch]
             with session_scope() as session:
-                ended = lifecycle.cancel_queued(session, chunk, request)
-                job_rows.add_events(session, [
-                    {"job_id": job_id, "kind": kind, "reason": reason.value, "source": source.value,
-                     "actor": actor, "detail": detail, "at": request.at}
-                    for job_id in ended for kind in (EventKind.CANCEL_REQUESTED.value, EventKind.CANCELLED.value)
-                ])
+                job_rows.by_index(session)
+                ended = lifecycle.cancel_queued(session, chunk, request, pipelines)
+                job_rows.add_events_for(session, ended, (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED),
+                                        reason=reason.value, source=source.value, actor=actor, detail=detail,
+                                        at=request.at)
             cancelled += ended
             if ended:
                 tokens.append(redis_writer.submit(get_store().cancel_many, ended, reason, message, source))

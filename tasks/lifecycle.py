@@ -278,22 +278,26 @@ def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tup
     raise JobAlreadyTerminal(job_id, "changing too fast to cancel")
 
 
-def cancel_queued(session: Session, job_ids: list[str], request: CancelRequest) -> list[str]:
+def cancel_queued(session: Session, job_ids: list[str], request: CancelRequest,
+                  pipelines: Collection[str] | None = None) -> list[str]:
     """End many queued jobs ``cancelled`` in one conditional UPDATE (only rows still ``pending``
     change, so a job a worker just started is left to the per-job path); returns the ended ids.
 
     Whether a stop is resumable is each pipeline's policy: a ``CASE`` on the pipeline column, in the
-    same statement. Core statements on the table: the ORM's bulk UPDATE path costs more than the SQL."""
+    same statement. Core statements on the table: the ORM's bulk UPDATE path costs more than the SQL.
+    ``pipelines``: the jobs' pipelines if the caller read them already (else one more SELECT)."""
     jobs = Job.__table__
-    pipelines = session.scalars(select(jobs.c.pipeline).where(jobs.c.id.in_(job_ids)).distinct()).all()
+    if pipelines is None:
+        pipelines = session.scalars(select(jobs.c.pipeline).where(job_rows.ids_in(session, jobs.c.id, job_ids))
+                                    .distinct()).all()
     policy = {pipeline: resumable(pipeline, request.reason) for pipeline in pipelines}
     stop_is_resumable = (next(iter(policy.values()), False) if len(set(policy.values())) <= 1
                          else case(policy, value=jobs.c.pipeline, else_=False))
     values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at, "cancelled_at_item": 0,
               "status": JobStatus.CANCELLED.value, "finished_at": request.at, "resumable": stop_is_resumable}
     ended = list(session.scalars(
-        update(jobs).where(jobs.c.id.in_(job_ids), jobs.c.status == JobStatus.PENDING.value)
-        .values(**values).returning(jobs.c.id)))
+        update(jobs).where(job_rows.ids_in(session, jobs.c.id, job_ids, jobs.c.status == JobStatus.PENDING.value))
+        .values(**values).returning(jobs.c.id)).all())
     webhooks.after_commit(session, ended)
     return ended
 

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from api import service
 from db.models import Job, JobEvent
 from db.session import session_scope
-from db.vocabulary import CancellationReason, JobStatus
+from db.vocabulary import CancellationReason, EventKind, JobStatus
 from tests.jobs_helpers import submit, wait_status, wait_terminal
 from tests.procs import wait_for
 
@@ -197,3 +197,84 @@ def test_bulk_cancel_resumes_only_the_jobs_whose_policy_resumes_them(database):
         assert all(jobs[job_id].status == "cancelled" and jobs[job_id].resumable for job_id in auto + plain)
     finally:
         get_redis().delete(queue)
+
+
+def test_bulk_cancel_rows_and_events_on_each_database(db_url):
+    """The set-based half of a bulk cancel on SQLite and PostgreSQL: the id list goes as one parameter
+    (``json_each`` / ``= ANY``), only rows still pending move, and each ended job gets its two events,
+    in order, with the request's fields — odd ids included."""
+    import uuid
+
+    from db import jobs as job_rows
+    from db.vocabulary import CancellationSource, EventKind
+    from tasks import lifecycle
+    from tasks.cancellation import CancelRequest
+
+    ids = sorted(str(uuid.uuid4()) for _ in range(5)) + ['odd "id" \\ é']
+    running, unknown = ids[1], str(uuid.uuid4())
+    with session_scope(db_url) as session:
+        job_rows.create_jobs(session, [{"id": job_id, "inputs": ["x"], "options": {}, "pipeline": "documents"}
+                                       for job_id in ids])
+        job_rows.transition(session, running, JobStatus.RUNNING)
+    request = CancelRequest(CancellationReason.TIMEOUT, "bulk", CancellationSource.API)
+    detail = {"message": "bulk", "bulk": True}
+    with session_scope(db_url) as session:
+        job_rows.by_index(session)
+        ended = lifecycle.cancel_queued(session, ids + [unknown], request, {"documents"})
+        job_rows.add_events_for(session, ended, (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED),
+                                reason="timeout", source="api", actor="me", detail=detail, at=request.at)
+    assert sorted(ended) == sorted(set(ids) - {running})
+    with session_scope(db_url) as session:
+        statuses = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(ids))).all())
+        events = session.execute(select(JobEvent.job_id, JobEvent.kind, JobEvent.reason, JobEvent.source,
+                                        JobEvent.actor, JobEvent.detail, JobEvent.at)
+                                 .where(JobEvent.job_id.in_(ids), JobEvent.kind != "submitted")
+                                 .order_by(JobEvent.id)).all()
+    assert statuses == {job_id: "running" if job_id == running else "cancelled" for job_id in ids}
+    assert [(e.job_id, e.kind) for e in events] == [
+        (job_id, kind) for job_id in sorted(ended) for kind in ("cancel_requested", "cancelled")]
+    assert {(e.reason, e.source, e.actor) for e in events} == {("timeout", "api", "me")}
+    assert all(e.detail == detail and e.at == request.at for e in events)
+    with session_scope(db_url) as session:  # a second pass moves nothing, and adds no event for nothing
+        assert lifecycle.cancel_queued(session, ids, request) == []
+        job_rows.add_events_for(session, [], (EventKind.CANCELLED,))
+
+
+def test_bulk_cancel_looks_its_ids_up_by_id_on_sqlite(tmp_path):
+    """SQLite without statistics takes ``status = 'pending'`` to select ten rows: the bulk UPDATE
+    walked every pending job's entry in a status index for each thousand ids (a 100,000-job cancel
+    went quadratic). Its plan must look the ids up by the primary key."""
+    import uuid
+
+    from sqlalchemy import event
+
+    from db import jobs as job_rows
+    from db.migrate import upgrade
+    from db.session import get_engine
+    from tasks import lifecycle
+    from tasks.cancellation import CancelRequest
+
+    url = f"sqlite:///{tmp_path / 'plan.db'}"
+    upgrade(url)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    with session_scope(url) as session:
+        job_rows.create_jobs(session, [{"id": job_id, "inputs": ["x"], "options": {}, "pipeline": "documents"}
+                                       for job_id in ids])
+    seen: list[tuple[str, tuple]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("UPDATE", "INSERT")):
+            seen.append((statement, parameters))
+
+    event.listen(get_engine(url), "before_cursor_execute", record)
+    try:
+        with session_scope(url) as session:
+            ended = lifecycle.cancel_queued(session, ids, CancelRequest(CancellationReason.TIMEOUT), {"documents"})
+            job_rows.add_events_for(session, ended, (EventKind.CANCELLED,))
+    finally:
+        event.remove(get_engine(url), "before_cursor_execute", record)
+    assert sorted(ended) == sorted(ids) and len(seen) == 2
+    with get_engine(url).connect() as conn:
+        for statement, parameters in seen:
+            plan = " | ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))
+            assert "SEARCH jobs USING" in plan and "(id=?)" in plan and "status=?" not in plan, plan
