@@ -13,7 +13,9 @@ The promises, and where they are kept:
   shutdown), and the escalation ladder before it kills the process; a job that was cancelled or ran
   through takes what is pending with :meth:`ItemCommitter.detach` and writes it in its terminal
   row's own transaction instead (never after it: the two commit together or not at all);
-* a cancel wakes the writer at once: what ended before the cancel doesn't wait out the window;
+* a cancel does not wake the writer: the job's thread, observing it, takes what is pending into its
+  terminal transaction (:meth:`ItemCommitter.detach`), and a batch the writer had started instead
+  would make that end wait for it; if the job is slow to observe, the window still runs out as ever;
 * a batch is one transaction, fenced like a single item: a run that lost the job has the whole batch
   refused.
 
@@ -47,7 +49,6 @@ class ItemCommitter(Generic[R]):
         self._name = name
         self._pending: list[R] = []
         self._oldest = 0.0  # monotonic time the oldest pending record was added
-        self._now = False  # write what is pending without waiting out the window
         self._closed = False
         self._error: BaseException | None = None
         self._wake = threading.Condition()
@@ -74,12 +75,6 @@ class ItemCommitter(Generic[R]):
                     self._thread.start()
                 return
         self.flush()
-
-    def write_now(self) -> None:
-        """From now on, don't wait out the window (a cancel arrived): thread-safe, returns at once."""
-        with self._wake:
-            self._now = True
-            self._wake.notify()
 
     def flush(self, timeout: float = -1) -> bool:
         """Write everything pending now, in the calling thread; False if another write held the
@@ -134,7 +129,7 @@ class ItemCommitter(Generic[R]):
         while True:
             with self._wake:
                 while not self._closed:
-                    if self._pending and (self._now or time.monotonic() >= self._oldest + self.window_s):
+                    if self._pending and time.monotonic() >= self._oldest + self.window_s:
                         break
                     self._wake.wait(None if not self._pending else self._oldest + self.window_s - time.monotonic())
                 if self._closed:

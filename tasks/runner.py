@@ -150,7 +150,6 @@ class JobRun:
             monitor.before_kill = lambda: self.committer.flush(timeout=1.0)
             monitor.start()
             machinery.callback(monitor.stop)
-            token.register_callback(lambda _token: self.committer.write_now())
             deadline = _start_deadline(job)
             if deadline is not None:
                 machinery.callback(deadline.cancel)
