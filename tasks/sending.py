@@ -255,8 +255,9 @@ def enqueue_many(jobs: list[tuple[str, dict | None, str | None]], sent: list[str
 
     ``announce``: jobs whose job-change notification the caller took off the commit hook
     (:func:`tasks.notify.claim`). Each is published after its message: in its chunk's pipeline
-    where the broker is the notifications' Redis server, else handed to the publisher thread once
-    its chunk is sent. An unsent job's is dropped with it (the caller's ``failed`` event announces it)."""
+    where the broker is the notifications' Redis server, else handed to the publisher thread when
+    this call ends, for the jobs in ``sent``. An unsent job's is dropped with it (the caller's
+    ``failed`` event announces it)."""
     templates = _Templates()
     first, rode = len(sent), False
     try:
