@@ -45,7 +45,7 @@ from db.vocabulary import (
     ItemStatus,
     JobStatus,
 )
-from tasks import control, lifecycle, registry, resume
+from tasks import control, lifecycle, notify, registry, resume
 from tasks.control import cancel_children, request_cancel, settle_children
 from tasks.errors import (
     AndonError,
@@ -136,15 +136,18 @@ def submit_job(
             "id": job_id, "inputs": submission.items, "options": options, "pipeline": submission.pipeline.name,
             "queue": queue, "deadline_s": deadline_s, "parent_job_id": parent_job_id, "deferred": deferred,
             "tenant": tenant, "tags": tags, "supersede_key": supersede_key, "callback_url": callback_url}], actor=actor)
+        sent_now = parent_status is None or parent_status is JobStatus.COMPLETED
+        # its ``submitted`` event is announced with its message (one round trip), not by the commit hook
+        announced = notify.claim(session.connection(), [job_id]) if sent_now else set()
     _supersede(superseded, job_id, actor)
-    if parent_status is not None and parent_status is not JobStatus.COMPLETED:
+    if not sent_now:
         if parent_status.is_terminal:  # the parent already failed or was cancelled: never run
             cancel_children(parent_job_id, f"parent job {parent_job_id} {parent_status.value}", actor)
             return SubmitResponse(job_id=job_id, status=JobStatus.CANCELLED)
         settle_children(parent_job_id)  # the parent may have ended while we were writing the row
         return SubmitResponse(job_id=job_id, status=JobStatus.PENDING)
     try:
-        enqueue(job_id, options, queue)
+        enqueue(job_id, options, queue, announce=bool(announced))
     except Exception as exc:
         _fail_unsent(job_id, exc)
     return SubmitResponse(job_id=job_id, status=JobStatus.PENDING)
@@ -277,13 +280,15 @@ def submit_batch(bodies: list[SubmitRequest], actor: str | None = None,
                                      "msg": f"parent job {parent} not found"}])
             job["deferred"] = parent is not None and not parent_status[parent].is_terminal
         job_rows.create_jobs(session, jobs, actor=actor)
-    waiting, ready = [], []  # (a job dict compares by value: split once, never ``job in waiting``)
-    for job in jobs:
-        parent = job["parent_job_id"]
-        (waiting if parent is not None and parent_status[parent] is not JobStatus.COMPLETED else ready).append(job)
+        waiting, ready = [], []  # (a job dict compares by value: split once, never ``job in waiting``)
+        for job in jobs:
+            parent = job["parent_job_id"]
+            (waiting if parent is not None and parent_status[parent] is not JobStatus.COMPLETED else ready).append(job)
+        # the ready jobs' ``submitted`` events are announced with their messages, not by the commit hook
+        announced = notify.claim(session.connection(), [job["id"] for job in ready])
     sent: list[str] = []
     try:
-        enqueue_many([(job["id"], job["options"], job["queue"]) for job in ready], sent)
+        enqueue_many([(job["id"], job["options"], job["queue"]) for job in ready], sent, announced)
     except Exception as exc:
         done = set(sent)
         unsent = [job["id"] for job in ready if job["id"] not in done]

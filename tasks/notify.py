@@ -15,6 +15,10 @@ by each writer: a reader woken before the commit would read nothing and then sle
 They are published by a thread of this process, not by the writer: a job's commit doesn't wait on a
 Redis round trip (a few of them per job, each milliseconds on a busy machine). A notification still
 unsent when the process is killed is lost like any other: readers poll.
+
+A writer that makes a Redis round trip of its own after the commit may take its rows' notifications
+off the hook (:func:`claim`) and publish them in that round trip: a submit sends them with its jobs'
+messages (:func:`tasks.sending.enqueue_many`), so its request doesn't wake the thread at all.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -36,7 +41,7 @@ from sqlalchemy.sql.dml import Insert
 from tasks.cancellation.keys import job_changes_channel
 from tasks.process import get_redis
 
-__all__ = ["channel_for", "install", "notify", "notify_in"]
+__all__ = ["channel_for", "channel_on", "claim", "install", "notify", "notify_in", "notify_soon"]
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +63,27 @@ def channel_for(client: Any) -> str:
     return job_changes_channel(client.connection_pool.connection_kwargs.get("db", 0))
 
 
+def channel_on(client: Any) -> str | None:
+    """The channel this process's notifications go to, if ``client`` (a sync client of another
+    pool: the broker's) talks to the same Redis server; else None. Pub/sub spans a server's
+    databases, so the server is what counts, and the channel is named after this process's database."""
+    ours = get_redis().connection_pool.connection_kwargs
+    theirs = client.connection_pool.connection_kwargs
+    if any(ours.get(key) != theirs.get(key) for key in ("host", "port", "path")):
+        return None
+    return channel_for(get_redis())
+
+
 def notify(job_id: str, kind: str) -> None:
     """Tell every listening stream that ``job_id`` changed, now. Never raises."""
     _publish([(job_id, kind)])
 
 
-def notify_in(pipe: Any, job_id: str, kind: str) -> None:
+def notify_in(pipe: Any, job_id: str, kind: str, channel: str | None = None) -> None:
     """Queue the notification on the caller's Redis pipeline, after the write it announces: one
     round trip for both (the heartbeat: its key and its notification). The caller's error handling
-    is the notification's."""
-    pipe.publish(channel_for(pipe), _message(job_id, kind))
+    is the notification's. ``channel``: :func:`channel_on` of a pipeline of another pool."""
+    pipe.publish(channel or channel_for(pipe), _message(job_id, kind))
 
 
 def _message(job_id: str, kind: str) -> str:
@@ -132,7 +148,8 @@ class _Outbox:
 _outbox: _Outbox | None = None
 
 
-def _notify_soon(job_id: str, kind: str) -> None:
+def notify_soon(job_id: str, kind: str) -> None:
+    """Hand the notification to this process's publisher thread (the caller doesn't wait on Redis)."""
     global _outbox
     outbox = _outbox
     if outbox is None or outbox.pid != os.getpid():  # none yet, or made before a fork: no thread here
@@ -161,6 +178,18 @@ def install() -> None:
         event.listen(Engine, "rollback", _after_rollback)
         event.listen(Pool, "checkin", _after_checkin)
         _installed = True
+
+
+def claim(conn: Any, job_ids: Iterable[str]) -> set[str]:
+    """Take these jobs' notifications off the uncommitted rows of ``conn`` (a Connection in the
+    transaction that wrote them): the caller publishes them itself, after the commit. Returns the
+    ids taken — the ones the hook would have announced (none where :func:`install` wasn't called).
+    For jobs whose rows in this transaction the caller's notification covers, every kind of them:
+    a notification says only *that* a job changed."""
+    pending = conn.info.get(_PENDING)
+    if not pending:
+        return set()
+    return {job_id for job_id in job_ids if pending.pop(job_id, None) is not None}
 
 
 def _after_execute(conn, clause, multiparams, params, _options, _result) -> None:
@@ -194,4 +223,4 @@ def _after_rollback(conn) -> None:
 def _after_checkin(_dbapi_connection, record) -> None:
     committed = record.info.pop(_COMMITTED, None) if record is not None else None
     for job_id, kind in (committed or {}).items():
-        _notify_soon(job_id, kind)
+        notify_soon(job_id, kind)

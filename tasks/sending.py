@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Collection
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -19,16 +20,18 @@ from celery.utils.time import utcoffset
 from kombu.transport.redis import Channel as RedisChannel
 from kombu.utils.json import dumps as json_dumps
 
+from tasks import notify
 from tasks.celery_app import RUN_PIPELINE, app
 
 __all__ = ["ENQUEUE_CHUNK", "enqueue", "enqueue_many", "job_signature", "task_routing"]
 
 
-def enqueue(job_id: str, options: dict | None = None, queue: str | None = None) -> None:
+def enqueue(job_id: str, options: dict | None = None, queue: str | None = None, announce: bool = False) -> None:
     """Send the pipeline task for a job whose row is committed (the worker must find it): a batch of
     one — on Redis, the message and its task-sent event in one round trip from a cached template
-    (Celery's and kombu's publish path per message was most of a single submit's enqueue)."""
-    enqueue_many([(job_id, options or {}, queue)], [])
+    (Celery's and kombu's publish path per message was most of a single submit's enqueue).
+    ``announce``: its job-change notification too (see :func:`enqueue_many`)."""
+    enqueue_many([(job_id, options or {}, queue)], [], {job_id} if announce else ())
 
 
 def job_signature(job_id: str, options: dict[str, Any], queue: str | None):
@@ -239,7 +242,8 @@ def _encoded(channel, body: str) -> str:
 ENQUEUE_CHUNK = 500
 
 
-def enqueue_many(jobs: list[tuple[str, dict | None, str | None]], sent: list[str]) -> None:
+def enqueue_many(jobs: list[tuple[str, dict | None, str | None]], sent: list[str],
+                 announce: Collection[str] = ()) -> None:
     """Send the pipeline task for many committed rows (``(job_id, options, queue)``) through one
     producer, ``ENQUEUE_CHUNK`` jobs per broker round trip. The messages are made from templates
     (:class:`_Templates`). On Redis, each chunk's ``LPUSH`` commands and ``task-sent`` events go straight
@@ -247,14 +251,29 @@ def enqueue_many(jobs: list[tuple[str, dict | None, str | None]], sent: list[str
     batch's CPU); on other brokers, or with a ``before_task_publish``/``after_task_publish``
     receiver connected, through kombu's publish batch. A chunk's ids are appended to ``sent`` once
     it is flushed; after a broker error, the jobs not in ``sent`` may have no message (a message of
-    theirs that got through anyway finds the row the caller ends, and is skipped)."""
+    theirs that got through anyway finds the row the caller ends, and is skipped).
+
+    ``announce``: jobs whose job-change notification the caller took off the commit hook
+    (:func:`tasks.notify.claim`). Each is published after its message: in its chunk's pipeline
+    where the broker is the notifications' Redis server, else handed to the publisher thread when
+    this call ends, for the jobs in ``sent``. An unsent job's is dropped with it (the caller's
+    ``failed`` event announces it)."""
     templates = _Templates()
-    with app.producer_or_acquire() as producer, producer.connection._reraise_as_library_errors():
-        redis = _redis_templates(producer, jobs, templates)
-        if redis is not None:
-            _pipelined(producer.channel, jobs, redis, sent)
-        else:
-            _kombu_batches(producer, jobs, templates, sent)
+    first, rode = len(sent), False
+    try:
+        with app.producer_or_acquire() as producer, producer.connection._reraise_as_library_errors():
+            redis = _redis_templates(producer, jobs, templates)
+            if redis is not None:
+                changes = notify.channel_on(_client(producer.channel)) if announce else None
+                rode = changes is not None
+                _pipelined(producer.channel, jobs, redis, sent, announce, changes)
+            else:
+                _kombu_batches(producer, jobs, templates, sent)
+    finally:
+        if announce and not rode:
+            for job_id in sent[first:]:
+                if job_id in announce:
+                    notify.notify_soon(job_id, "event")
 
 
 def _redis_templates(producer, jobs: list, templates: _Templates) -> list[_RedisTemplate] | None:
@@ -325,14 +344,16 @@ def _copy_message(message: Any) -> Any:
     return type(message)(*(dict(part) if isinstance(part, dict) else part for part in message))
 
 
-def _pipelined(channel, jobs: list, redis: list[_RedisTemplate], sent: list[str]) -> None:
+def _pipelined(channel, jobs: list, redis: list[_RedisTemplate], sent: list[str],
+               announce: Collection[str] = (), changes: str | None = None) -> None:
     """Write each chunk's commands in one non-transactional pipeline, as kombu's ``PublishBatch``
     does (never retried: delivery would be uncertain; a broker error fails the chunk).
 
     A chunk's messages for one list go in one ``LPUSH`` of many values — Redis pushes them one
     after another, left to right, so the list ends as one ``LPUSH`` per job would leave it — and
     then the ``task-sent`` events, so each event still follows its message. A third of a batch's
-    commands fewer for redis-py to pack and to read the reply of."""
+    commands fewer for redis-py to pack and to read the reply of. Then, on channel ``changes``, the
+    job-change notifications of the chunk's jobs in ``announce``."""
     client = _client(channel)
     for start in range(0, len(jobs), ENQUEUE_CHUNK):
         chunk = jobs[start:start + ENQUEUE_CHUNK]
@@ -349,6 +370,10 @@ def _pipelined(channel, jobs: list, redis: list[_RedisTemplate], sent: list[str]
                 pipe.lpush(key, *payloads)
             for topic, payload in events:
                 pipe.publish(topic, payload)
+            if changes is not None:
+                for job_id, _, _ in chunk:
+                    if job_id in announce:
+                        notify.notify_in(pipe, job_id, "event", changes)
             pipe.execute()
         sent.extend(job_id for job_id, _, _ in chunk)
 

@@ -287,3 +287,58 @@ def test_a_channel_keeps_its_redis_client_until_its_pool_changes(redis_server):
     assert channel_now() is channel and _CLIENTS[channel] is not first
     assert _CLIENTS[channel].connection_pool is channel.pool
     assert [json.loads(p)["headers"]["id"] for p in _lpushed("q-client")][-1] == job_id  # through the new pool
+
+
+# --- a submit's job-change notification rides its message's round trip ---------------------------
+
+
+def _changes(pubsub, job_ids: set[str], wait_s: float) -> list[tuple[str, str]]:
+    """The notifications for ``job_ids`` that reach ``pubsub`` within ``wait_s``: (job id, kind)."""
+    import json
+    import time
+
+    seen, until = [], time.monotonic() + wait_s
+    while time.monotonic() < until:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+        if message is not None:
+            change = json.loads(message["data"])
+            if change["job_id"] in job_ids:
+                seen.append((change["job_id"], change["kind"]))
+    return seen
+
+
+def test_a_submit_announces_its_job_in_its_enqueue_not_by_the_publisher_thread(database, monkeypatch):
+    """A submit's ``submitted`` event wakes the job's streams from the submit's own pipeline (after
+    the commit, with the message), once: the commit hook hands the publisher thread nothing for it.
+    A job that isn't sent now (it waits for its parent) is still announced, by the thread."""
+    from api import service
+    from api.schemas import SubmitRequest
+    from tasks import notify
+    from tasks.process import get_redis
+
+    notify.install()
+    handed: list[str] = []
+    real = notify.notify_soon
+    monkeypatch.setattr(notify, "notify_soon", lambda job_id, kind: (handed.append(job_id), real(job_id, kind)))
+    queue = f"q-notify-{uuid.uuid4().hex[:8]}"  # no worker serves it: the job writes nothing more
+    pubsub = get_redis().pubsub()
+    pubsub.subscribe(notify.channel_for(get_redis()))
+    try:
+        pubsub.get_message(timeout=1)  # the subscribe confirmation
+        job_id = service.submit_job(["One."], queue=queue).job_id
+        assert _changes(pubsub, {job_id}, 0.5) == [(job_id, "event")]
+        assert job_id not in handed
+
+        child = service.submit_job(["Two."], queue=queue, parent_job_id=job_id).job_id  # waits: not sent
+        assert _changes(pubsub, {child}, 1.0) == [(child, "event")]
+        assert child in handed
+
+        parent = service.submit_job(["Three."], queue=queue).job_id
+        bodies = [SubmitRequest(documents=["Four."]), SubmitRequest(documents=["Five."], parent_job_id=parent)]
+        ready, waiting = service.submit_batch(bodies)
+        # (a worker may run the ready one, on the default queue: its own rows notify too)
+        assert {(ready, "event"), (waiting, "event")} <= set(_changes(pubsub, {ready, waiting}, 1.0))
+        assert ready not in handed and waiting in handed
+    finally:
+        pubsub.close()
+        _drain(queue, None)

@@ -157,6 +157,36 @@ def test_events_arrive_by_push_not_by_the_safety_poll(stream_api):
     assert arrived["cancel_requested"] < 2.0 and arrived["end"] < 5.0, arrived
 
 
+def test_a_submit_wakes_the_streams_with_its_own_notification(stream_api, monkeypatch):
+    """A submit's ``submitted`` event reaches an open ``/api/events`` stream by the notification
+    the submit sends with its job's message; the commit hook hands the publisher thread none for it."""
+    import uuid
+
+    from tasks import notify
+    from tasks.process import get_redis
+
+    url, _ = stream_api
+    notify.install()  # as in the API and the CLI
+    handed: list[str] = []
+    real = notify.notify_soon
+    monkeypatch.setattr(notify, "notify_soon", lambda job_id, kind: (handed.append(job_id), real(job_id, kind)))
+    queue = f"q-streams-{uuid.uuid4().hex[:8]}"  # no worker serves it: the submit is the job's only news
+    submitted: dict[str, float] = {}
+    with httpx.stream("GET", f"{url}/api/events", timeout=httpx.Timeout(10, read=20)) as response:
+        lines = response.iter_lines()
+        assert next(parse_sse(lines))[0] == "open"
+        time.sleep(0.5)  # past the stream's first read: what follows came by notification (the poll is 30 s)
+        requested = time.monotonic()
+        job_id = service.submit_job(["One."], queue=queue).job_id
+        for event, data in parse_sse(lines):
+            if event == "submitted" and data["job_id"] == job_id:
+                submitted[job_id] = time.monotonic() - requested
+                break
+    get_redis().delete(queue)
+    assert submitted[job_id] < 2.0, submitted
+    assert job_id not in handed
+
+
 def test_the_stream_cap_answers_429_per_client_with_a_clear_detail(worker, monkeypatch):
     """In-process: the cap counts per client and gives the slot back when the stream ends."""
     from fastapi.testclient import TestClient
