@@ -193,7 +193,9 @@ then the whole process group).
 **Two database columns.** Every figure that touches the database is measured twice, once on SQLite and
 once on PostgreSQL: `bench/column.py` runs the same phases in a process of its own per database (its
 settings, engines, workers and caches belong to that database alone; Redis is emptied between the
-two). The table pairs them: each figure's SQLite row, then its PostgreSQL row. The figures that touch
+two). A column process calls the service layer (`api.service`) where a client would call the API, so
+it freezes its heap at start as the API process does (`api/heap.py`). The table pairs the columns:
+each figure's SQLite row, then its PostgreSQL row. The figures that touch
 no database (the checkpoint, the peer baseline) run once. If PostgreSQL can't start here, the table
 says why and the run goes on with SQLite (`--databases sqlite` asks for that).
 
@@ -216,7 +218,8 @@ column and for the whole run (load average, the cores other processes used, stea
 Flags: `--quick` (small counts; this file is left alone), `--no-readme`, `--keep` (keep the temp home
 with the worker logs and the databases), `--profile` (also cProfile one no-op andon job in each
 column), `--strict` (exit 1 if a goal is missed or a figure could not be measured), `--results PATH`,
-`--databases sqlite,postgres`, `--scale-rows N`, `--only-scale`, `--budget S`.
+`--databases sqlite,postgres`, `--scale-rows N`, `--only-scale`, `--budget S`, `--phases L` (only
+the named phases, e.g. `"bulk cancel"`; this file is left alone).
 
 ## results.json
 
@@ -287,11 +290,13 @@ second whenever none was: both are in the figure.
   left out): 10,000 jobs are queued on a queue no worker serves yet (rows and messages as a batch
   submit makes them: `db.jobs.create_jobs`, `tasks.sending.enqueue_many`), tagged so that only they
   match; `api.service.cancel_matching(JobStatus.PENDING, tag=...)` is timed. Goal: ≤ 0.5 s, 0 started.
-* **skipping an already-cancelled queued message** — then two `-c 1` workers start on that queue and
-  drain it for at most 60 s (drained = queue empty and every message answered in the result
-  backend); the figure is that time × 2 workers ÷ the messages they took (all 10,000 if drained; a
-  queue not drained misses the goal), and the jobs among the 10,000 with a `started` event are
-  counted for the bulk-cancel row. Goal: ≤ 0.5 ms per message.
+* **skipping an already-cancelled queued message** — then two `-c 1` workers start on that queue
+  while its messages wait aside (the list `RENAME`d away, so the first worker up can't drain it
+  alone before the other is ready); the clock starts when both are ready and the list is put back,
+  and they drain it for at most 60 s (drained = queue empty and every message answered in the
+  result backend, polled every 20 ms); the figure is that time × 2 workers ÷ the messages they took
+  (all 10,000 if drained; a queue not drained misses the goal), and the jobs among the 10,000 with a
+  `started` event are counted for the bulk-cancel row. Goal: ≤ 0.5 ms per message.
 * **dashboard page load** — the database holds at least 10,000 jobs (the batch submit's, topped up
   with queued rows if need be); a real uvicorn API serves `/ui`; Playwright drives the system Chromium
   (headless, as the browser tests do). Each load is a fresh browser context (cold cache): from
@@ -302,7 +307,9 @@ second whenever none was: both are in the figure.
   included), rows and messages for real, best of 2. Goal: ≥ 5,000 jobs/s.
 * **lists and /metrics at scale** — the jobs table filled to 50,000 rows (`make bench-scale`:
   1,000,000), mostly ended, a third cancelled; `GET /api/jobs?...&limit=50` for six filters and
-  `GET /metrics`, 50 timed requests each after two warm-ups. Goal: p99 ≤ 50 ms.
+  `GET /metrics`, 50 timed requests each after two warm-ups. On PostgreSQL the filled tables are
+  `ANALYZE`d first (a table filled in seconds has no planner statistics until autovacuum's next
+  turn; one grown over weeks has them). Goal: p99 ≤ 50 ms.
 * **where the time goes** (below the table, per column) — the per-item steps of `run_job` replayed
   in the benchmark process (no worker): the stages, and the item's commit (`db.jobs.record_item` in
   its own `db.session.transaction`), back to back and after 100 ms idle.
