@@ -14,6 +14,7 @@ of its own — and appends ``bench.report.Row`` s; the database is the process's
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -166,6 +167,11 @@ def run_column(spec: ColumnSpec) -> Report:
                 report.rows[-1].phase, report.rows[-1].database = name, spec.database
                 continue
             say(f"{spec.database}: {name}")
+            # what earlier phases left in this process (their rows and ids, the dashboard's in-process
+            # Playwright) is the harness's, not the API's: out of the collector's walks before the next
+            # one, as an API process holds none of it (a full collection over it landed in the timings)
+            gc.collect()
+            gc.freeze()
             budget = min(sizes.budget_for(name), left)
             if not run_phase(report, name, fn, budget_s=budget, database=spec.database):
                 shared.stop()
