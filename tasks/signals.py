@@ -15,6 +15,7 @@ import time
 from celery.worker import state as worker_state
 from sqlalchemy import select
 
+from db.forks import guard_forks
 from db.models import Job
 from db.session import session_scope
 from db.settings import get_settings
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 
 #: Jobs that were running here when a shutdown began; finalized if they haven't ended by themselves.
 _shutdown_jobs: set[str] = set()
+
+
+def before_pool_starts(**_: object) -> None:
+    """In the main process, before it forks its first pool child: a fork waits for this process's
+    threads (the sweeps, the reaper) to be out of SQLite (:mod:`db.forks`)."""
+    guard_forks()
 
 
 def after_child_fork(**_: object) -> None:

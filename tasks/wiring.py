@@ -36,6 +36,7 @@ def install(app: Celery) -> None:
     transport.install()  # a worker survives its Redis broker restarting mid-job (celery/kombu#970)
     notify.install()  # every job event and item row this worker commits wakes the API's event streams
     signals.worker_init.connect(load_pipelines_or_exit, weak=False)
+    signals.worker_init.connect(moments.before_pool_starts, weak=False)
     signals.worker_process_init.connect(moments.after_child_fork, weak=False)
     signals.worker_ready.connect(moments.after_worker_ready, weak=False)
     signals.worker_shutting_down.connect(moments.on_worker_shutting_down, weak=False)

@@ -16,3 +16,61 @@ def test_a_forked_child_freezes_what_it_inherited_out_of_the_collectors_walks():
         assert len(gc.get_objects()) < inherited * 0.1
     finally:
         gc.unfreeze()
+
+
+_FORK_SCRIPT = r"""
+import os, sys, threading, time
+from sqlalchemy import text
+from db import forks
+from db.session import make_engine
+
+forks.FORK_WAIT_S = float(sys.argv[2])
+forks.guard_forks()
+engine = make_engine("sqlite:///" + sys.argv[1])
+inside, done = threading.Event(), threading.Event()
+
+def hold(seconds):
+    with engine.connect() as conn:  # checked out: this thread may be inside SQLite at any moment
+        conn.execute(text("SELECT 1"))
+        inside.set()
+        done.wait(seconds)
+
+worker = threading.Thread(target=hold, args=(float(sys.argv[3]),))
+worker.start()
+inside.wait()
+t0 = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    # the child connects at once, as a new pool child does
+    with make_engine("sqlite:///" + sys.argv[1]).connect() as conn:
+        conn.execute(text("SELECT 1"))
+    os._exit(0)
+waited = time.monotonic() - t0
+os.waitpid(pid, 0)
+done.set()
+worker.join()
+print(f"{waited:.3f}")
+"""
+
+
+def _fork_while_a_thread_holds_a_connection(tmp_path, wait_s: float, held_s: float) -> float:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, str(tmp_path / "fork.db"), str(wait_s), str(held_s)],
+                         cwd=root, capture_output=True, text=True, timeout=60, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def test_a_fork_waits_until_no_other_thread_holds_a_database_connection(tmp_path):
+    """A fork taken while another thread is inside SQLite hands the child a SQLite mutex locked for
+    good (make chaos: a new pool child stuck in its first connect): the fork waits for the thread."""
+    waited = _fork_while_a_thread_holds_a_connection(tmp_path, wait_s=10.0, held_s=0.5)
+    assert 0.4 <= waited < 5.0
+
+
+def test_a_fork_waits_no_longer_than_its_bound_for_a_connection_never_returned(tmp_path):
+    waited = _fork_while_a_thread_holds_a_connection(tmp_path, wait_s=0.3, held_s=30.0)
+    assert 0.25 <= waited < 3.0
