@@ -71,16 +71,20 @@ def request_cancel(
     # still answers success). Redis away: the row decides alone, as the durable copy workers reconcile.
     winner: CancelRequest | None = None
     first = False
+    away: RedisError | None = None
     try:
         applied = get_store().apply_if_running(job_id, requested)
-    except RedisError:
-        applied = None
+    except RedisError as exc:  # not tried again below: a failed call has spent redis-py's retries already
+        applied, away = None, exc
     if applied is None:
         seen = retry_transient(lambda: _check_open(job_id), within_s=within, what="cancel request")
         try:
-            applied = get_store().apply(job_id, requested, queued=seen is JobStatus.PENDING)
+            if away is None:
+                applied = get_store().apply(job_id, requested, queued=seen is JobStatus.PENDING)
         except RedisError as exc:
-            log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, exc)
+            away = exc
+        if away is not None:
+            log.warning("cancel of %s recorded in the database only (Redis: %s)", job_id, away)
     if applied is not None:
         first, winner = applied
         winner = requested if first else winner

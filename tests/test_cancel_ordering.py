@@ -144,6 +144,7 @@ def test_a_running_job_observes_a_cancel_whose_request_died_before_writing_the_r
 
 def test_with_redis_away_the_row_decides_and_a_later_token_follows_the_row(database, monkeypatch):
     job_id = _running_job()
+    get_store().redis.set(heartbeat_key(job_id), "{}", px=120_000)  # "alive": no reaper of the suite takes it
     dead = CancellationStore(redis.Redis(port=1, socket_connect_timeout=0.2, socket_timeout=0.2))
     monkeypatch.setattr(control, "get_store", lambda: dead)
     outcome = control.request_cancel(job_id, CancellationReason.TIMEOUT, "first", actor="a")
