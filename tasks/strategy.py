@@ -91,9 +91,8 @@ def skip_cancelled(task, app, consumer, **kwargs: Any):
         return job_id
 
     def task_message_handler(message, body, ack, reject, callbacks, **more: Any):
-        headers = message.headers or {}
-        job_id = headers.get("id") if "task" in headers else (message.payload or {}).get("id")
-        if job_id not in cancelled or _has_workflow(message, headers):
+        job_id = skippable(message)  # Celery hands this strategy only this task's messages
+        if job_id is None:
             return handle(message, body, ack, reject, callbacks, **more)
         ack(log, connection_errors)
         skip(job_id)
