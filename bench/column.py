@@ -137,7 +137,7 @@ def run_column(spec: ColumnSpec) -> Report:
             ("throughput", on_worker(bench_throughput)),
             ("worker rss", alone(lambda: bench_worker_rss(sizes, logs, report))),
         ]
-    phases.append(("batch submit", alone(lambda: bench_batch_submit(sizes, report))))
+    phases.append(("batch submit", alone(lambda: bench_batch_submit(sizes, logs, report))))
     if not spec.only_scale:  # the batch submit's rows are the dashboard's 10,000 (it tops them up if not)
         phases.append(("dashboard", alone(lambda: bench_dashboard(sizes, logs, report))))
     phases.append(("scale", alone(lambda: bench_scale(sizes, report))))

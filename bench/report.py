@@ -305,6 +305,11 @@ second whenever none was: both are in the figure.
   Without Chromium the row says it was not measured, and why.
 * **batch submit** — `POST /api/jobs/batch` of 10,000 jobs in-process (FastAPI's validation
   included), rows and messages for real, best of 2. Goal: ≥ 5,000 jobs/s.
+* **single submit** — 300 `POST /api/jobs` one after another over one keep-alive HTTP connection
+  (httpx) to a real uvicorn API started on the column's database, timed one by one after three
+  warm-ups; in brackets, the API process's CPU per submit (from `/proc`). Their rate is the batch's
+  baseline. (Runs before 2026-11-30 sent them through Starlette's in-process `TestClient`, whose own
+  thread hand-offs made most of each request's CPU.) Goal: p99 ≤ 10 ms.
 * **lists and /metrics at scale** — the jobs table filled to 50,000 rows (`make bench-scale`:
   1,000,000), mostly ended, a third cancelled; `GET /api/jobs?...&limit=50` for six filters and
   `GET /metrics`, 50 timed requests each after two warm-ups. On PostgreSQL the filled tables are
