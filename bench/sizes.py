@@ -22,9 +22,10 @@ class Sizes:
     cancel_poll_s: float = 0.001  # how often the job rows are read while cancels are in flight
     slow_jobs: int = 8  # 100 ms items
     slow_items: int = 20
-    noop_jobs: int = 30  # no-op items
+    noop_jobs: int = 60  # no-op items (a side takes well under a second: long enough to outlast a hiccup)
     noop_items: int = 50
     rounds: int = 2  # throughput: bare, andon, andon, bare, ... best of each
+    noop_rounds: int = 3  # the no-op side, short and so the noisiest, runs a third time each
     bulk_jobs: int = 10_000
     drain_timeout_s: float = 60.0  # the skip rate is measured over the messages taken by then
     breakdown_items: int = 200
@@ -46,7 +47,7 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(check_number=200_000, net_number=1_000, repeat=3, cancels=30, abortable_cancels=10,
-                   slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, bulk_jobs=500,
+                   slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, noop_rounds=1, bulk_jobs=500,
                    drain_timeout_s=45.0, breakdown_items=50, async_cancels=6, ui_jobs=2_000, ui_loads=2,
                    batch_jobs=2_000, batch_rounds=1, scale_rows=12_000, scale_requests=20, single_submits=50,
                    bulk_jobs_large=0, memory_jobs=10, memory_async_jobs=1, rss_jobs=100, peer_cancels=10,

@@ -59,16 +59,16 @@ def bench_throughput(sizes: Sizes, report: Report) -> None:
     run_batch("bare", CONCURRENCY, documents(3), 0.0)  # warm both pool processes for both task kinds
     run_batch("andon", CONCURRENCY, documents(3), 0.0)
     cases = [
-        ("100 ms items", sizes.slow_jobs, sizes.slow_items, ITEM_S / 3, GOAL_SLOW_RATIO),
-        ("no-op items", sizes.noop_jobs, sizes.noop_items, 0.0, GOAL_NOOP_RATIO),
+        ("100 ms items", sizes.slow_jobs, sizes.slow_items, ITEM_S / 3, GOAL_SLOW_RATIO, sizes.rounds),
+        ("no-op items", sizes.noop_jobs, sizes.noop_items, 0.0, GOAL_NOOP_RATIO, sizes.noop_rounds),
     ]
     report.extra["throughput"] = {}
-    for label, jobs, items, delay, goal in cases:
+    for label, jobs, items, delay, goal, rounds in cases:
         docs = documents(items)
         times: dict[str, list[float]] = {"bare": [], "andon": []}
         cpu: dict[str, list[float]] = {"bare": [], "andon": []}
         order = []
-        for r in range(sizes.rounds):  # bare, andon, andon, bare, ...: neither side always goes first
+        for r in range(rounds):  # bare, andon, andon, bare, ...: neither side always goes first
             order += ["bare", "andon"] if r % 2 == 0 else ["andon", "bare"]
         say(f"throughput, {label}: {jobs} jobs × {items} items, {' → '.join(order)}")
         for kind in order:
@@ -76,7 +76,7 @@ def bench_throughput(sizes: Sizes, report: Report) -> None:
         bare, andon = min(times["bare"]), min(times["andon"])
         total = jobs * items
         ratio = bare / andon  # = (items/s andon) ÷ (items/s bare)
-        best = f", best of {sizes.rounds}" if sizes.rounds > 1 else ""
+        best = f", best of {rounds}" if rounds > 1 else ""
         report.rows.append(Row(
             f"throughput, {label} ({jobs} jobs × {items} items, -c {CONCURRENCY}{best})",
             f"{total / andon:,.1f} items/s ({andon:.2f} s)", f"bare Celery: {total / bare:,.1f} items/s ({bare:.2f} s)",
@@ -88,4 +88,4 @@ def bench_throughput(sizes: Sizes, report: Report) -> None:
                                              "extra_ms_per_item": per_item_ms, "cpu_ms_per_item": cpu_ms}
         report.notes.append(
             f"throughput, {label}: CPU per item in the worker, its pool and Redis (whatever the load): andon "
-            f"{cpu_ms['andon']:.2f} ms, bare Celery {cpu_ms['bare']:.2f} ms (least of {sizes.rounds} runs each)")
+            f"{cpu_ms['andon']:.2f} ms, bare Celery {cpu_ms['bare']:.2f} ms (least of {rounds} runs each)")
