@@ -36,6 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Insert
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
 from db.vocabulary import EventKind, ItemStatus, JobStatus
@@ -62,13 +63,15 @@ _TERMINAL_EVENT = {
 
 
 def transition(session: Session, job_id: str, to: JobStatus, *, only_from: JobStatus | None = None,
-               fence: int | None = None, raise_fence: bool = False, **values: Any) -> bool:
+               fence: int | None = None, raise_fence: bool = False, events: Sequence[dict[str, Any]] = (),
+               **values: Any) -> bool:
     """Move a job to ``to`` if its current status allows it; True if this call won.
 
     ``only_from`` narrows the allowed statuses to one the caller has just seen (a cancel meant for a
     queued job must not end one that started meanwhile); ``fence``: only if the caller's run still
     owns the job; ``raise_fence``: a run taking the job raises it in the same UPDATE. ``values`` are
-    written in the same UPDATE.
+    written in the same UPDATE; ``events`` (:func:`event_row`) are inserted if it won, before the
+    terminal one and in the same INSERT (a round trip each on PostgreSQL).
     Reaching a terminal status stamps ``finished_at`` and records the matching event, in the
     caller's transaction. A Core UPDATE on the table: the ORM's bulk-update path costs more than the SQL.
     """
@@ -86,16 +89,31 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: JobSt
         .values(status=to.value, **values)
     )
     won = result.rowcount == 1
-    if won and to in _TERMINAL_EVENT:
-        add_event(
-            session,
-            job_id,
-            _TERMINAL_EVENT[to],
-            reason=values.get("cancellation_reason"),
-            source=values.get("cancellation_source"),
-            detail={"error": values["error"]} if values.get("error") else None,
-        )
+    if won:
+        rows = list(events)
+        if to in _TERMINAL_EVENT:
+            rows.append(event_row(job_id, _TERMINAL_EVENT[to], reason=values.get("cancellation_reason"),
+                                  source=values.get("cancellation_source"),
+                                  detail={"error": values["error"]} if values.get("error") else None))
+        add_events(session, rows)
     return won
+
+
+def moved_with_events(to: JobStatus, events: Sequence[dict[str, Any]], **values: Any) -> Insert:
+    """:func:`transition` to a status that is not terminal and its ``events`` (:func:`event_row`) as
+    one statement, for PostgreSQL (a data-modifying ``WITH``): the job's UPDATE ``… RETURNING`` feeds
+    the events' ``INSERT … SELECT``, so they are inserted only if it moved. Its rowcount is the events
+    inserted (0: it did not move). The job's id is bound as ``job_id`` (what :mod:`tasks.notify` reads).
+    Committed on its own, it holds the job's row lock for that one statement."""
+    if to.is_terminal:
+        raise ValueError("a terminal transition stamps its end and event: transition()")
+    moved = (update(_jobs).where(_jobs.c.id == bindparam("job_id"), _jobs.c.status.in_([s.value for s in ALLOWED_FROM[to]]))
+             .values(status=to.value, **values).returning(_jobs.c.id).cte("moved"))
+    table = JobEvent.__table__
+    columns = ["kind", "reason", "source", "actor", "detail", "at"]
+    rows = [select(moved.c.id, *(literal(row[c], table.c[c].type) for c in columns)) for row in events]
+    return (insert(table).from_select(["job_id", *columns], rows[0] if len(rows) == 1 else union_all(*rows))
+            .add_cte(moved).execution_options(preserve_rowcount=True))  # an INSERT's rowcount is kept only if asked
 
 
 def cancel_values(request: Any) -> dict[str, Any]:
@@ -121,8 +139,16 @@ def add_event(
     """One event, inserted at once in the caller's transaction — a Core INSERT, not an ORM object:
     the unit of work's flush cost several times the SQL on the terminal-row path, and nothing here
     needs the object back. (Rows go as parameters, which is what :mod:`tasks.notify` reads.)"""
-    session.execute(_INSERT_EVENT, {"job_id": job_id, "kind": kind.value, "reason": reason, "source": source,
-                                    "actor": actor, "detail": detail, "at": at or utcnow()})
+    session.execute(_INSERT_EVENT, event_row(job_id, kind, reason=reason, source=source, actor=actor,
+                                             detail=detail, at=at))
+
+
+def event_row(job_id: str, kind: EventKind, *, reason: str | None = None, source: str | None = None,
+              actor: str | None = None, detail: dict[str, Any] | None = None,
+              at: datetime | None = None) -> dict[str, Any]:
+    """The parameters of one event, for :func:`add_events` (several events, one round trip)."""
+    return {"job_id": job_id, "kind": kind.value, "reason": reason, "source": source, "actor": actor,
+            "detail": detail, "at": at or utcnow()}
 
 
 def add_events(session: Session, rows: list[dict[str, Any]]) -> None:

@@ -76,6 +76,7 @@ def request_cancel(
         applied = get_store().apply_if_running(job_id, requested)
     except RedisError as exc:  # not tried again below: a failed call has spent redis-py's retries already
         applied, away = None, exc
+    running = applied is not None  # its heartbeat lives: the row most likely says `running`
     if applied is None:
         seen = retry_transient(lambda: _check_open(job_id), within_s=within, what="cancel request")
         try:
@@ -91,6 +92,9 @@ def request_cancel(
 
     def record() -> tuple[JobStatus, CancelRequest, bool]:
         candidate = winner or requested
+        # a running job: the row, the winner's event (and this request's as a loser) in one write
+        if running and lifecycle.mark_running_requested(job_id, candidate, [] if candidate is requested else [requested]):
+            return JobStatus.CANCELLING, candidate, True
         with session_scope(writer=True) as session:
             status, held, moved = lifecycle.mark_requested(session, job_id, candidate)
             if moved:  # the first to write the row puts the winner on record, whoever it is
