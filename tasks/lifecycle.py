@@ -288,8 +288,8 @@ def mark_running_requested(job_id: str, winner: CancelRequest, losers: Sequence[
         with session_scope(writer=True) as session:
             return job_rows.transition(session, job_id, JobStatus.CANCELLING, events=events, **values)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        moved = conn.execute(job_rows.moved_with_events(JobStatus.CANCELLING, events, **values),
-                             {"job_id": job_id}).rowcount > 0
+        statement, params = job_rows.moved_with_events(JobStatus.CANCELLING, events, **values)
+        moved = conn.execute(statement, {**params, "job_id": job_id}).rowcount > 0
         conn.commit()  # no round trip (autocommit); what tasks.notify announces the events on
         return moved
 
