@@ -100,6 +100,43 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: JobSt
     return won
 
 
+def end_with_rows(session: Session, job_id: str, to: JobStatus, *, fence: int | None,
+                  events: Sequence[dict[str, Any]] = (), items: Sequence[StoredItem] = (), **values: Any) -> bool:
+    """A terminal :func:`transition` with its ``events`` and the run's last ``items`` (which ``values``
+    count, :func:`counted_values`), inserted only if it won; True if it did.
+
+    On PostgreSQL one statement (a data-modifying ``WITH``: the UPDATE ``… RETURNING`` feeds both
+    INSERTs): one round trip where the UPDATE, the events' INSERT and the items' took three, and the
+    end of a cancelled job waits on each. Elsewhere those three statements."""
+    if session.get_bind().dialect.name != "postgresql":
+        won = transition(session, job_id, to, fence=fence, events=events, **values)
+        if won:
+            insert_items(session.connection(), job_id, items)
+        return won
+    if not to.is_terminal:
+        raise ValueError("not a terminal status: transition()")
+    values.setdefault("finished_at", utcnow())
+    owned = [_jobs.c.fence == fence] if fence is not None else []
+    ended = (update(_jobs).where(_jobs.c.id == bindparam("job_id"), _jobs.c.status.in_([s.value for s in ALLOWED_FROM[to]]),
+                                 *owned).values(status=to.value, **values).returning(_jobs.c.id).cte("ended"))
+    rows = [*events, event_row(job_id, _TERMINAL_EVENT[to], reason=values.get("cancellation_reason"),
+                               source=values.get("cancellation_source"),
+                               detail={"error": values["error"]} if values.get("error") else None)]
+    statement = _insert_for(ended, JobEvent.__table__, rows)
+    if items:
+        statement = _insert_for(ended, _items, _item_rows(job_id, items)).add_cte(statement.cte("events"))
+    # the rowcount of an INSERT is kept only if asked; the job's id is bound as `job_id` (what tasks.notify reads)
+    return session.execute(statement.add_cte(ended).execution_options(preserve_rowcount=True),
+                           {"job_id": job_id}).rowcount > 0
+
+
+def _insert_for(ended: Any, table: Any, rows: Sequence[dict[str, Any]]) -> Insert:
+    """``INSERT … SELECT`` of ``rows`` (their ``job_id`` taken from ``ended``, so none if it is empty)."""
+    columns = [c for c in rows[0] if c != "job_id"]
+    selects = [select(ended.c.id, *(literal(row[c], table.c[c].type) for c in columns)) for row in rows]
+    return insert(table).from_select(["job_id", *columns], selects[0] if len(selects) == 1 else union_all(*selects))
+
+
 def moved_with_events(to: JobStatus, events: Sequence[dict[str, Any]], **values: Any) -> tuple[Insert, dict[str, Any]]:
     """:func:`transition` to a status that is not terminal and its ``events`` (:func:`event_row`) as
     one statement, for PostgreSQL (a data-modifying ``WITH``): the job's UPDATE ``… RETURNING`` feeds
@@ -301,8 +338,12 @@ def insert_items(conn: Connection, job_id: str, items: Sequence[StoredItem]) -> 
     (:func:`record_items`' counter update, or a job's end with :func:`counted_values`)."""
     if not items:
         return
+    conn.execute(_INSERT_ITEM, _item_rows(job_id, items))
+
+
+def _item_rows(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
     now = utcnow()
-    conn.execute(_INSERT_ITEM, [
+    return [
         {"job_id": job_id, "index": item.index, "stage": item.stage, "status": item.status.value,
          "result": item.result, "error": item.error, "started_at": item.started_at,
          "finished_at": item.finished_at or now, "retries": item.retries,
@@ -310,7 +351,7 @@ def insert_items(conn: Connection, job_id: str, items: Sequence[StoredItem]) -> 
          "completion_tokens": (item.usage or {}).get("completion_tokens"),
          "usage_cut_short": (item.usage or {}).get("cut_short"),
          "usage_estimated": (item.usage or {}).get("estimated")}
-        for item in items])
+        for item in items]
 
 
 def record_item(conn: Connection, job_id: str, index: int, stage: str, status: ItemStatus, *,

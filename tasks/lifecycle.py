@@ -165,13 +165,13 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
         if requested_at is not None:
             values["cancel_requested_at"] = requested_at
         # the end's fenced UPDATE counts the items, stored after it (one statement less than an item write)
-        won = _end(
-            session, job_id, JobStatus.CANCELLED, fence=fence, events=events, **job_rows.cancel_values(first),
-            **values, cancel_observed_at=now, cancelled_at_item=at_item, resumable=resumable(row.pipeline, first.reason),
-            **(job_rows.counted_values(items) if items else {}),
+        won = job_rows.end_with_rows(
+            session, job_id, JobStatus.CANCELLED, fence=fence, events=events, items=items,
+            **job_rows.cancel_values(first), **values, cancel_observed_at=now, cancelled_at_item=at_item,
+            resumable=resumable(row.pipeline, first.reason), **(job_rows.counted_values(items) if items else {}),
         )
         if won:
-            job_rows.insert_items(session.connection(), job_id, items)
+            webhooks.after_commit(session, [job_id])
             return True
         # the loser changes nothing: no request record (the request writes it), and no observation
         # either — two reapers finalizing one lost run declare it lost once

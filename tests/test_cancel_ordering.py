@@ -12,16 +12,17 @@ import pytest
 import redis
 
 from db import jobs as job_rows
+from db.jobs import ItemRow
 from db.migrate import upgrade
 from db.session import session_scope
 from db.settings import get_settings
-from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from db.vocabulary import CancellationReason, CancellationSource, ItemStatus, JobStatus
 from tasks import control, lifecycle
 from tasks.cancellation import CancellationStore, CancelRequest
 from tasks.cancellation.keys import heartbeat_key
 from tasks.errors import JobAlreadyTerminal, JobNotFound
 from tasks.process import get_store
-from tests.jobs_helpers import events, job_row, submit, wait_items, wait_terminal
+from tests.jobs_helpers import events, items, job_row, submit, wait_items, wait_terminal
 from tests.test_hardening import hold_write_lock
 
 
@@ -244,7 +245,8 @@ def test_a_request_racing_the_jobs_end_puts_the_winner_on_record_once(rows):
         def end(jid=job_id):
             while (winner := store.read([jid]).get(jid)) is None:
                 pass
-            assert lifecycle.end_cancelled(jid, winner, at_item=1, requested=winner)
+            done = ItemRow(0, "parse", ItemStatus.DONE, result={"n": 0})  # its last item goes with its end
+            assert lifecycle.end_cancelled(jid, winner, at_item=1, requested=winner, items=[done], fence=1)
 
         job = threading.Thread(target=end)
         job.start()
@@ -253,6 +255,7 @@ def test_a_request_racing_the_jobs_end_puts_the_winner_on_record_once(rows):
         assert (outcomes[0].status, outcomes[0].won) == (JobStatus.CANCELLING, True)
         row = job_row(job_id)
         assert (row.status, row.cancellation_reason, row.cancellation_message) == ("cancelled", "timeout", "race")
-        assert row.cancel_requested_at is not None
+        assert row.cancel_requested_at is not None and row.completed_items == 1
+        assert [(i.index, i.status, i.result) for i in items(job_id)] == [(0, "done", {"n": 0})]
         kinds = [(e.kind, e.actor) for e in events(job_id) if e.kind.startswith("cancel")]
         assert kinds == [("cancel_requested", "alice"), ("cancel_observed", None), ("cancelled", None)]
