@@ -25,6 +25,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     case,
+    cast,
     delete,
     func,
     insert,
@@ -131,9 +132,12 @@ def end_with_rows(session: Session, job_id: str, to: JobStatus, *, fence: int | 
 
 
 def _insert_for(ended: Any, table: Any, rows: Sequence[dict[str, Any]]) -> Insert:
-    """``INSERT … SELECT`` of ``rows`` (their ``job_id`` taken from ``ended``, so none if it is empty)."""
+    """``INSERT … SELECT`` of ``rows`` (their ``job_id`` taken from ``ended``, so none if it is empty).
+    Each value is CAST to its column's type: in a ``UNION ALL`` PostgreSQL takes an untyped NULL
+    parameter (psycopg sends booleans without a cast) for text."""
     columns = [c for c in rows[0] if c != "job_id"]
-    selects = [select(ended.c.id, *(literal(row[c], table.c[c].type) for c in columns)) for row in rows]
+    selects = [select(ended.c.id, *(cast(literal(row[c], table.c[c].type), table.c[c].type) for c in columns))
+               for row in rows]
     return insert(table).from_select(["job_id", *columns], selects[0] if len(selects) == 1 else union_all(*selects))
 
 

@@ -245,8 +245,10 @@ def test_a_request_racing_the_jobs_end_puts_the_winner_on_record_once(rows):
         def end(jid=job_id):
             while (winner := store.read([jid]).get(jid)) is None:
                 pass
-            done = ItemRow(0, "parse", ItemStatus.DONE, result={"n": 0})  # its last item goes with its end
-            assert lifecycle.end_cancelled(jid, winner, at_item=1, requested=winner, items=[done], fence=1)
+            # its last items go with its end (NULLs of every column type among them)
+            last = [ItemRow(0, "parse", ItemStatus.DONE, result={"n": 0}),
+                    ItemRow(1, "embed", ItemStatus.INTERRUPTED, usage={"prompt_tokens": 3, "completion_tokens": 0, "cut_short": True})]
+            assert lifecycle.end_cancelled(jid, winner, at_item=1, requested=winner, items=last, fence=1)
 
         job = threading.Thread(target=end)
         job.start()
@@ -256,6 +258,7 @@ def test_a_request_racing_the_jobs_end_puts_the_winner_on_record_once(rows):
         row = job_row(job_id)
         assert (row.status, row.cancellation_reason, row.cancellation_message) == ("cancelled", "timeout", "race")
         assert row.cancel_requested_at is not None and row.completed_items == 1
-        assert [(i.index, i.status, i.result) for i in items(job_id)] == [(0, "done", {"n": 0})]
+        assert [(i.index, i.status, i.result, i.prompt_tokens, i.usage_cut_short) for i in items(job_id)] == [
+            (0, "done", {"n": 0}, None, None), (1, "interrupted", None, 3, True)]
         kinds = [(e.kind, e.actor) for e in events(job_id) if e.kind.startswith("cancel")]
         assert kinds == [("cancel_requested", "alice"), ("cancel_observed", None), ("cancelled", None)]
