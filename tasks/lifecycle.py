@@ -28,7 +28,8 @@ from tasks.policy import resumable
 
 __all__ = [
     "JobOutcome", "add_request_event", "cancel_queued", "end_cancelled", "end_failed", "finish_ran_through",
-    "mark_requested", "mark_running_requested", "outcome_of", "record_winner", "requeue", "requested_cancels", "start", "take_over",
+    "mark_requested", "mark_running_requested", "outcome_of", "record_winner", "requeue", "requested_cancels",
+    "start", "take_over",
 ]
 
 
