@@ -72,6 +72,9 @@ def _ping_if_idle(dbapi_connection, record, _proxy) -> None:
             cursor.execute("SELECT 1")
         finally:
             cursor.close()
+        # psycopg began a transaction for the ping: hand the connection out idle (autocommit can only
+        # be set on an idle one, read_only_connection)
+        dbapi_connection.rollback()
     except Exception as exc:
         raise DisconnectionError(f"pooled connection found dead: {exc}") from exc
 
@@ -188,6 +191,16 @@ def session_scope(url: str | None = None, *, writer: bool = False) -> Iterator[S
         raise
     finally:
         session.close()
+
+
+def read_only_connection(url: str | None = None) -> Connection:
+    """A connection for reads outside any transaction (use it as a context manager): each statement
+    on its own, in autocommit. On PostgreSQL a read is then one round trip — in a transaction it
+    is three (BEGIN, the SELECT, and the ROLLBACK of the connection's return to the pool). SQLite's
+    driver begins no transaction for a read: its connection is left as it is."""
+    engine = get_engine(url)
+    conn = engine.connect()
+    return conn.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else conn
 
 
 @contextmanager

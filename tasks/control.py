@@ -14,7 +14,7 @@ from sqlalchemy import Row, bindparam, select, update
 
 from db import jobs as job_rows
 from db.models import Job
-from db.session import get_engine, retry_transient, session_scope
+from db.session import get_engine, read_only_connection, retry_transient, session_scope
 from db.settings import get_settings
 from db.vocabulary import TERMINAL_STATUSES, CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import lifecycle
@@ -76,6 +76,7 @@ def request_cancel(
         applied = get_store().apply_if_running(job_id, requested)
     except RedisError as exc:  # not tried again below: a failed call has spent redis-py's retries already
         applied, away = None, exc
+    running = applied is not None  # its heartbeat lives: the row most likely says `running`
     if applied is None:
         seen = retry_transient(lambda: _check_open(job_id), within_s=within, what="cancel request")
         try:
@@ -91,6 +92,9 @@ def request_cancel(
 
     def record() -> tuple[JobStatus, CancelRequest, bool]:
         candidate = winner or requested
+        # a running job: the row, the winner's event (and this request's as a loser) in one write
+        if running and lifecycle.mark_running_requested(job_id, candidate, [] if candidate is requested else [requested]):
+            return JobStatus.CANCELLING, candidate, True
         with session_scope(writer=True) as session:
             status, held, moved = lifecycle.mark_requested(session, job_id, candidate)
             if moved:  # the first to write the row puts the winner on record, whoever it is
@@ -137,7 +141,7 @@ def _withdraw_token(job_id: str, requested: CancelRequest) -> None:
 def _check_open(job_id: str) -> JobStatus:
     """Refuse before anything is written: an unknown job (404) or one already over (400). A read;
     returns the status seen."""
-    with get_engine().connect() as conn:
+    with read_only_connection() as conn:
         status = conn.scalar(select(Job.status).where(Job.id == job_id))
     if status is None:
         raise JobNotFound(job_id)
@@ -278,7 +282,7 @@ _UNFINISHED_CHILDREN = select(Job.id, Job.options, Job.queue).where(
 def _unfinished_children(job_id: str) -> list[Row]:
     """The id, options and queue of each unfinished child: not whole rows (their inputs), which every
     job that ends would otherwise load for the children it usually doesn't have."""
-    with get_engine().connect() as conn:
+    with read_only_connection() as conn:
         return list(conn.execute(_UNFINISHED_CHILDREN, {"job_id": job_id}))
 
 
@@ -298,7 +302,7 @@ def settle_children(job_id: str) -> None:
     Children in a Celery chain are not ``deferred`` — Celery sends the next step itself, and only
     after a success — but their rows still need ending when a step doesn't complete.
     """
-    with get_engine().connect() as conn:  # the status only: every job pays this read as it ends
+    with read_only_connection() as conn:  # the status only: every job pays this read as it ends
         seen = conn.scalar(_STATUS_OF, {"job_id": job_id})
     status = JobStatus(seen) if seen else None
     if status is None or not status.is_terminal:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import Row, case, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs as job_rows
 from db.jobs import StoredItem
 from db.models import Job
-from db.session import session_scope
+from db.session import get_engine, session_scope
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import webhooks
 from tasks.cancellation import CancellationError, CancelRequest
@@ -28,7 +28,8 @@ from tasks.policy import resumable
 
 __all__ = [
     "JobOutcome", "add_request_event", "cancel_queued", "end_cancelled", "end_failed", "finish_ran_through",
-    "mark_requested", "outcome_of", "record_winner", "requeue", "requested_cancels", "start", "take_over",
+    "mark_requested", "mark_running_requested", "outcome_of", "record_winner", "requeue", "requested_cancels",
+    "start", "take_over",
 ]
 
 
@@ -147,31 +148,31 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
     (fenced: a run that lost the job has them refused with :class:`~db.jobs.NotOwner`, and ends nothing)."""
     now = observed_at or datetime.now(UTC)
     with session_scope(writer=True) as session:
-        if requested is not None:
-            record_winner(session, job_id, requested, "cancelling", only_open=True)
-        # after the claim's UPDATE this row is ours to read until commit (write lock / row lock)
-        pipeline, *held = session.execute(
-            select(Job.pipeline, Job.cancellation_reason, Job.cancellation_message, Job.cancellation_source)
-            .where(Job.id == job_id)).one()
-        first = (CancelRequest(CancellationReason(held[0]), held[1], CancellationSource(held[2]) if held[2] else None)
-                 if held[0] else error)
+        row, claim = _held(session, job_id, requested)
+        first = (CancelRequest(CancellationReason(row.cancellation_reason), row.cancellation_message,
+                               CancellationSource(row.cancellation_source) if row.cancellation_source else None)
+                 if row.cancellation_reason else error)
         source = (observed_source or first.source).value if (observed_source or first.source) else None
         detail: dict[str, Any] = {"item": at_item, "stage": stage}
         if by:
             detail["by"] = by
-        job_rows.add_event(session, job_id, EventKind.CANCEL_OBSERVED, reason=first.reason.value, source=source,
-                           actor=actor, detail=detail, at=now)
+        # the events go with the terminal one, in one INSERT: the winner's record first if this end makes it
+        events = [_request_event_row(job_id, requested, "cancelling", won=True)] if claim else []
+        events.append(job_rows.event_row(job_id, EventKind.CANCEL_OBSERVED, reason=first.reason.value,
+                                         source=source, actor=actor, detail=detail, at=now))
         values: dict[str, Any] = {}
+        if claim:
+            values["cancel_requested_at"] = requested.at
         if requested_at is not None:
             values["cancel_requested_at"] = requested_at
         # the end's fenced UPDATE counts the items, stored after it (one statement less than an item write)
-        won = _end(
-            session, job_id, JobStatus.CANCELLED, fence=fence, **job_rows.cancel_values(first), **values,
-            cancel_observed_at=now, cancelled_at_item=at_item, resumable=resumable(pipeline, first.reason),
-            **(job_rows.counted_values(items) if items else {}),
+        won = job_rows.end_with_rows(
+            session, job_id, JobStatus.CANCELLED, fence=fence, events=events, items=items,
+            **job_rows.cancel_values(first), **values, cancel_observed_at=now, cancelled_at_item=at_item,
+            resumable=resumable(row.pipeline, first.reason), **(job_rows.counted_values(items) if items else {}),
         )
         if won:
-            job_rows.insert_items(session.connection(), job_id, items)
+            webhooks.after_commit(session, [job_id])
             return True
         # the loser changes nothing: no request record (the request writes it), and no observation
         # either — two reapers finalizing one lost run declare it lost once
@@ -182,26 +183,56 @@ def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_i
         return False
 
 
+_HELD = select(Job.pipeline, Job.status, Job.cancel_requested_at, Job.cancellation_reason, Job.cancellation_message,
+               Job.cancellation_source)
+
+
+def _held(session: Session, job_id: str, requested: CancelRequest | None) -> tuple[Row, bool]:
+    """The row's pipeline and the request it holds, read under its write lock (what the end decides
+    from them stands until it commits), and whether this end puts ``requested`` on record (nobody
+    has: ``cancel_requested_at`` is empty and the job open — then the end's UPDATE stamps it).
+
+    PostgreSQL: one ``SELECT … FOR NO KEY UPDATE`` (the lock an UPDATE takes), a round trip less than
+    a claim's UPDATE and a read. SQLite: the claim's conditional UPDATE first, then the read: its
+    write lock must come before the read, as a read that writes later may find its snapshot stale
+    (``SQLITE_BUSY_SNAPSHOT``, which no busy handler waits out)."""
+    query = _HELD.where(Job.id == job_id)
+    if session.get_bind().dialect.name == "postgresql":
+        row = session.execute(query.with_for_update(key_share=True)).one()
+        return row, requested is not None and row.cancel_requested_at is None and not JobStatus(row.status).is_terminal
+    claimed = requested is not None and _claim(session, job_id, requested, only_open=True)
+    return session.execute(query).one(), claimed
+
+
 def record_winner(session: Session, job_id: str, winner: CancelRequest, status: str, *,
                   only_open: bool = False) -> bool:
     """Put the winning request on record if nobody has yet: stamp ``cancel_requested_at`` (only while
     it is empty — one conditional UPDATE, so of the request and the worker racing to it, exactly one
     wins) and add the winner's ``cancel_requested`` event, in the caller's transaction. ``only_open``:
     only while the job is not terminal. True if this call recorded it."""
-    allowed = [s.value for s in JobStatus if not s.is_terminal] if only_open else [JobStatus.CANCELLED.value]
-    claimed = session.execute(
-        update(Job).where(Job.id == job_id, Job.cancel_requested_at.is_(None), Job.status.in_(allowed))
-        .values(cancel_requested_at=winner.at).execution_options(synchronize_session=False)
-    ).rowcount == 1
+    claimed = _claim(session, job_id, winner, only_open=only_open)
     if claimed:
         add_request_event(session, job_id, winner, status, won=True)
     return claimed
 
 
+def _claim(session: Session, job_id: str, winner: CancelRequest, *, only_open: bool) -> bool:
+    """Stamp ``cancel_requested_at`` with the winner's if it is empty (:func:`record_winner`)."""
+    allowed = [s.value for s in JobStatus if not s.is_terminal] if only_open else [JobStatus.CANCELLED.value]
+    return session.execute(
+        update(Job).where(Job.id == job_id, Job.cancel_requested_at.is_(None), Job.status.in_(allowed))
+        .values(cancel_requested_at=winner.at).execution_options(synchronize_session=False)
+    ).rowcount == 1
+
+
 def add_request_event(session: Session, job_id: str, request: CancelRequest, status: str, *, won: bool) -> None:
     """The ``cancel_requested`` event of one request, winner or loser."""
-    job_rows.add_event(
-        session, job_id, EventKind.CANCEL_REQUESTED, reason=request.reason.value,
+    job_rows.add_events(session, [_request_event_row(job_id, request, status, won=won)])
+
+
+def _request_event_row(job_id: str, request: CancelRequest, status: str, *, won: bool) -> dict[str, Any]:
+    return job_rows.event_row(
+        job_id, EventKind.CANCEL_REQUESTED, reason=request.reason.value,
         source=request.source.value if request.source else None, actor=request.actor,
         detail={"message": request.message, "status": status, "won": won}, at=request.at,
     )
@@ -240,6 +271,28 @@ def requested_cancels(job_ids: list[str], session: Session | None = None,
                               at or datetime.now(UTC))
         for job_id, reason, message, source, at in rows if reason
     }
+
+
+def mark_running_requested(job_id: str, winner: CancelRequest, losers: Sequence[CancelRequest] = ()) -> bool:
+    """Running → cancelling with ``winner`` on record (its ``cancel_requested_at`` and event) and
+    ``losers``' events, committed; False, and nothing written, if the job is not running (then
+    :func:`mark_requested` finds out what it is). The common case of a cancel, for a running job.
+
+    On PostgreSQL one statement committed on its own (:func:`db.jobs.moved_with_events`): one round
+    trip where a transaction took four, and the job's row lock — which the worker's end of the job
+    waits for — held for that statement only, not over the event's INSERT and the COMMIT too."""
+    events = [_request_event_row(job_id, winner, JobStatus.CANCELLING.value, won=True),
+              *(_request_event_row(job_id, loser, JobStatus.CANCELLING.value, won=False) for loser in losers)]
+    values = {**job_rows.cancel_values(winner), "cancel_requested_at": winner.at}
+    engine = get_engine()
+    if engine.dialect.name != "postgresql":
+        with session_scope(writer=True) as session:
+            return job_rows.transition(session, job_id, JobStatus.CANCELLING, events=events, **values)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        statement, params = job_rows.moved_with_events(JobStatus.CANCELLING, events, **values)
+        moved = conn.execute(statement, {**params, "job_id": job_id}).rowcount > 0
+        conn.commit()  # no round trip (autocommit); what tasks.notify announces the events on
+        return moved
 
 
 def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tuple[JobStatus, CancelRequest, bool]:

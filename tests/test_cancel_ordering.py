@@ -12,15 +12,34 @@ import pytest
 import redis
 
 from db import jobs as job_rows
+from db.jobs import ItemRow
+from db.migrate import upgrade
 from db.session import session_scope
-from db.vocabulary import CancellationReason, CancellationSource, JobStatus
+from db.settings import get_settings
+from db.vocabulary import CancellationReason, CancellationSource, ItemStatus, JobStatus
 from tasks import control, lifecycle
 from tasks.cancellation import CancellationStore, CancelRequest
 from tasks.cancellation.keys import heartbeat_key
 from tasks.errors import JobAlreadyTerminal, JobNotFound
 from tasks.process import get_store
-from tests.jobs_helpers import events, job_row, submit, wait_items, wait_terminal
+from tests.jobs_helpers import events, items, job_row, submit, wait_items, wait_terminal
 from tests.test_hardening import hold_write_lock
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def rows(request, database, monkeypatch):
+    """The session's SQLite database, or a fresh PostgreSQL one: there a running job's request is one
+    statement in autocommit and the job's end reads its row under a row lock — other SQL, same rules."""
+    if request.param == "sqlite":
+        yield database
+        return
+    url = request.getfixturevalue("postgres_server").create_database(f"andon_cancel_{uuid.uuid4().hex[:8]}")
+    upgrade(url)
+    monkeypatch.setenv("ANDON_DATABASE_URL", url)
+    get_settings.cache_clear()
+    yield url
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 def _running_job() -> str:
@@ -36,7 +55,7 @@ def _requests(job_id: str) -> list:
     return [e for e in events(job_id) if e.kind == "cancel_requested"]
 
 
-def test_a_cancel_sets_the_token_before_the_row_and_both_hold_the_same_request(database):
+def test_a_cancel_sets_the_token_before_the_row_and_both_hold_the_same_request(rows):
     job_id = _running_job()
     outcome = control.request_cancel(job_id, CancellationReason.TIMEOUT, "late", CancellationSource.API, actor="t")
     assert (outcome.status, outcome.won) == (JobStatus.CANCELLING, True)
@@ -50,7 +69,7 @@ def test_a_cancel_sets_the_token_before_the_row_and_both_hold_the_same_request(d
     assert (request.reason, request.actor, request.detail["won"]) == ("timeout", "t", True)
 
 
-def test_unknown_and_finished_jobs_are_refused_before_any_token_is_set(database):
+def test_unknown_and_finished_jobs_are_refused_before_any_token_is_set(rows):
     unknown = str(uuid.uuid4())
     with pytest.raises(JobNotFound):
         control.request_cancel(unknown)
@@ -66,7 +85,7 @@ def _beating(job_id: str) -> None:
     get_store().redis.set(heartbeat_key(job_id), "{}", px=5000)
 
 
-def test_a_running_job_is_cancelled_without_a_row_read_before_its_token(database, monkeypatch):
+def test_a_running_job_is_cancelled_without_a_row_read_before_its_token(rows, monkeypatch):
     job_id = _running_job()
     _beating(job_id)
 
@@ -86,7 +105,7 @@ def test_without_a_heartbeat_nothing_is_set_by_the_running_only_cancel(database)
     assert get_store().read([job_id]) == {}
 
 
-def test_a_heartbeat_that_outlives_its_finished_job_leaves_no_token_behind(database):
+def test_a_heartbeat_that_outlives_its_finished_job_leaves_no_token_behind(rows):
     """The monitor deletes the heartbeat just after the terminal row commits: a cancel in between
     sets the token, then finds the row over, answers 400 and takes its token back."""
     job_id = _running_job()
@@ -98,12 +117,16 @@ def test_a_heartbeat_that_outlives_its_finished_job_leaves_no_token_behind(datab
     assert _requests(job_id) == []
 
 
+@pytest.mark.parametrize("heartbeat", [False, True], ids=["read-first", "running"])
 def test_a_job_that_commits_cancelled_before_the_request_writes_the_row_still_answers_success(
-        database, monkeypatch):
+        rows, monkeypatch, heartbeat):
     """The token is set; the job observes it and commits `cancelled` (recording the request itself)
     before the request's own row write runs: the request answers success, not 400, and the winner
-    is on record once, before the job's end."""
+    is on record once, before the job's end. ``running``: the token is set by the running-job call
+    (no row read first), whose one-statement row write then finds the job over."""
     job_id = _running_job()
+    if heartbeat:
+        _beating(job_id)
     store = get_store()
 
     class JobEndsRightAfterTheToken:
@@ -113,6 +136,12 @@ def test_a_job_that_commits_cancelled_before_the_request_writes_the_row_still_an
             won, winner = store.apply(jid, request, **kwargs)
             assert lifecycle.end_cancelled(jid, winner, at_item=1, requested=winner)  # what the job does
             return won, winner
+
+        def apply_if_running(self, jid, request):
+            applied = store.apply_if_running(jid, request)
+            if applied is not None:
+                assert lifecycle.end_cancelled(jid, applied[1], at_item=1, requested=applied[1])
+            return applied
 
         def __getattr__(self, name):
             return getattr(store, name)
@@ -142,7 +171,7 @@ def test_a_running_job_observes_a_cancel_whose_request_died_before_writing_the_r
     assert (request.reason, request.actor, request.detail["won"]) == ("resource_limit", "gone", True)
 
 
-def test_with_redis_away_the_row_decides_and_a_later_token_follows_the_row(database, monkeypatch):
+def test_with_redis_away_the_row_decides_and_a_later_token_follows_the_row(rows, monkeypatch):
     job_id = _running_job()
     get_store().redis.set(heartbeat_key(job_id), "{}", px=120_000)  # "alive": no reaper of the suite takes it
     dead = CancellationStore(redis.Redis(port=1, socket_connect_timeout=0.2, socket_timeout=0.2))
@@ -159,10 +188,13 @@ def test_with_redis_away_the_row_decides_and_a_later_token_follows_the_row(datab
     assert [(e.reason, e.detail["won"]) for e in _requests(job_id)] == [("timeout", True), ("user_requested", False)]
 
 
-def test_racing_cancels_with_different_reasons_leave_the_redis_winner_first_on_record(database):
+@pytest.mark.parametrize("heartbeat", [False, True], ids=["read-first", "running"])
+def test_racing_cancels_with_different_reasons_leave_the_redis_winner_first_on_record(rows, heartbeat):
     reasons = list(CancellationReason)
     for _ in range(10):
         job_id = _running_job()
+        if heartbeat:
+            _beating(job_id)
         barrier = threading.Barrier(len(reasons))
         outcomes = []
 
@@ -199,3 +231,34 @@ def test_a_cancel_is_observed_while_the_database_is_locked_and_recorded_once_it_
     # the job stopped at its checkpoint long before the lock was released (its end waited for it)
     assert (job.cancel_observed_at - asked).total_seconds() < 1.0
     assert [(e.reason, e.detail["won"]) for e in _requests(job_id)] == [("timeout", True)]
+
+
+def test_a_request_racing_the_jobs_end_puts_the_winner_on_record_once(rows):
+    """The request's row write and the job's end (it observed the token) in two threads, either one
+    first: one terminal row with the request's reason, its request on record once and first."""
+    store = get_store()
+    for _ in range(15):
+        job_id = _running_job()
+        _beating(job_id)
+        outcomes = []
+
+        def end(jid=job_id):
+            while (winner := store.read([jid]).get(jid)) is None:
+                pass
+            # its last items go with its end (NULLs of every column type among them)
+            last = [ItemRow(0, "parse", ItemStatus.DONE, result={"n": 0}),
+                    ItemRow(1, "embed", ItemStatus.INTERRUPTED, usage={"prompt_tokens": 3, "completion_tokens": 0, "cut_short": True})]
+            assert lifecycle.end_cancelled(jid, winner, at_item=1, requested=winner, items=last, fence=1)
+
+        job = threading.Thread(target=end)
+        job.start()
+        outcomes.append(control.request_cancel(job_id, CancellationReason.TIMEOUT, "race", actor="alice"))
+        job.join(30)
+        assert (outcomes[0].status, outcomes[0].won) == (JobStatus.CANCELLING, True)
+        row = job_row(job_id)
+        assert (row.status, row.cancellation_reason, row.cancellation_message) == ("cancelled", "timeout", "race")
+        assert row.cancel_requested_at is not None and row.completed_items == 1
+        assert [(i.index, i.status, i.result, i.prompt_tokens, i.usage_cut_short) for i in items(job_id)] == [
+            (0, "done", {"n": 0}, None, None), (1, "interrupted", None, 3, True)]
+        kinds = [(e.kind, e.actor) for e in events(job_id) if e.kind.startswith("cancel")]
+        assert kinds == [("cancel_requested", "alice"), ("cancel_observed", None), ("cancelled", None)]
