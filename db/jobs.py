@@ -182,7 +182,7 @@ def cancel_values(request: Any) -> dict[str, Any]:
 
 
 def add_event(
-    session: Session,
+    session: Session | Connection,
     job_id: str,
     kind: EventKind,
     *,
@@ -194,7 +194,8 @@ def add_event(
 ) -> None:
     """One event, inserted at once in the caller's transaction — a Core INSERT, not an ORM object:
     the unit of work's flush cost several times the SQL on the terminal-row path, and nothing here
-    needs the object back. (Rows go as parameters, which is what :mod:`tasks.notify` reads.)"""
+    needs the object back. (Rows go as parameters, which is what :mod:`tasks.notify` reads.) A plain
+    connection does as well as a session: the job's start writes its event on one."""
     session.execute(_INSERT_EVENT, event_row(job_id, kind, reason=reason, source=source, actor=actor,
                                              detail=detail, at=at))
 
@@ -314,7 +315,7 @@ def record_items(conn: Connection, job_id: str, items: Sequence[StoredItem], *, 
     """
     if not items:
         return
-    done, failed = _tally(items)
+    done, failed = tally(items)
     if conn.execute(_BUMP, {"job": job_id, "run_fence": fence, "done": done, "failed": failed}).rowcount != 1:
         raise NotOwner(job_id)
     insert_items(conn, job_id, items)
@@ -328,11 +329,12 @@ def owns(conn: Connection, job_id: str, fence: int) -> bool:
 def counted_values(items: Sequence[StoredItem]) -> dict[str, Any]:
     """The counter columns that add ``items`` to the job, for a fenced UPDATE the caller makes anyway
     (a job's end): then :func:`insert_items` stores them, and the end costs one statement less."""
-    done, failed = _tally(items)
+    done, failed = tally(items)
     return {"completed_items": _jobs.c.completed_items + done, "failed_items": _jobs.c.failed_items + failed}
 
 
-def _tally(items: Sequence[StoredItem]) -> tuple[int, int]:
+def tally(items: Sequence[StoredItem]) -> tuple[int, int]:
+    """How many of ``items`` are done, and how many failed (interrupted ones are neither)."""
     return (sum(1 for item in items if item.status is ItemStatus.DONE),
             sum(1 for item in items if item.status is ItemStatus.FAILED))
 
@@ -347,15 +349,19 @@ def insert_items(conn: Connection, job_id: str, items: Sequence[StoredItem]) -> 
 
 def _item_rows(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
     now = utcnow()
-    return [
-        {"job_id": job_id, "index": item.index, "stage": item.stage, "status": item.status.value,
-         "result": item.result, "error": item.error, "started_at": item.started_at,
-         "finished_at": item.finished_at or now, "retries": item.retries,
-         "prompt_tokens": (item.usage or {}).get("prompt_tokens"),
-         "completion_tokens": (item.usage or {}).get("completion_tokens"),
-         "usage_cut_short": (item.usage or {}).get("cut_short"),
-         "usage_estimated": (item.usage or {}).get("estimated")}
-        for item in items]
+    return [_item_row(job_id, item, now) for item in items]
+
+
+_NO_USAGE: dict[str, Any] = {}
+
+
+def _item_row(job_id: str, item: StoredItem, now: datetime) -> dict[str, Any]:
+    usage = item.usage or _NO_USAGE  # a property that builds a dict: read once, not once per column
+    return {"job_id": job_id, "index": item.index, "stage": item.stage, "status": item.status.value,
+            "result": item.result, "error": item.error, "started_at": item.started_at,
+            "finished_at": item.finished_at or now, "retries": item.retries,
+            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "usage_cut_short": usage.get("cut_short"), "usage_estimated": usage.get("estimated")}
 
 
 def record_item(conn: Connection, job_id: str, index: int, stage: str, status: ItemStatus, *,

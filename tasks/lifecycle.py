@@ -11,15 +11,16 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Row, case, select, update
+from sqlalchemy import Integer, Row, Update, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs as job_rows
 from db.jobs import StoredItem
-from db.models import Job
-from db.session import get_engine, session_scope
+from db.models import Job, utcnow
+from db.session import get_engine, session_scope, transaction
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import webhooks
 from tasks.cancellation import CancellationError, CancelRequest
@@ -58,19 +59,32 @@ def start(job_id: str, owner: str, pipelines: Collection[str] | None = None) -> 
     """Queued → running, owned by this run (its fence is ``job.fence``); None if the job is not
     queued any more (another delivery started it, or it ended) or, given ``pipelines``, runs none
     of them. One statement takes the row and reads it back (``UPDATE … RETURNING``), in the
-    transaction of its ``started`` event. It takes its turn with the item writers (``writer``): on
-    SQLite, meeting them in the busy handler instead sleeps a millisecond or more per retry."""
-    known = [Job.pipeline.in_(list(pipelines))] if pipelines is not None else []
-    with session_scope(writer=True) as session:
-        job = session.scalars(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.PENDING.value, *known)
-            .values(status=JobStatus.RUNNING.value, started_at=datetime.now(UTC), fence=Job.fence + 1, owner=owner)
-            .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
-        if job is None:
+    transaction of its ``started`` event. It takes its turn with the item writers (``transaction``):
+    on SQLite, meeting them in the busy handler instead sleeps a millisecond or more per retry.
+
+    Every job pays this once, so it is a prebuilt Core statement on a plain connection, and the
+    job comes back as a detached :class:`Job` made from the returned row: the ORM's UPDATE path and
+    a Session cost several times the SQL (~2 ms of CPU per job on SQLite)."""
+    params: dict[str, Any] = {"job": job_id, "now": datetime.now(UTC), "owner": owner}
+    if pipelines is not None:
+        params["pipelines"] = list(pipelines)
+    with transaction() as conn:
+        row = conn.execute(_START if pipelines is None else _START_KNOWN, params).one_or_none()
+        if row is None:
             return None
-        job_rows.add_event(session, job_id, EventKind.STARTED, actor=owner, detail={"redelivered": False})
-        session.expunge(job)
-        return job
+        job_rows.add_event(conn, job_id, EventKind.STARTED, actor=owner, detail={"redelivered": False})
+    return Job(**{key: row[i] for i, key in enumerate(_JOB_KEYS)})
+
+
+_jobs = Job.__table__
+#: The job's attribute for each column RETURNING gives back, in that order (``inputs`` is stored in
+#: the column ``documents``).
+_JOB_KEYS = [Job.__mapper__.get_property_by_column(column).key for column in _jobs.c]
+_START = (update(_jobs).where(_jobs.c.id == bindparam("job"), _jobs.c.status == JobStatus.PENDING.value)
+          .values(status=JobStatus.RUNNING.value, started_at=bindparam("now", type_=_jobs.c.started_at.type),
+                  fence=_jobs.c.fence + 1, owner=bindparam("owner", type_=_jobs.c.owner.type))
+          .returning(*_jobs.c))
+_START_KNOWN = _START.where(_jobs.c.pipeline.in_(bindparam("pipelines", expanding=True)))
 
 
 def take_over(job_id: str, seen_fence: int, owner: str) -> Job | None:
@@ -106,28 +120,55 @@ def finish_ran_through(job_id: str, fence: int | None = None, *, counts: tuple[i
 
     ``items``: the run's last items, not yet written, stored in this same transaction before the
     end — fenced like every item write (:class:`~db.jobs.NotOwner`, and nothing of it is committed,
-    if the run lost the job). The job's last item write and its end are then one commit, not two."""
+    if the run lost the job). The job's last item write and its end are then one commit, not two.
+
+    Every job that runs through pays this, so the end is a prebuilt statement (as
+    :func:`db.jobs.transition` would write it) executed on the session's connection: building the
+    UPDATE anew and the Session's execute path cost more CPU than the SQL."""
     if items and fence is None:
         raise ValueError("a run's items are written under its fence")
     with session_scope(writer=bool(items)) as session:
+        conn = session.connection()
         if counts is None:
-            job = session.get(Job, job_id)
-            counts = (job.total_items, job.completed_items)
+            counts = conn.execute(select(Job.total_items, Job.completed_items).where(Job.id == job_id)).one()
         total, completed = counts
-        # the end's fenced UPDATE counts the items too, and they are stored after it: one statement less
-        counted = job_rows.counted_values(items) if items else {}
         error = f"all {total} items failed" if total and completed == 0 else None
+        status = JobStatus.FAILED if error is not None else JobStatus.COMPLETED
+        done, failed = job_rows.tally(items)
+        # the end's fenced UPDATE counts the items too, and they are stored after it: one statement less
+        params = {"job": job_id, "run_fence": fence, "done": done, "failed": failed, "now": utcnow(),
+                  "allowed": [s.value for s in job_rows.ALLOWED_FROM[status]]}
         if error is not None:
-            if _end(session, job_id, JobStatus.FAILED, fence=fence, error=error, **counted):
-                job_rows.insert_items(session.connection(), job_id, items)
-                return JobOutcome(job_id, JobStatus.FAILED, ran=True, error=error)
-        elif _end(session, job_id, JobStatus.COMPLETED, fence=fence, **counted):
-            job_rows.insert_items(session.connection(), job_id, items)
-            return JobOutcome(job_id, JobStatus.COMPLETED, ran=True)
+            params["error"] = error
+        if conn.execute(_ran_through(status, fenced=fence is not None), params).rowcount == 1:
+            job_rows.add_event(conn, job_id, EventKind.FAILED if error else EventKind.COMPLETED,
+                               detail={"error": error} if error else None, at=params["now"])
+            job_rows.insert_items(conn, job_id, items)
+            webhooks.after_commit(session, [job_id])
+            return JobOutcome(job_id, status, ran=True, error=error)
         # not ended by this call: a finalizer ended it first (the items are kept, as an item write),
         # or another run owns it now (NotOwner, and nothing of this is stored)
-        job_rows.record_items(session.connection(), job_id, items, fence=fence or 0)
+        job_rows.record_items(conn, job_id, items, fence=fence or 0)
     return outcome_of(job_id, ran=True)  # a finalizer ended it first: report what the row says
+
+
+@cache
+def _ran_through(status: JobStatus, fenced: bool) -> Update:
+    """The UPDATE that ends a job that ran through, as :func:`db.jobs.transition` writes it (a cancel
+    that lost to completion leaves no reason behind; a failure its error), with its last items
+    counted; prebuilt once per process for each kind of end."""
+    values: dict[str, Any] = {
+        "status": status.value, "finished_at": bindparam("now", type_=_jobs.c.finished_at.type),
+        "completed_items": _jobs.c.completed_items + bindparam("done", type_=Integer),
+        "failed_items": _jobs.c.failed_items + bindparam("failed", type_=Integer),
+    }
+    if status is JobStatus.COMPLETED:
+        values.update(cancellation_reason=None, cancellation_message=None, cancellation_source=None)
+    else:
+        values["error"] = bindparam("error", type_=_jobs.c.error.type)
+    owned = [_jobs.c.fence == bindparam("run_fence", type_=Integer)] if fenced else []
+    return (update(_jobs).where(_jobs.c.id == bindparam("job"), _jobs.c.status.in_(bindparam("allowed", expanding=True)),
+                                *owned).values(**values))
 
 
 def end_cancelled(job_id: str, error: CancellationError | CancelRequest, *, at_item: int | None,
