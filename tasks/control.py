@@ -296,15 +296,20 @@ def cancel_children(job_id: str, message: str, actor: str | None = None) -> None
             pass  # it ended meanwhile
 
 
-def settle_children(job_id: str) -> None:
+def settle_children(job_id: str, ended: JobStatus | None = None) -> None:
     """Once a job is terminal: enqueue its waiting children if it completed, else cancel them.
 
     Children in a Celery chain are not ``deferred`` — Celery sends the next step itself, and only
     after a success — but their rows still need ending when a step doesn't complete.
+
+    ``ended``: the terminal status the caller's own end of the job wrote (a run that ended its job
+    knows it): the row is not read again for it. Otherwise the status is read.
     """
-    with read_only_connection() as conn:  # the status only: every job pays this read as it ends
-        seen = conn.scalar(_STATUS_OF, {"job_id": job_id})
-    status = JobStatus(seen) if seen else None
+    status = ended if ended is not None and ended.is_terminal else None
+    if status is None:
+        with read_only_connection() as conn:  # the status only: every job pays this read as it ends
+            seen = conn.scalar(_STATUS_OF, {"job_id": job_id})
+        status = JobStatus(seen) if seen else None
     if status is None or not status.is_terminal:
         return
     if status is not JobStatus.COMPLETED:

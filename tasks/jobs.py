@@ -98,10 +98,11 @@ def run_pipeline(self: Task, job_id: str | None = None, pipeline: str | None = N
         if items is not None:
             _adopt(job_id, pipeline or "documents", items, options)
         with soft_time_limit_as_cancel(job_id):
+            outcome = None
             try:
                 outcome = run_job(job_id)
-            finally:
-                settle_children(job_id)  # enqueue waiting children, or cancel them if this didn't complete
+            finally:  # enqueue waiting children, or cancel them if this didn't complete
+                settle_children(job_id, outcome.status if outcome is not None else None)
     except UnknownPipeline as exc:
         _send_back(self, job_id, exc)
     except DuplicateDelivery:
