@@ -496,9 +496,9 @@ def _tag_page(session, which: JobFilter, tenant: str | None, after: tuple[dateti
     carries its job's ``created_at``), so either gives the exact page. First the tag's next
     FIRST_WALK entries (the page, if its jobs are dense there: the common case); if not, matches
     are as sparse among the tag's entries as among the other side's in proportion to their counts,
-    so the side with fewer entries left drives the rest (counted, index entries only, up to
-    about as many as the smaller side has: see :func:`_fewer`). Without an index on both at once, a page of two big sides that rarely meet still walks
-    the smaller one."""
+    so the side with fewer entries left drives the rest — counted on their indexes alone, no
+    further than the smaller side or the tag's expected walk (:func:`_fewer`). Without an index on
+    both at once, a page of two big sides that rarely meet still walks the smaller one."""
     tag = which.tag
     check_tags([tag])
     tag_order, row_order = (JobTag.created_at, JobTag.job_id), (Job.created_at, Job.id)
@@ -516,23 +516,29 @@ def _tag_page(session, which: JobFilter, tenant: str | None, after: tuple[dateti
                       ).order_by(JobTag.created_at.desc(), JobTag.job_id)
     row_left = _after(row_order, after, which.where_row(select(Job.created_at), tenant).where(Job.created_at < edge)
                       ).order_by(Job.created_at.desc(), Job.id)
-    if _fewer(session, row_left, tag_left):
+    # the tag's walk would take about this many more entries at the density its first ones showed:
+    # a few times FIRST_WALK is cheaper to walk than to count about; else no need to count further
+    # than that to know whether the other side is cheaper
+    expected = COUNT_CAP if not rows else min(COUNT_CAP, (count - len(rows)) * FIRST_WALK // len(rows) + 1)
+    if expected > 4 * FIRST_WALK and _fewer(session, row_left, tag_left, expected):
         has_tag = select(JobTag.job_id).where(JobTag.job_id == Job.id, JobTag.tag == tag).exists()
         rest = which.where_row(select(Job).options(*_LISTED), tenant).where(has_tag, Job.created_at < edge)
         return rows + _walk(session, rest, row_order, after, count - len(rows))
     return rows + _walk(session, by_tag.where(JobTag.created_at < edge), tag_order, after, count - len(rows))
 
 
-def _fewer(session, these, those) -> bool:
+def _fewer(session, these, those, limit: int) -> bool:
     """Whether the query ``these`` selects fewer rows than ``those``: both counted (one statement a
     round) up to a cap that grows eightfold until one of them stays under it — so the counts read a
-    few times as many entries as the smaller side has, up to COUNT_CAP (past that: no)."""
-    cap = FIRST_WALK
+    few times as many entries as the smaller side has — or the cap reaches ``limit`` (then: no)."""
+    cap = min(FIRST_WALK, limit)
     while True:
         mine, theirs = session.execute(select(_count(these, cap), _count(those, cap))).one()
-        if mine < cap or theirs < cap or cap >= COUNT_CAP:
+        if mine < cap or theirs < cap:
             return mine < theirs
-        cap *= 8
+        if cap >= limit:
+            return False
+        cap = min(cap * 8, limit)
 
 
 def _count(entries, cap: int):
