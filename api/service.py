@@ -417,6 +417,10 @@ class JobFilter:
         if self.tag is not None:
             check_tags([self.tag])
             query = query.join(JobTag, and_(JobTag.job_id == Job.id, JobTag.tag == self.tag))
+        return self.where_row(query, tenant)
+
+    def where_row(self, query, tenant: str | None):
+        """``query`` narrowed by what the ``jobs`` row itself says (every field but the tag)."""
         for column, value in ((Job.status, self.status), (Job.pipeline, self.pipeline),
                               (Job.cancellation_reason, self.reason), (Job.resumed_from, self.resumed_from),
                               (Job.tenant, tenant)):
@@ -425,6 +429,11 @@ class JobFilter:
         if self.unfinished:
             query = query.where(Job.status.not_in([s.value for s in TERMINAL_STATUSES]))
         return query
+
+    def narrows_row(self, tenant: str | None) -> bool:
+        """Whether anything but the tag narrows the list (then a tag's list has two ways to walk)."""
+        return self.unfinished or any(value is not None for value in (
+            self.status, self.pipeline, self.reason, self.resumed_from, tenant))
 
     @property
     def order(self) -> tuple[Any, Any]:
@@ -436,6 +445,12 @@ class JobFilter:
 
 #: What a list reads: what showing a job reads, and the page's tags in one more query.
 _LISTED = (*_SHOWN, selectinload(Job.tag_rows))
+#: Index entries of a tag a tag-and-filter list walks first, before it looks for a cheaper side
+#: (:func:`_tag_page`): a page of jobs dense among the tag's is found within them.
+FIRST_WALK = 250
+#: The most index entries a side's count reads: enough to tell a small side from a big one, and
+#: (index-only) a few milliseconds at most.
+COUNT_CAP = 100_000
 
 
 def page_jobs(which: JobFilter, limit: int = 50, cursor: str | None = None,
@@ -445,16 +460,90 @@ def page_jobs(which: JobFilter, limit: int = 50, cursor: str | None = None,
     Keyset pagination on ``(created_at, id)``: a page costs the same at row 1,000,000 as at row 0
     (each filter's index is in this order), and jobs submitted meanwhile don't shift the pages after
     them. ``cursor`` is opaque to clients."""
-    created, key = which.order
+    after = cursors.decode(cursor, _job_key, _job_key_id) if cursor is not None else None
     with session_scope() as session:
-        query = which.where(select(Job).options(*_LISTED), tenant)
-        if cursor is not None:
-            created_at, job_id = cursors.decode(cursor, _job_key, _job_key_id)
-            query = query.where(or_(created < created_at, and_(created == created_at, key > job_id)))
-        rows = list(session.scalars(query.order_by(created.desc(), key).limit(limit + 1)))
+        if which.tag is not None and which.narrows_row(tenant):
+            rows = _tag_page(session, which, tenant, after, limit + 1)
+        else:
+            rows = _walk(session, which.where(select(Job).options(*_LISTED), tenant), which.order, after, limit + 1)
         views = [_view(job) for job in rows[:limit]]
     last = rows[limit - 1] if len(rows) > limit else None
     return views, (cursors.encode(last.created_at.isoformat(), last.id) if last is not None else None)
+
+
+def _after(order: tuple[Any, Any], after: tuple[datetime, str] | None, query):
+    """``query`` from just after the cursor's key on, in the list's order."""
+    if after is None:
+        return query
+    created, key = order
+    return query.where(or_(created < after[0], and_(created == after[0], key > after[1])))
+
+
+def _walk(session, query, order: tuple[Any, Any], after: tuple[datetime, str] | None, count: int) -> list[Job]:
+    created, key = order
+    return list(session.scalars(_after(order, after, query).order_by(created.desc(), key).limit(count)))
+
+
+def _tag_page(session, which: JobFilter, tenant: str | None, after: tuple[datetime, str] | None,
+              count: int) -> list[Job]:
+    """The first ``count`` jobs after ``after`` with a tag and what else ``which`` says.
+
+    Two indexes can serve such a page: the tag's (``job_tags``, each entry then checked against its
+    job) or the other filter's on ``jobs`` (each entry then checked for the tag). Either walk stops
+    after ``count`` matches, so the cheap one is the side where matches are dense — which only the
+    data knows (SQLite keeps no statistics; PostgreSQL's can't see how a tag and a status
+    correlate). Both sides list the same jobs in the same order ``(created_at, id)`` (a tag's row
+    carries its job's ``created_at``), so either gives the exact page. First the tag's next
+    FIRST_WALK entries (the page, if its jobs are dense there: the common case); if not, matches
+    are as sparse among the tag's entries as among the other side's in proportion to their counts,
+    so the side with fewer entries left drives the rest — counted on their indexes alone, no
+    further than the smaller side or the tag's expected walk (:func:`_fewer`). Without an index on
+    both at once, a page of two big sides that rarely meet still walks the smaller one."""
+    tag = which.tag
+    check_tags([tag])
+    tag_order, row_order = (JobTag.created_at, JobTag.job_id), (Job.created_at, Job.id)
+    by_tag = which.where(select(Job).options(*_LISTED), tenant)
+    tag_entries = _after(tag_order, after, select(JobTag.created_at).where(JobTag.tag == tag))
+    edge = session.scalar(tag_entries.order_by(JobTag.created_at.desc(), JobTag.job_id)
+                          .offset(FIRST_WALK - 1).limit(1))
+    rows = _walk(session, by_tag if edge is None else by_tag.where(JobTag.created_at >= edge), tag_order, after,
+                 count)
+    if edge is None or len(rows) == count:
+        return rows
+    # every match at or after ``edge`` is in ``rows``: the rest of the page is older than it
+    # (each side's entries in its index's order: a count walks that index, never the table)
+    tag_left = _after(tag_order, after, select(JobTag.created_at).where(JobTag.tag == tag, JobTag.created_at < edge)
+                      ).order_by(JobTag.created_at.desc(), JobTag.job_id)
+    row_left = _after(row_order, after, which.where_row(select(Job.created_at), tenant).where(Job.created_at < edge)
+                      ).order_by(Job.created_at.desc(), Job.id)
+    # the tag's walk would take about this many more entries at the density its first ones showed:
+    # a few times FIRST_WALK is cheaper to walk than to count about; else no need to count further
+    # than that to know whether the other side is cheaper
+    expected = COUNT_CAP if not rows else min(COUNT_CAP, (count - len(rows)) * FIRST_WALK // len(rows) + 1)
+    if expected > 4 * FIRST_WALK and _fewer(session, row_left, tag_left, expected):
+        has_tag = select(JobTag.job_id).where(JobTag.job_id == Job.id, JobTag.tag == tag).exists()
+        rest = which.where_row(select(Job).options(*_LISTED), tenant).where(has_tag, Job.created_at < edge)
+        return rows + _walk(session, rest, row_order, after, count - len(rows))
+    return rows + _walk(session, by_tag.where(JobTag.created_at < edge), tag_order, after, count - len(rows))
+
+
+def _fewer(session, these, those, limit: int) -> bool:
+    """Whether the query ``these`` selects fewer rows than ``those``: both counted (one statement a
+    round) up to a cap that grows eightfold until one of them stays under it — so the counts read a
+    few times as many entries as the smaller side has — or the cap reaches ``limit`` (then: no)."""
+    cap = min(FIRST_WALK, limit)
+    while True:
+        mine, theirs = session.execute(select(_count(these, cap), _count(those, cap))).one()
+        if mine < cap or theirs < cap:
+            return mine < theirs
+        if cap >= limit:
+            return False
+        cap = min(cap * 8, limit)
+
+
+def _count(entries, cap: int):
+    """How many rows ``entries`` selects, counted up to ``cap`` (a scalar subquery)."""
+    return select(func.count()).select_from(entries.limit(cap).subquery()).scalar_subquery()
 
 
 def count_jobs(which: JobFilter, tenant: str | None = None) -> int:

@@ -113,6 +113,41 @@ def test_a_tenant_sees_its_own_pages_only(database):
         assert seen == _newest_first(mine)
 
 
+@pytest.mark.parametrize("first_walk", [1, 3, 250])
+def test_a_tags_list_with_a_sparse_filter_pages_exactly_whichever_side_drives(reader, monkeypatch, first_walk):
+    """A tag with another filter its jobs rarely match: the page is read from the tag's index or the
+    other filter's (api.service._tag_page), the tag's first entries or the side with fewer entries
+    left — the same jobs in the same order every way, page after page, tenant or not."""
+    from api import service
+
+    monkeypatch.setattr(service, "FIRST_WALK", first_walk)
+    name = f"sparse-{uuid.uuid4().hex[:8]}"
+    rare = f"{name}-rare"
+    ids = []
+    for i in range(5):  # the rare jobs (own pipeline, failed) among many of the tag, in and out of a batch
+        ids += _make_jobs(9, pipeline=name, tag=name, batch=i % 2 == 0)
+        ids += _make_jobs(2, pipeline=rare, tag=name, status=JobStatus.FAILED, batch=i % 2 == 1)
+    mine = ids[::3]
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id.in_(mine)).values(tenant="acme"))
+    with session_scope() as session:
+        jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+    for params, match in (({"pipeline": rare}, lambda job: job.pipeline == rare),
+                          ({"status": "failed"}, lambda job: job.status == "failed"),
+                          ({"status": "completed"}, lambda job: job.status == "completed")):
+        want = _newest_first([job_id for job_id, job in jobs.items() if match(job)])
+        assert _walk(reader, {"tag": name, **params, "limit": 3}) == want, params
+        seen, cursor = [], None
+        which = service.JobFilter(tag=name, pipeline=params.get("pipeline"),
+                                  status=JobStatus(params["status"]) if "status" in params else None)
+        while True:
+            page, cursor = service.page_jobs(which, 2, cursor, tenant="acme")
+            seen += [job.job_id for job in page]
+            if cursor is None:
+                break
+        assert seen == [job_id for job_id in want if job_id in mine], params
+
+
 def _cursor(value) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
