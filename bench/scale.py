@@ -32,6 +32,8 @@ FILTERS = {
     "pipeline=other&reason=timeout": {"pipeline": "other", "reason": "timeout"},
     "tag=scale-3&status=cancelled": {"tag": "scale-3", "status": "cancelled"},
     "tag=scale-3&pipeline=documents": {"tag": "scale-3", "pipeline": "documents"},
+    # a tag and a filter that rarely meet: the page walks the side with fewer entries to the end
+    "tag=scale-3&status=pending": {"tag": "scale-3", "status": "pending"},
 }
 #: The same lists as a tenant sees them (its token scopes every query): a big tenant and a tiny one.
 TENANTS = {"acme": "acme-token", "tiny": "tiny-token"}
@@ -43,6 +45,7 @@ TENANT_FILTERS = {
     "acme: tag=scale-3": ("acme", {"tag": "scale-3"}),
     "tiny: no filter": ("tiny", {}),
     "tiny: status=cancelled": ("tiny", {"status": "cancelled"}),
+    "tiny: tag=scale-3": ("tiny", {"tag": "scale-3"}),
 }
 #: What a smaller run (fewer than SMALL_RUN rows: ``make bench``, ``--quick``) times: a filter of each kind.
 SMALL_RUN = 100_000
