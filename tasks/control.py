@@ -6,6 +6,8 @@ Like rq's ``send_stop_job_command``: one function to request a cancel, whoever a
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -331,6 +333,37 @@ class BulkCancelOutcome:
     cancelling: int  # running jobs asked to stop at their next checkpoint
 
 
+#: Bulk-cancel transactions in flight at once on PostgreSQL: its server's work per batch (an index
+#: entry per row in every index of ``jobs``, the events' foreign-key checks) is most of the time and
+#: runs in the backend, so two connections use two cores. SQLite has one writer: one at a time there.
+BULK_TRANSACTIONS_PG = 2
+
+
+def _bulk_transactions() -> int:
+    return BULK_TRANSACTIONS_PG if get_engine().dialect.name == "postgresql" else 1
+
+
+def _in_order(fn: Callable[[list[str]], list[str]], chunks: list[list[str]], width: int) -> Iterator[list[str]]:
+    """``fn`` of each chunk, at most ``width`` at once, the results in the chunks' order. If one
+    raises, the chunks not started yet are dropped, those running finish (each its own
+    transaction, committed or not, as alone), and the error goes on."""
+    if width <= 1:
+        yield from map(fn, chunks)
+        return
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="andon-bulk-rows") as pool:
+        running: deque[Future[list[str]]] = deque()
+        try:
+            for chunk in chunks:
+                running.append(pool.submit(fn, chunk))
+                if len(running) >= width:
+                    yield running.popleft().result()
+            while running:
+                yield running.popleft().result()
+        finally:
+            for future in running:
+                future.cancel()
+
+
 def cancel_matching(
     status: JobStatus | None = None,
     parent_job_id: str | None = None,
@@ -344,13 +377,13 @@ def cancel_matching(
 ) -> BulkCancelOutcome:
     """Cancel every unfinished job matching a filter, in one pass.
 
-    Queued jobs go by the thousand: one transaction each with one conditional ``UPDATE ...
-    RETURNING`` (only rows still ``pending`` change, so a job a worker just started is left to the
-    per-job path) and one ``INSERT … SELECT`` of their events, the thousand ids one parameter in
-    both (:func:`db.jobs.ids_in`) and looked up by id; then their tokens, a thousand per Redis
-    call, written by a helper thread while the next thousand's rows are written (each batch's tokens
-    still after its rows commit; all of them before this returns). Running jobs, usually few, each
-    get :func:`request_cancel`.
+    Queued jobs go by the thousand (two thousands at once on PostgreSQL, on two connections): one
+    transaction each with one conditional ``UPDATE ... RETURNING`` (only rows still ``pending``
+    change, so a job a worker just started is left to the per-job path) and one ``INSERT … SELECT``
+    of their events, the thousand ids one parameter in both (:func:`db.jobs.ids_in`); then their
+    tokens, a thousand per Redis call, written by a helper thread while the next thousand's rows are
+    written (each batch's tokens still after its rows commit; all of them before this returns).
+    Running jobs, usually few, each get :func:`request_cancel`.
     """
     filters = [Job.status.not_in([s.value for s in TERMINAL_STATUSES])]
     if status is not None:
@@ -376,17 +409,21 @@ def cancel_matching(
     cancelled: list[str] = []
     tokens: list[Future] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="andon-bulk-tokens") as redis_writer:
-        for start in range(0, len(queued), batch):
-            chunk = queued[start:start + batch]
+
+        def end_batch(chunk: list[str]) -> list[str]:
             with session_scope() as session:
                 job_rows.by_index(session)
                 ended = lifecycle.cancel_queued(session, chunk, request, pipelines)
                 job_rows.add_events_for(session, ended, (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED),
                                         reason=reason.value, source=source.value, actor=actor, detail=detail,
                                         at=request.at)
-            cancelled += ended
-            if ended:
+            if ended:  # after the commit, from whichever thread committed (list.append is atomic)
                 tokens.append(redis_writer.submit(get_store().cancel_many, ended, reason, message, source))
+            return ended
+
+        chunks = [queued[start:start + batch] for start in range(0, len(queued), batch)]
+        for ended in _in_order(end_batch, chunks, _bulk_transactions()):
+            cancelled += ended
             for job_id in ended:
                 if job_id in may_resume:
                     act_after_cancel(job_id)

@@ -275,6 +275,47 @@ def test_bulk_cancel_looks_its_ids_up_by_id_on_sqlite(tmp_path):
         event.remove(get_engine(url), "before_cursor_execute", record)
     assert sorted(ended) == sorted(ids) and len(seen) == 2
     with get_engine(url).connect() as conn:
-        for statement, parameters in seen:
-            plan = " | ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))
-            assert "SEARCH jobs USING" in plan and "(id=?)" in plan and "status=?" not in plan, plan
+        (update_sql, update_params), (events_sql, events_params) = seen
+        plan = " | ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {update_sql}", update_params))
+        assert "SEARCH jobs USING" in plan and "(id=?)" in plan and "status=?" not in plan, plan
+        # the events come from the ids alone: no walk of jobs at all (their foreign key is checked by id)
+        plan = " | ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {events_sql}", events_params))
+        assert "jobs" not in plan, plan
+
+
+def test_bulk_batches_in_flight_are_bounded_in_order_and_stop_at_the_first_failure():
+    """PostgreSQL's bulk cancel runs two batch transactions at once (``tasks.control._in_order``):
+    results come back in the batches' order, never more than ``width`` run at once, and after a
+    batch fails no further batch starts, while the one already running still finishes."""
+    import threading
+    import time
+
+    import pytest
+
+    from tasks.control import _in_order
+
+    lock = threading.Lock()
+    running, most, done = [0], [0], []
+
+    def batch(chunk: list[str]) -> list[str]:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02 if chunk[0] == "0" else 0.005)  # the first is slowest: order is not completion
+        with lock:
+            running[0] -= 1
+            done.append(chunk[0])
+        if chunk[0] == "fail":
+            raise RuntimeError("batch failed")
+        return chunk
+
+    chunks = [[str(i)] for i in range(7)]
+    assert list(_in_order(batch, chunks, 2)) == chunks and most[0] == 2
+    assert list(_in_order(batch, chunks, 1)) == chunks
+
+    done.clear()
+    seen = []
+    with pytest.raises(RuntimeError, match="batch failed"):
+        for result in _in_order(batch, [["0"], ["fail"], ["2"], ["3"], ["4"]], 2):
+            seen.append(result)
+    assert seen == [["0"]] and "fail" in done and "4" not in done and running[0] == 0
