@@ -272,7 +272,8 @@ second whenever none was: both are in the figure.
   saw `is_aborted()` − `time.time()` just before `abort()`. It is bounded by the stage sleep it can't
   interrupt.
 * **observed → terminal row committed** — from `cancel_observed_at` to the first time a reader (this
-  process, reading the rows of the jobs in flight every ~1 ms) sees the row `cancelled`: an upper
+  process, reading the rows of the jobs in flight every ~1 ms, each read one statement outside a
+  transaction: on PostgreSQL one round trip, not three) sees the row `cancelled`: an upper
   bound on the commit, including the read interval. In brackets, the row's own stamps
   (`finished_at − cancel_observed_at`), taken before the commit. Goal: p99 ≤ 20 ms.
 * **client** — informational: how long the `cancel_job()` call takes, and from its return until the
