@@ -1,4 +1,8 @@
-"""/api/jobs — submit, list, show, cancel, partial results."""
+"""/api/jobs — submit, list, show, cancel, partial results.
+
+The routes are ``async`` and hand the service call (blocking I/O) to the thread pool themselves:
+FastAPI runs a sync route in the pool and then validates its answer in the pool again, a second
+hand-off each request (measured on a submit: 0.4 ms of the API's CPU, 0.5 ms of its latency)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from api import idempotency, progress, service
 from api.deps import ReaderDep, WriterDep
@@ -37,37 +42,39 @@ BAD_BODY = {400: {"model": ErrorResponse, "description": "the body could not be 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SubmitResponse,
              responses={**BAD_BODY, **idempotency.RESPONSES,
                         422: {"description": "malformed body, or parent_job_id names no job"}})
-def submit(body: SubmitRequest, caller: WriterDep,
-           idempotency_key: idempotency.IdempotencyKeyHeader = None) -> SubmitResponse:
+async def submit(body: SubmitRequest, caller: WriterDep,
+                 idempotency_key: idempotency.IdempotencyKeyHeader = None) -> SubmitResponse:
     """Submit a job: 422 names the field (and the item's index) a pipeline's models reject, or the
     known pipelines when the name is unknown. With `supersede_key`, every unfinished job of yours
     with that key is cancelled (source `superseded`); with an `Idempotency-Key`, a retry replays
     the first answer."""
     items, field = body.inputs
-    return idempotency.respond(caller, idempotency_key, "POST /api/jobs", body, lambda: service.submit_job(
-        items, body.options, body.deadline_s, actor=caller.actor, parent_job_id=body.parent_job_id,
-        tenant=caller.tenant, tags=body.tags, pipeline=body.pipeline, items_field=field,
-        supersede_key=body.supersede_key, callback_url=body.callback_url))
+    return await run_in_threadpool(
+        idempotency.respond, caller, idempotency_key, "POST /api/jobs", body, lambda: service.submit_job(
+            items, body.options, body.deadline_s, actor=caller.actor, parent_job_id=body.parent_job_id,
+            tenant=caller.tenant, tags=body.tags, pipeline=body.pipeline, items_field=field,
+            supersede_key=body.supersede_key, callback_url=body.callback_url))
 
 
 @router.post("/batch", status_code=status.HTTP_202_ACCEPTED, response_model=BatchSubmitResponse,
              responses={**BAD_BODY, **idempotency.RESPONSES,
                         422: {"description": "a body is rejected: `loc` names its index in `jobs`"}})
-def submit_batch(body: BatchSubmitRequest, caller: WriterDep,
-                 idempotency_key: idempotency.IdempotencyKeyHeader = None) -> BatchSubmitResponse:
+async def submit_batch(body: BatchSubmitRequest, caller: WriterDep,
+                       idempotency_key: idempotency.IdempotencyKeyHeader = None) -> BatchSubmitResponse:
     """Submit up to 10,000 jobs in one request; their ids come back in the same order. All or
     nothing: if any body is rejected, the 422 names its index (`["body", "jobs", 3, "items", 0, ...]`)
     and no job is made. `Idempotency-Key` makes a retry safe, as on a single submit."""
-    return idempotency.respond(caller, idempotency_key, "POST /api/jobs/batch", body, lambda: BatchSubmitResponse(
-        job_ids=service.submit_batch(body.jobs, actor=caller.actor, tenant=caller.tenant)))
+    return await run_in_threadpool(
+        idempotency.respond, caller, idempotency_key, "POST /api/jobs/batch", body, lambda: BatchSubmitResponse(
+            job_ids=service.submit_batch(body.jobs, actor=caller.actor, tenant=caller.tenant)))
 
 
 @router.post("/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=BulkCancelResponse, responses=BAD_BODY)
-def cancel_matching(body: BulkCancelRequest, caller: WriterDep) -> BulkCancelResponse:
+async def cancel_matching(body: BulkCancelRequest, caller: WriterDep) -> BulkCancelResponse:
     """Cancel every unfinished job matching the filter in one pass (queued ones never start)."""
-    return service.cancel_matching(JobStatus(body.status) if body.status else None, body.parent_job_id,
-                                   body.tag, body.reason, body.message, caller.source, actor=caller.actor,
-                                   tenant=caller.tenant)
+    return await run_in_threadpool(
+        service.cancel_matching, JobStatus(body.status) if body.status else None, body.parent_job_id, body.tag,
+        body.reason, body.message, caller.source, actor=caller.actor, tenant=caller.tenant)
 
 
 StatusQuery = Annotated[JobStatus | None, Query(alias="status")]
@@ -80,7 +87,7 @@ ResumedFromQuery = Annotated[str | None, Query(min_length=1, max_length=64, desc
 
 
 @router.get("", response_model=list[JobView], responses={200: {"headers": {"Link": NEXT_LINK}}})
-def list_jobs(
+async def list_jobs(
     caller: ReaderDep,
     request: Request,
     response: Response,
@@ -95,13 +102,13 @@ def list_jobs(
     """Jobs, newest first. When more follow, the next page's URL is in the `Link` header
     (`rel="next"`); the body stays a plain list."""
     which = service.JobFilter(job_status, tag, pipeline, reason, resumed_from)
-    jobs, next_cursor = service.page_jobs(which, limit, cursor, tenant=caller.tenant)
+    jobs, next_cursor = await run_in_threadpool(service.page_jobs, which, limit, cursor, tenant=caller.tenant)
     _link_next(request, response, next_cursor)
     return jobs
 
 
 @router.get("/count", response_model=JobCount)
-def count_jobs(
+async def count_jobs(
     caller: ReaderDep,
     job_status: StatusQuery = None,
     tag: TagQuery = None,
@@ -112,12 +119,12 @@ def count_jobs(
 ) -> JobCount:
     """How many jobs match the filter (the dashboard's bulk-cancel confirmation says it)."""
     which = service.JobFilter(job_status, tag, pipeline, reason, unfinished=unfinished)
-    return JobCount(count=service.count_jobs(which, tenant=caller.tenant))
+    return JobCount(count=await run_in_threadpool(service.count_jobs, which, tenant=caller.tenant))
 
 
 @router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
-def get_job(job_id: str, caller: ReaderDep) -> JobView:
-    return service.get_job(job_id, tenant=caller.tenant)
+async def get_job(job_id: str, caller: ReaderDep) -> JobView:
+    return await run_in_threadpool(service.get_job, job_id, tenant=caller.tenant)
 
 
 @router.post(
@@ -127,10 +134,10 @@ def get_job(job_id: str, caller: ReaderDep) -> JobView:
     responses={**NOT_FOUND, 400: {"model": ErrorResponse, "description": "job already terminal, or a body that "
                                                                     "could not be parsed"}},
 )
-def cancel(job_id: str, caller: WriterDep, body: CancelRequestBody | None = None) -> CancelResponse:
+async def cancel(job_id: str, caller: WriterDep, body: CancelRequestBody | None = None) -> CancelResponse:
     body = body or CancelRequestBody()
-    return service.cancel_job(job_id, body.reason, body.message, caller.source, actor=caller.actor,
-                              cascade=body.cascade, tenant=caller.tenant)
+    return await run_in_threadpool(service.cancel_job, job_id, body.reason, body.message, caller.source,
+                                   actor=caller.actor, cascade=body.cascade, tenant=caller.tenant)
 
 
 @router.post(
@@ -139,10 +146,10 @@ def cancel(job_id: str, caller: WriterDep, body: CancelRequestBody | None = None
     response_model=ResumeResponse,
     responses={**NOT_FOUND, 400: {"model": ErrorResponse, "description": "job not resumable"}},
 )
-def resume(job_id: str, caller: WriterDep, force: bool = False) -> ResumeResponse:
+async def resume(job_id: str, caller: WriterDep, force: bool = False) -> ResumeResponse:
     """Start a new job reusing every finished item; only the rest runs. `force` resumes a job
     cancelled for a reason that isn't resumed by default (user_requested, ...)."""
-    return service.resume_job(job_id, force=force, actor=caller.actor, tenant=caller.tenant)
+    return await run_in_threadpool(service.resume_job, job_id, force=force, actor=caller.actor, tenant=caller.tenant)
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, responses={**NOT_FOUND, **STREAM_RESPONSES})
@@ -156,7 +163,7 @@ async def events(job_id: str, caller: ReaderDep, request: Request) -> EventSourc
 
 @router.get("/{job_id}/partial-results", response_model=PartialResultView,
             responses={**NOT_FOUND, 200: {"headers": {"Link": NEXT_LINK}}})
-def partial_results(
+async def partial_results(
     job_id: str,
     caller: ReaderDep,
     request: Request,
@@ -167,7 +174,8 @@ def partial_results(
     """What the job finished, in item order, and what was in flight, `limit` items a page; the
     summary (status, counts, `completion_percent`, `cancelled_at_item`) is the whole job's on every
     page. When more items follow, the next page's URL is in the `Link` header (`rel="next"`)."""
-    view, next_cursor = service.page_partial_results(job_id, limit, cursor, tenant=caller.tenant)
+    view, next_cursor = await run_in_threadpool(service.page_partial_results, job_id, limit, cursor,
+                                                tenant=caller.tenant)
     _link_next(request, response, next_cursor)
     return view
 
