@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from api.supervisor import free_port
@@ -163,6 +164,21 @@ def postgres_server():
     server = PostgresServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def postgres_database(postgres_server, monkeypatch):
+    """A fresh, migrated PostgreSQL database of its own for one test, as ``ANDON_DATABASE_URL``."""
+    from db.migrate import upgrade
+    from db.settings import get_settings
+
+    url = postgres_server.create_database(f"andon_{uuid.uuid4().hex[:12]}")
+    upgrade(url)
+    monkeypatch.setenv("ANDON_DATABASE_URL", url)
+    get_settings.cache_clear()
+    yield url
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,7 @@ import redis
 
 from db import jobs as job_rows
 from db.jobs import ItemRow
-from db.migrate import upgrade
 from db.session import session_scope
-from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, ItemStatus, JobStatus
 from tasks import control, lifecycle
 from tasks.cancellation import CancellationStore, CancelRequest
@@ -27,19 +25,10 @@ from tests.test_hardening import hold_write_lock
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def rows(request, database, monkeypatch):
+def rows(request, database):
     """The session's SQLite database, or a fresh PostgreSQL one: there a running job's request is one
     statement in autocommit and the job's end reads its row under a row lock — other SQL, same rules."""
-    if request.param == "sqlite":
-        yield database
-        return
-    url = request.getfixturevalue("postgres_server").create_database(f"andon_cancel_{uuid.uuid4().hex[:8]}")
-    upgrade(url)
-    monkeypatch.setenv("ANDON_DATABASE_URL", url)
-    get_settings.cache_clear()
-    yield url
-    monkeypatch.undo()
-    get_settings.cache_clear()
+    return database if request.param == "sqlite" else request.getfixturevalue("postgres_database")
 
 
 def _running_job() -> str:

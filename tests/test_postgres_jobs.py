@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from sqlalchemy import func, select
 
-from db.migrate import upgrade
 from db.models import Job, JobItem
 from db.session import session_scope
-from db.settings import get_settings
 from tasks.errors import JobAlreadyTerminal
 from tests.jobs_helpers import assert_one_terminal, submit, wait_items, wait_terminal
 
@@ -18,14 +14,8 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-def on_postgres(postgres_server, monkeypatch):
-    url = postgres_server.create_database(f"andon_jobs_{uuid.uuid4().hex[:8]}")
-    upgrade(url)
-    monkeypatch.setenv("ANDON_DATABASE_URL", url)
-    get_settings.cache_clear()
-    yield url
-    monkeypatch.undo()
-    get_settings.cache_clear()
+def on_postgres(postgres_database):
+    return postgres_database
 
 
 def test_jobs_on_postgres_with_two_workers(on_postgres, start_worker):
