@@ -382,9 +382,10 @@ def analysis_lines(report: Report) -> list[str]:
     if lat:
         out.append(
             f"cancel → observed {lat['observe_ms'][0]:.1f} / {lat['observe_ms'][1]:.1f} ms (p50 / p99): "
-            f"`request_cancel` reads the row (404/400), sets the token first (one Lua call: `SET NX` decides "
-            f"which request wins, `PUBLISH` tells the workers), which the worker's watcher thread hands to the "
-            f"job's `token.wait()`; the row follows with the winner. The whole `cancel_job()` call takes "
+            f"`request_cancel` sets a running job's token first, with no read (one Lua call: only while the "
+            f"job's heartbeat lives; `SET NX` decides which request wins, `PUBLISH` tells the workers; any other "
+            f"job's row is read first, for the 404/400), which the worker's watcher thread hands to the job's "
+            f"`token.wait()`; the row follows with the winner. The whole `cancel_job()` call takes "
             f"{lat['call_ms'][0]:.1f} / {lat['call_ms'][1]:.1f} ms (it also looks for child jobs).")
     br = report.extra.get("breakdown")
     tp = report.extra.get("throughput", {})
