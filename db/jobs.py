@@ -81,8 +81,8 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: JobSt
     allowed = ALLOWED_FROM[to] if only_from is None else ALLOWED_FROM[to] & {only_from}
     if to.is_terminal:
         values.setdefault("finished_at", utcnow())
-    if to is JobStatus.COMPLETED:  # a cancel that lost to completion leaves no reason behind
-        values.update(cancellation_reason=None, cancellation_message=None, cancellation_source=None)
+    if to is JobStatus.COMPLETED:
+        values.update(COMPLETION_CLEARS)
     owned = [_jobs.c.fence == fence] if fence is not None else []
     if raise_fence:
         values["fence"] = _jobs.c.fence + 1
@@ -93,13 +93,21 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: JobSt
     )
     won = result.rowcount == 1
     if won:
-        rows = list(events)
-        if to in _TERMINAL_EVENT:
-            rows.append(event_row(job_id, _TERMINAL_EVENT[to], reason=values.get("cancellation_reason"),
-                                  source=values.get("cancellation_source"),
-                                  detail={"error": values["error"]} if values.get("error") else None))
-        add_events(session, rows)
+        add_events(session, [*events, terminal_event(job_id, to, values)] if to.is_terminal else list(events))
     return won
+
+
+#: What a job's completion writes over: a cancel that lost to completion leaves no reason behind.
+COMPLETION_CLEARS: dict[str, Any] = {"cancellation_reason": None, "cancellation_message": None,
+                                     "cancellation_source": None}
+
+
+def terminal_event(job_id: str, to: JobStatus, values: dict[str, Any], at: datetime | None = None) -> dict[str, Any]:
+    """The event a terminal transition to ``to`` records (:func:`event_row`), from the ``values`` it
+    wrote: a cancel's reason and source, a failure's error."""
+    return event_row(job_id, _TERMINAL_EVENT[to], reason=values.get("cancellation_reason"),
+                     source=values.get("cancellation_source"),
+                     detail={"error": values["error"]} if values.get("error") else None, at=at)
 
 
 def end_with_rows(session: Session, job_id: str, to: JobStatus, *, fence: int | None,
@@ -121,10 +129,7 @@ def end_with_rows(session: Session, job_id: str, to: JobStatus, *, fence: int | 
     owned = [_jobs.c.fence == fence] if fence is not None else []
     ended = (update(_jobs).where(_jobs.c.id == bindparam("job_id"), _jobs.c.status.in_([s.value for s in ALLOWED_FROM[to]]),
                                  *owned).values(status=to.value, **values).returning(_jobs.c.id).cte("ended"))
-    rows = [*events, event_row(job_id, _TERMINAL_EVENT[to], reason=values.get("cancellation_reason"),
-                               source=values.get("cancellation_source"),
-                               detail={"error": values["error"]} if values.get("error") else None)]
-    statement = _insert_for(ended, JobEvent.__table__, rows)
+    statement = _insert_for(ended, JobEvent.__table__, [*events, terminal_event(job_id, to, values)])
     if items:
         statement = _insert_for(ended, _items, _item_rows(job_id, items)).add_cte(statement.cte("events"))
     # the rowcount of an INSERT is kept only if asked; the job's id is bound as `job_id` (what tasks.notify reads)
@@ -209,7 +214,7 @@ def event_row(job_id: str, kind: EventKind, *, reason: str | None = None, source
             "detail": detail, "at": at or utcnow()}
 
 
-def add_events(session: Session, rows: list[dict[str, Any]]) -> None:
+def add_events(session: Session | Connection, rows: list[dict[str, Any]]) -> None:
     """Many events in one INSERT (bulk cancel, batch submit): the table's, not the ORM entity's — the
     ORM's bulk path costs as much again per row as the SQL, and nothing here needs the objects."""
     if rows:

@@ -381,8 +381,9 @@ def cancel_matching(
     transaction each with one conditional ``UPDATE ... RETURNING`` (only rows still ``pending``
     change, so a job a worker just started is left to the per-job path) and one ``INSERT … SELECT``
     of their events, the thousand ids one parameter in both (:func:`db.jobs.ids_in`); then their
-    tokens, a thousand per Redis call, written by a helper thread while the next thousand's rows are
-    written (each batch's tokens still after its rows commit; all of them before this returns).
+    tokens, in one pipelined round trip per thousand (:meth:`CancellationStore.cancel_many`), written
+    by a helper thread while the next thousand's rows are written (each batch's tokens still after
+    its rows commit; all of them before this returns).
     Running jobs, usually few, each get :func:`request_cancel`.
     """
     filters = [Job.status.not_in([s.value for s in TERMINAL_STATUSES])]

@@ -141,8 +141,7 @@ def finish_ran_through(job_id: str, fence: int | None = None, *, counts: tuple[i
         if error is not None:
             params["error"] = error
         if conn.execute(_ran_through(status, fenced=fence is not None), params).rowcount == 1:
-            job_rows.add_event(conn, job_id, EventKind.FAILED if error else EventKind.COMPLETED,
-                               detail={"error": error} if error else None, at=params["now"])
+            job_rows.add_events(conn, [job_rows.terminal_event(job_id, status, {"error": error}, at=params["now"])])
             job_rows.insert_items(conn, job_id, items)
             webhooks.after_commit(session, [job_id])
             return JobOutcome(job_id, status, ran=True, error=error)
@@ -163,7 +162,7 @@ def _ran_through(status: JobStatus, fenced: bool) -> Update:
         "failed_items": _jobs.c.failed_items + bindparam("failed", type_=Integer),
     }
     if status is JobStatus.COMPLETED:
-        values.update(cancellation_reason=None, cancellation_message=None, cancellation_source=None)
+        values.update(job_rows.COMPLETION_CLEARS)
     else:
         values["error"] = bindparam("error", type_=_jobs.c.error.type)
     owned = [_jobs.c.fence == bindparam("run_fence", type_=Integer)] if fenced else []
