@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import (
     ARRAY,
+    JSON,
     ColumnElement,
     Connection,
     Integer,
@@ -37,6 +38,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy import column as sql_column
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.selectable import TableValuedAlias
@@ -130,11 +132,12 @@ def end_with_rows(session: Session, job_id: str, to: JobStatus, *, fence: int | 
     ended = (update(_jobs).where(_jobs.c.id == bindparam("job_id"), _jobs.c.status.in_([s.value for s in ALLOWED_FROM[to]]),
                                  *owned).values(status=to.value, **values).returning(_jobs.c.id).cte("ended"))
     statement = _insert_for(ended, JobEvent.__table__, [*events, terminal_event(job_id, to, values)])
+    params: dict[str, Any] = {"job_id": job_id}  # the job's id is bound as `job_id` (what tasks.notify reads)
     if items:
-        statement = _insert_for(ended, _items, _item_rows(job_id, items)).add_cte(statement.cte("events"))
-    # the rowcount of an INSERT is kept only if asked; the job's id is bound as `job_id` (what tasks.notify reads)
-    return session.execute(statement.add_cte(ended).execution_options(preserve_rowcount=True),
-                           {"job_id": job_id}).rowcount > 0
+        statement = _items_from_records(ended).add_cte(statement.cte("events"))
+        params["item_records"] = _item_records(job_id, items)
+    # the rowcount of an INSERT is kept only if asked
+    return session.execute(statement.add_cte(ended).execution_options(preserve_rowcount=True), params).rowcount > 0
 
 
 def _insert_for(ended: Any, table: Any, rows: Sequence[dict[str, Any]]) -> Insert:
@@ -145,6 +148,29 @@ def _insert_for(ended: Any, table: Any, rows: Sequence[dict[str, Any]]) -> Inser
     selects = [select(ended.c.id, *(cast(literal(row[c], table.c[c].type), table.c[c].type) for c in columns))
                for row in rows]
     return insert(table).from_select(["job_id", *columns], selects[0] if len(selects) == 1 else union_all(*selects))
+
+
+#: The columns of ``job_items`` a job's end inserts from :func:`_item_records` (all but the keys).
+_ITEM_RECORD_COLUMNS = tuple(c for c in JobItem.__table__.c if c.name not in ("id", "job_id"))
+
+
+def _items_from_records(ended: Any) -> Insert:
+    """``INSERT … SELECT`` of the items in the JSON array bound as ``item_records`` (their ``job_id``
+    taken from ``ended``, so none if it is empty), read by ``json_to_recordset`` with each column's
+    type. One statement of one shape for any number of items: a ``UNION ALL`` of a ``SELECT`` per item
+    took SQLAlchemy 35 ms to compile for 50 items and 195 ms for 250 (an async stage's in-flight
+    items, all interrupted by the cancel), and PostgreSQL a bound parameter per value."""
+    records = (func.json_to_recordset(bindparam("item_records", type_=JSON))
+               .table_valued(*(sql_column(c.name, c.type) for c in _ITEM_RECORD_COLUMNS))
+               .render_derived(name="item_records", with_types=True))
+    return insert(JobItem.__table__).from_select(["job_id", *(c.name for c in _ITEM_RECORD_COLUMNS)],
+                                      select(ended.c.id, *records.c).select_from(ended).join(records, true()))
+
+
+def _item_records(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
+    """The rows of :func:`_item_rows` as JSON values: times as ISO 8601 text (with their offset)."""
+    return [{name: value.isoformat() if isinstance(value, datetime) else value
+             for name, value in row.items() if name != "job_id"} for row in _item_rows(job_id, items)]
 
 
 def moved_with_events(to: JobStatus, events: Sequence[dict[str, Any]], **values: Any) -> tuple[Insert, dict[str, Any]]:

@@ -222,6 +222,9 @@ def test_a_cancel_is_observed_while_the_database_is_locked_and_recorded_once_it_
     assert [(e.reason, e.detail["won"]) for e in _requests(job_id)] == [("timeout", True)]
 
 
+STARTED, FINISHED = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 6, 7, tzinfo=UTC)
+
+
 def test_a_request_racing_the_jobs_end_puts_the_winner_on_record_once(rows):
     """The request's row write and the job's end (it observed the token) in two threads, either one
     first: one terminal row with the request's reason, its request on record once and first."""
@@ -234,8 +237,8 @@ def test_a_request_racing_the_jobs_end_puts_the_winner_on_record_once(rows):
         def end(jid=job_id):
             while (winner := store.read([jid]).get(jid)) is None:
                 pass
-            # its last items go with its end (NULLs of every column type among them)
-            last = [ItemRow(0, "parse", ItemStatus.DONE, result={"n": 0}),
+            # its last items go with its end (NULLs of every column type among them, and times)
+            last = [ItemRow(0, "parse", ItemStatus.DONE, result={"n": 0}, started_at=STARTED, finished_at=FINISHED),
                     ItemRow(1, "embed", ItemStatus.INTERRUPTED, usage={"prompt_tokens": 3, "completion_tokens": 0, "cut_short": True})]
             assert lifecycle.end_cancelled(jid, winner, at_item=1, requested=winner, items=last, fence=1)
 
@@ -249,5 +252,6 @@ def test_a_request_racing_the_jobs_end_puts_the_winner_on_record_once(rows):
         assert row.cancel_requested_at is not None and row.completed_items == 1
         assert [(i.index, i.status, i.result, i.prompt_tokens, i.usage_cut_short) for i in items(job_id)] == [
             (0, "done", {"n": 0}, None, None), (1, "interrupted", None, 3, True)]
+        assert (items(job_id)[0].started_at, items(job_id)[0].finished_at) == (STARTED, FINISHED)
         kinds = [(e.kind, e.actor) for e in events(job_id) if e.kind.startswith("cancel")]
         assert kinds == [("cancel_requested", "alice"), ("cancel_observed", None), ("cancelled", None)]
