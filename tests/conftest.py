@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -68,8 +69,20 @@ def worker(database):
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def stopping_workers(database):
+    """Workers a test left running, stopping in the background: a warm stop takes a worker about
+    3 s (Celery notices the signal at its next timer, billiard's pool processes sleep 1 s before
+    they exit, the interpreter tears down), and the next test need not wait for it — its worker
+    has a queue of its own. All are waited for before the session's Redis and database go."""
+    stopping: list[threading.Thread] = []
+    yield stopping
+    for thread in stopping:
+        thread.join()
+
+
 @pytest.fixture
-def start_worker(database):
+def start_worker(stopping_workers):
     """Start a dedicated prefork worker on its own queue (for tests that signal, kill or stop it)."""
     import uuid
 
@@ -84,7 +97,8 @@ def start_worker(database):
 
     yield start
     for worker in started:
-        worker.stop(timeout=20)
+        stopping_workers.append(threading.Thread(target=worker.stop, kwargs={"timeout": 20}, daemon=True))
+        stopping_workers[-1].start()
 
 
 @pytest.fixture(scope="session")
