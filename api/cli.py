@@ -23,17 +23,17 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from api import service, supervisor, views
+from api import views
 from api.client import AndonAPIError, AndonClient
 from db.settings import (
     DEFAULT_ALLOWED_HOSTS,
     DEFAULT_API_PORT,
     DEFAULT_FLOWER_PORT,
     DEFAULT_REDIS_PORT,
+    MAX_PRUNE_AGE_S,
     get_settings,
 )
 from db.vocabulary import CancellationReason, JobStatus
-from tasks import notify, policy, registry
 from tasks.errors import AndonError
 from tasks.tags import check_tags
 
@@ -89,6 +89,7 @@ def up(
 ) -> None:
     """Run the embedded stack in the foreground (Redis, worker, API, Flower); Ctrl-C stops it all."""
     from api.stack import Stack
+    from tasks import policy, registry
 
     registry.load_configured()  # a bad ANDON_PIPELINES (or ANDON_POLICY) is one line here, before anything starts
     policy.check_global()
@@ -133,6 +134,7 @@ def demo(
     """Submit a job, cancel it a third of the way in, and print what it kept."""
     from api.demo import run_demo
 
+    _writes_rows_here()
     outcome = run_demo(Console(stderr=True) if json_out else console, documents, stage_delay)
     if json_out:
         views.print_json(outcome)
@@ -402,11 +404,21 @@ def reap(json_out: JsonOpt = False) -> None:
     """Finalize running jobs whose worker is gone (heartbeat expired); workers also do this on a timer."""
     from tasks.reaper import reap_lost_jobs
 
+    _writes_rows_here()
     reaped = reap_lost_jobs(actor="cli")
     if json_out:
         views.print_json(reaped)
     else:
         console.print(f"reaped {len(reaped)} lost job(s)" + "".join(f"\n  {j}" for j in reaped))
+
+
+def _writes_rows_here() -> None:
+    """For the verbs that write job rows in this process (``demo``, ``reap``, ``prune``): what they
+    insert wakes the API's open event streams at once (:func:`tasks.notify.install`). The job verbs
+    go through the API, which does that, and import none of the database layer."""
+    from tasks import notify
+
+    notify.install()
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -421,7 +433,7 @@ def parse_duration(text: str) -> float:
         seconds = float(value) * _UNITS[unit]
     except ValueError:
         seconds = float("nan")
-    if not (0 <= seconds <= service.MAX_PRUNE_AGE_S):
+    if not (0 <= seconds <= MAX_PRUNE_AGE_S):
         raise UsageMistake(f"--older-than {text!r}: expected a duration like 30d, 12h, 90m or 45s")
     return seconds
 
@@ -437,6 +449,9 @@ def prune(
     seconds = parse_duration(older_than)
     if _tenant() is not None:
         raise AndonError("prune acts on every tenant's jobs: it needs the admin token (ANDON_ADMIN_TOKEN)")
+    from api import service
+
+    _writes_rows_here()
     deleted = service.prune_jobs(seconds)
     if json_out:
         views.print_json({"deleted": deleted})
@@ -452,6 +467,9 @@ def _exec(argv: list[str], env: dict[str, str] | None = None) -> None:
 @cli.command()
 def worker(concurrency: Annotated[int, typer.Option(min=1)] = 2, loglevel: str = "INFO") -> None:
     """Run a prefork Celery worker (with task events for Flower)."""
+    from api import supervisor
+    from tasks import registry
+
     registry.load_configured()  # a bad ANDON_PIPELINES is one line here, before Celery starts
     _exec(supervisor.worker_argv("celery@%h", concurrency, extra=["-l", loglevel]))
 
@@ -460,6 +478,9 @@ def worker(concurrency: Annotated[int, typer.Option(min=1)] = 2, loglevel: str =
 def api(host: str = "127.0.0.1", port: int = DEFAULT_API_PORT) -> None:
     """Run the HTTP API (uvicorn). Bound to a name, it answers that name too (Host allowlist)."""
     import ipaddress
+
+    from api import supervisor
+    from tasks import registry
 
     registry.load_configured()
     env = {}
@@ -474,6 +495,8 @@ def api(host: str = "127.0.0.1", port: int = DEFAULT_API_PORT) -> None:
 @cli.command()
 def flower(port: int = DEFAULT_FLOWER_PORT, address: str = "127.0.0.1") -> None:
     """Run Flower, always behind basic auth (ANDON_FLOWER_BASIC_AUTH, or the stack's)."""
+    from api import supervisor
+
     settings = get_settings()
     auth = settings.flower_basic_auth or settings._stack().get("flower_basic_auth")
     if not auth or ":" not in auth:
@@ -481,12 +504,19 @@ def flower(port: int = DEFAULT_FLOWER_PORT, address: str = "127.0.0.1") -> None:
     _exec(supervisor.flower_argv(port, address), env=supervisor.flower_env(auth))  # the password never in `ps`
 
 
+def _unreachable(exc: Exception) -> str | None:
+    """The line for Redis or the database out of reach of a local verb, else None. Looked up among
+    the modules already imported: an error of a library this process never loaded can't be raised."""
+    redis_errors, database_errors = sys.modules.get("redis.exceptions"), sys.modules.get("sqlalchemy.exc")
+    if redis_errors is not None and isinstance(exc, redis_errors.ConnectionError):
+        return f"cannot reach Redis ({exc}); is `andon up` running?"
+    if database_errors is not None and isinstance(exc, database_errors.OperationalError):
+        return f"database error: {str(exc.orig).splitlines()[0]}"
+    return None
+
+
 def main() -> None:
     """Entry point: turn every user-facing error into one line on stderr and a non-zero exit."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from sqlalchemy.exc import OperationalError
-
-    notify.install()  # a cancel or submit from here wakes the API's open event streams at once
     # the one line below is all a user sees of an error; library warnings (a notification that
     # could not be sent, say) are not theirs to read on a terminal
     logging.getLogger().addHandler(logging.NullHandler())
@@ -504,11 +534,11 @@ def main() -> None:
     except AndonAPIError as exc:  # what the API refused, or an API that isn't there: one line
         print(f"andon: {exc}", file=sys.stderr)
         sys.exit(1)
-    except RedisConnectionError as exc:
-        print(f"andon: cannot reach Redis ({exc}); is `andon up` running?", file=sys.stderr)
-        sys.exit(1)
-    except OperationalError as exc:
-        print(f"andon: database error: {str(exc.orig).splitlines()[0]}", file=sys.stderr)
+    except Exception as exc:
+        line = _unreachable(exc)
+        if line is None:
+            raise
+        print(f"andon: {line}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -38,6 +38,7 @@ from db import jobs as job_rows
 from db import supersede
 from db.models import Job, JobItem, JobTag, utcnow
 from db.session import session_scope
+from db.settings import MAX_PRUNE_AGE_S
 from db.vocabulary import (
     TERMINAL_STATUSES,
     CancellationReason,
@@ -687,8 +688,6 @@ def _result_entry(pipeline: str, item: JobItem) -> dict[str, Any]:
 #: Jobs deleted per transaction by :func:`prune_jobs`: each transaction holds SQLite's write lock
 #: (or PostgreSQL's row locks) only that long, so running jobs' item writes go on in between.
 PRUNE_BATCH = 1000
-#: A century: any older cutoff is before every job andon ever stored.
-MAX_PRUNE_AGE_S = 100 * 365 * 86400.0
 
 
 def prune_jobs(older_than_s: float, batch: int = PRUNE_BATCH, url: str | None = None) -> int:

@@ -18,6 +18,8 @@ DEFAULT_REDIS_PORT = 6390
 DEFAULT_API_PORT = 8000
 DEFAULT_FLOWER_PORT = 5555
 DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: The oldest cutoff a prune takes (a century: any older one is before every job andon ever stored).
+MAX_PRUNE_AGE_S = 100 * 365 * 86400.0
 
 
 class Settings(BaseSettings):

@@ -93,6 +93,14 @@ def test_user_mistakes_print_one_line_and_fail(worker, args, code, needle):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("args", [["reap"], ["prune", "--older-than", "30d"]])
+def test_a_local_verb_with_its_database_out_of_reach_prints_one_line(args):
+    """The verbs that write rows here: the database's own words, no traceback."""
+    done = andon(*args, env={"ANDON_DATABASE_URL": "postgresql+psycopg://nobody:wrong@127.0.0.1:1/none"})
+    assert done.returncode == 1 and done.stderr.startswith("andon: database error: "), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
 def test_cancelling_a_finished_job_is_an_error(worker):
     job_id = andon("submit", "One. Two.").stdout.strip()
     wait_terminal(job_id)
