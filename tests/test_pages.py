@@ -170,16 +170,21 @@ def _interleaved(url: str, name: str) -> dict[str, Job]:
         return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
 
 
-@pytest.mark.parametrize("rows_drive", [True, False])
-def test_a_tags_list_pages_exactly_by_index_keys_whichever_side_drives(own_database, monkeypatch, rows_drive):
-    """Past the tag's first entries a page walks index keys only (api.service._tag_page), the
-    filter's side or the tag's (as the counts say on SQLite; PostgreSQL plans its one query itself):
-    with two big interleaved sides, with sides that never meet (an empty list), with a tenant — the
-    same jobs in the same order as the rows say, page after page."""
+#: What the counts of api.service._tag_page say (the filter's entries, the tag's, both exact) to
+#: take each way on SQLite: merge both sides, walk the filter's, walk the tag's.
+SIDES = {"merge": (1, 1, True), "rows": (0, 1, False), "tag": (1, 0, False)}
+
+
+@pytest.mark.parametrize("way", SIDES)
+def test_a_tags_list_pages_exactly_by_index_keys_whichever_way_it_reads(own_database, monkeypatch, way):
+    """Past the tag's first entries a page reads index keys only (api.service._tag_page): both sides
+    merged, the filter's walked or the tag's (as the counts say on SQLite; PostgreSQL plans its one
+    query itself): with two big interleaved sides, with sides that never meet (an empty list), with
+    a tenant — the same jobs in the same order as the rows say, page after page."""
     from api import service
 
     monkeypatch.setattr(service, "FIRST_WALK", 2)
-    monkeypatch.setattr(service, "_fewer", lambda *args: rows_drive)
+    monkeypatch.setattr(service, "_sizes", lambda *args: SIDES[way])
     name = f"keys-{uuid.uuid4().hex[:8]}"
     jobs = _interleaved(own_database, name)
     tagged = _tagged(own_database, name)
