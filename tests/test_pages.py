@@ -148,6 +148,71 @@ def test_a_tags_list_with_a_sparse_filter_pages_exactly_whichever_side_drives(re
         assert seen == [job_id for job_id in want if job_id in mine], params
 
 
+def _interleaved(url: str, name: str) -> dict[str, Job]:
+    """120 jobs of a database of its own, newest last, in batches (one ``created_at`` each: the id
+    breaks the tie) and one at a time: every other one tagged ``name``; pipeline ``{name}-big`` on
+    half of the tagged and half of the untagged ones, interleaved; pipeline ``{name}-apart`` only on
+    untagged ones (a tag and a filter that never meet); a third failed, a fifth tenant ``acme``."""
+    ids = []
+    with session_scope(url) as session:
+        for chunk in range(6):
+            jobs = []
+            for i in range(chunk * 20, chunk * 20 + 20):
+                pipeline = f"{name}-big" if i % 4 in (0, 1) else (f"{name}-apart" if i % 4 == 3 else name)
+                jobs.append({"id": str(uuid.uuid4()), "inputs": ["a"], "options": {}, "pipeline": pipeline,
+                             "tags": [name] if i % 2 == 0 else [], "tenant": "acme" if i % 5 == 0 else None})
+            for start, end in ([(0, 20)] if chunk % 2 == 0 else [(k, k + 1) for k in range(20)]):
+                job_rows.create_jobs(session, jobs[start:end])
+                session.flush()
+            ids += [job["id"] for job in jobs]
+        session.execute(update(Job).where(Job.id.in_(ids[::3])).values(status="failed"))
+    with session_scope(url) as session:
+        return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+
+
+#: What the counts of api.service._tag_page say (the filter's entries, the tag's, both exact) to
+#: take each way on SQLite: merge both sides, walk the filter's, walk the tag's.
+SIDES = {"merge": (1, 1, True), "rows": (0, 1, False), "tag": (1, 0, False)}
+
+
+@pytest.mark.parametrize("way", SIDES)
+def test_a_tags_list_pages_exactly_by_index_keys_whichever_way_it_reads(own_database, monkeypatch, way):
+    """Past the tag's first entries a page reads index keys only (api.service._tag_page): both sides
+    merged, the filter's walked or the tag's (as the counts say on SQLite; PostgreSQL plans its one
+    query itself): with two big interleaved sides, with sides that never meet (an empty list), with
+    a tenant — the same jobs in the same order as the rows say, page after page."""
+    from api import service
+
+    monkeypatch.setattr(service, "FIRST_WALK", 2)
+    monkeypatch.setattr(service, "_sizes", lambda *args: SIDES[way])
+    name = f"keys-{uuid.uuid4().hex[:8]}"
+    jobs = _interleaved(own_database, name)
+    tagged = _tagged(own_database, name)
+    for which, tenant in ((service.JobFilter(tag=name, pipeline=f"{name}-big"), None),
+                          (service.JobFilter(tag=name, pipeline=f"{name}-apart"), None),
+                          (service.JobFilter(tag=name, status=JobStatus.FAILED), None),
+                          (service.JobFilter(tag=name, status=JobStatus.PENDING), "acme")):
+        want = [job.id for job in sorted(jobs.values(), key=lambda job: (-job.created_at.timestamp(), job.id))
+                if job.id in tagged and (which.pipeline is None or job.pipeline == which.pipeline)
+                and (which.status is None or job.status == which.status.value)
+                and (tenant is None or job.tenant == tenant)]
+        assert want or which.pipeline == f"{name}-apart"
+        for limit in (5, 7):
+            seen, cursor = [], None
+            while True:
+                page, cursor = service.page_jobs(which, limit, cursor, tenant=tenant)
+                seen += [job.job_id for job in page]
+                assert len(page) == limit or cursor is None
+                if cursor is None:
+                    break
+            assert seen == want, (which, tenant, limit)
+
+
+def _tagged(url: str, tag: str) -> set[str]:
+    with session_scope(url) as session:
+        return set(session.scalars(select(JobTag.job_id).where(JobTag.tag == tag)))
+
+
 def _cursor(value) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
