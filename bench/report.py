@@ -316,8 +316,9 @@ second whenever none was: both are in the figure.
 * **lists and /metrics at scale** — the jobs table filled to 50,000 rows (`make bench-scale`:
   1,000,000), mostly ended, a third cancelled; `GET /api/jobs?...&limit=50` for six filters and
   `GET /metrics`, 50 timed requests each after two warm-ups. On PostgreSQL the filled tables are
-  `ANALYZE`d first (a table filled in seconds has no planner statistics until autovacuum's next
-  turn; one grown over weeks has them). Goal: p99 ≤ 50 ms.
+  vacuumed and `ANALYZE`d first (a table filled in seconds has no planner statistics and pages not
+  yet all-visible, for index-only scans, until autovacuum's next turns; one grown over weeks has
+  both). Goal: p99 ≤ 50 ms.
 * **where the time goes** (below the table, per column) — the per-item steps of `run_job` replayed
   in the benchmark process (no worker): the stages, and the item's commit (`db.jobs.record_item` in
   its own `db.session.transaction`), back to back and after 100 ms idle.
