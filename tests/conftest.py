@@ -71,10 +71,10 @@ def worker(database):
 
 @pytest.fixture(scope="session")
 def stopping_workers(database):
-    """Workers a test left running, stopping in the background: a warm stop takes a worker about
-    3 s (Celery notices the signal at its next timer, billiard's pool processes sleep 1 s before
-    they exit, the interpreter tears down), and the next test need not wait for it — its worker
-    has a queue of its own. All are waited for before the session's Redis and database go."""
+    """Workers on a queue of their own a test left running, stopping in the background: a warm stop
+    takes a worker about 3 s (Celery notices the signal at its next hub timer, billiard's pool
+    processes sleep 1 s before they exit, the interpreter tears down), and no later test uses that
+    queue, so none need wait. All are waited for before the session's Redis and database go."""
     stopping: list[threading.Thread] = []
     yield stopping
     for thread in stopping:
@@ -84,19 +84,21 @@ def stopping_workers(database):
 @pytest.fixture
 def start_worker(stopping_workers):
     """Start a dedicated prefork worker on its own queue (for tests that signal, kill or stop it)."""
-    import uuid
-
-    started: list[WorkerProcess] = []
+    started: list[tuple[WorkerProcess, bool]] = []
 
     def start(concurrency: int = 1, queue: str | None = None, **env: str) -> WorkerProcess:
+        own = queue is None
         queue = queue or f"q-{uuid.uuid4().hex[:8]}"  # same queue → same node name (a restart)
         worker = WorkerProcess(queue, HOME / "logs", concurrency, env=env, extra_args=["-Q", queue])
         worker.queue = queue
-        started.append(worker.start())
+        started.append((worker.start(), own))
         return worker
 
     yield start
-    for worker in started:
+    for worker, own in started:
+        if not own:  # a later test may use that queue (and expect nothing to consume it before it does)
+            worker.stop(timeout=20)
+            continue
         stopping_workers.append(threading.Thread(target=worker.stop, kwargs={"timeout": 20}, daemon=True))
         stopping_workers[-1].start()
 
