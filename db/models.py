@@ -80,13 +80,14 @@ class Job(Base):
         _list_index("ix_jobs_pipeline_created_id", "pipeline"),
         _list_index("ix_jobs_reason_created_id", "cancellation_reason", where="cancellation_reason IS NOT NULL"),
         _list_index("ix_jobs_status_reason_created_id", "status", "cancellation_reason"),  # 0013
-        # partial on PostgreSQL only: SQLite's planner counts the ended jobs without a ``finished_at``
-        # (/metrics) through it, and would read every ended job instead
+        # Partial on PostgreSQL only, the two of them: there the first serves every reader of what
+        # ended when, and the second only counts the ended jobs without a ``finished_at`` (/metrics),
+        # so it holds the jobs not ended. SQLite's planner (no statistics) reads what ended when by
+        # status through the second (an equality on ``status`` over a range on ``finished_at``) and
+        # counts those jobs through the first: made partial, either would have it read every ended job.
         Index("ix_jobs_finished_status_reason", "finished_at", "status", "cancellation_reason",
               postgresql_where=text("finished_at IS NOT NULL")),
-        # whole: SQLite's planner (no statistics) reads what ended when by status through it, and
-        # PostgreSQL's the ended jobs without a ``finished_at``
-        Index("ix_jobs_status_finished", "status", "finished_at"),
+        Index("ix_jobs_status_finished", "status", "finished_at", postgresql_where=text("finished_at IS NULL")),
         Index("ix_jobs_supersede_key", "supersede_key", **_partial("supersede_key IS NOT NULL")),
         Index("ix_jobs_parent_job_id", "parent_job_id", **_partial("parent_job_id IS NOT NULL")),
         # a job is resumed at most once; partial on PostgreSQL only: SQLite keeps the table constraint

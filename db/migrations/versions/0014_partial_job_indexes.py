@@ -8,12 +8,12 @@ server time. Those indexes now hold only the rows where the column is set; each 
 asks for a value (``col = ?``, a range, an ``IN`` list), which implies ``col IS NOT NULL``, so it
 still uses them.
 
-``(finished_at, status, cancellation_reason)`` is partial on PostgreSQL only: SQLite's planner
-(no statistics) counts the ended jobs without a ``finished_at`` (/metrics) through it, and with it
-partial read every ended job instead. ``(status, finished_at)`` stays whole on both, although the
-other serves its readers on PostgreSQL: SQLite takes an equality on ``status`` over a range on
-``finished_at``, and without it read every ended job of a status for the result sweep, /metrics and
-its latency sample; PostgreSQL counts the ended jobs without a ``finished_at`` through it.
+On PostgreSQL only, ``(finished_at, status, cancellation_reason)`` holds the jobs that ended and
+``(status, finished_at)`` those that didn't: the first serves every reader of what ended when (the
+prune, the result sweep, /metrics and its latency sample), the second only counts the ended jobs
+without a ``finished_at`` (/metrics). SQLite keeps both whole: its planner (no statistics) takes an
+equality on ``status`` over a range on ``finished_at`` and reads what ended when through the second,
+and counts those jobs through the first; made partial, either had it read every ended job instead.
 
 ``resumed_from``'s unique constraint becomes a partial unique index on PostgreSQL; SQLite keeps the
 constraint (it can't drop one without copying the whole table).
@@ -42,7 +42,11 @@ PARTIAL = {
     "ix_jobs_parent_job_id": (["parent_job_id"], "parent_job_id"),
 }
 
-FINISHED, FINISHED_COLUMNS = "ix_jobs_finished_status_reason", ["finished_at", "status", "cancellation_reason"]
+#: PostgreSQL only: name: (columns, predicate)
+BY_END = {
+    "ix_jobs_finished_status_reason": (["finished_at", "status", "cancellation_reason"], "finished_at IS NOT NULL"),
+    "ix_jobs_status_finished": (["status", "finished_at"], "finished_at IS NULL"),
+}
 
 
 def _where(clause: str) -> dict[str, sa.TextClause]:
@@ -57,14 +61,16 @@ def upgrade() -> None:
         op.drop_constraint("uq_jobs_resumed_from", "jobs", type_="unique")
         op.create_index("uq_jobs_resumed_from", "jobs", ["resumed_from"], unique=True,
                         postgresql_where=sa.text("resumed_from IS NOT NULL"))
-        op.drop_index(FINISHED, table_name="jobs")
-        op.create_index(FINISHED, "jobs", FINISHED_COLUMNS, postgresql_where=sa.text("finished_at IS NOT NULL"))
+        for name, (columns, where) in BY_END.items():
+            op.drop_index(name, table_name="jobs")
+            op.create_index(name, "jobs", columns, postgresql_where=sa.text(where))
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.drop_index(FINISHED, table_name="jobs")
-        op.create_index(FINISHED, "jobs", FINISHED_COLUMNS)
+        for name, (columns, _) in BY_END.items():
+            op.drop_index(name, table_name="jobs")
+            op.create_index(name, "jobs", columns)
         op.drop_index("uq_jobs_resumed_from", table_name="jobs")
         op.create_unique_constraint("uq_jobs_resumed_from", "jobs", ["resumed_from"])
     for name, (columns, _) in PARTIAL.items():
