@@ -107,3 +107,56 @@ def test_item_counters_are_exact_under_concurrent_writers(db_url):
         job = session.get(Job, job_id)
         assert (job.completed_items, job.failed_items) == (30, 10)
         assert job_rows.finished_indexes(session, job_id) == set(range(40))
+
+
+def test_migration_0014_partial_indexes_up_and_down_with_rows(db_url):
+    """0014 re-creates indexes of a populated ``jobs`` as partial ones and back; every row stays
+    findable by each of them, and a job is still resumed at most once either way."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    downgrade(db_url, "0013")
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    with session_scope(db_url) as session:
+        job_rows.create_jobs(session, [
+            {"id": ids[0], "inputs": ["a"], "options": {}, "pipeline": "documents", "tenant": "acme"},
+            {"id": ids[1], "inputs": ["a"], "options": {}, "pipeline": "documents", "supersede_key": "k"}])
+        job_rows.create_jobs(session, [
+            {"id": ids[2], "inputs": ["a"], "options": {}, "pipeline": "documents", "parent_job_id": ids[0]}])
+        session.execute(text("UPDATE jobs SET status = 'cancelled', cancellation_reason = 'timeout', "
+                             "finished_at = created_at WHERE id = :id"), {"id": ids[0]})
+    upgrade(db_url)
+    names = {index["name"] for index in inspect(get_engine(db_url)).get_indexes("jobs")}
+    assert {"ix_jobs_tenant_created_id", "ix_jobs_reason_created_id", "ix_jobs_supersede_key",
+            "ix_jobs_parent_job_id", "ix_jobs_finished_status_reason", "ix_jobs_status_finished"} <= names
+
+    def found() -> list:
+        with session_scope(db_url) as session:
+            return [session.scalars(select(Job.id).where(where)).all() for where in (
+                Job.tenant == "acme", Job.cancellation_reason == "timeout", Job.supersede_key == "k",
+                Job.parent_job_id == ids[0], Job.finished_at.is_not(None))]
+
+    assert found() == [[ids[0]], [ids[0]], [ids[1]], [ids[2]], [ids[0]]]
+    assert "IS NOT NULL" in _index_sql(db_url, "ix_jobs_tenant_created_id").upper()
+    with session_scope(db_url) as session:
+        job_rows.create_jobs(session, [{"id": ids[3], "inputs": ["a"], "options": {}, "pipeline": "documents"}])
+        session.execute(text("UPDATE jobs SET resumed_from = :old WHERE id = :id"), {"old": ids[0], "id": ids[3]})
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:
+        session.execute(text("UPDATE jobs SET resumed_from = :old WHERE id = :id"), {"old": ids[0], "id": ids[2]})
+    downgrade(db_url, "0013")
+    assert found() == [[ids[0]], [ids[0]], [ids[1]], [ids[2]], [ids[0]]]
+    assert "IS NOT NULL" not in _index_sql(db_url, "ix_jobs_tenant_created_id").upper()
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:
+        session.execute(text("UPDATE jobs SET resumed_from = :old WHERE id = :id"), {"old": ids[0], "id": ids[2]})
+    upgrade(db_url)
+    assert found() == [[ids[0]], [ids[0]], [ids[1]], [ids[2]], [ids[0]]]
+
+
+def _index_sql(url: str, name: str) -> str:
+    """The definition of index ``name`` as the database keeps it."""
+    from sqlalchemy import text
+
+    query = ("SELECT indexdef FROM pg_indexes WHERE indexname = :name" if url.startswith("postgresql")
+             else "SELECT sql FROM sqlite_master WHERE name = :name")
+    with get_engine(url).connect() as conn:
+        return conn.scalar(text(query), {"name": name})
