@@ -6,7 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.procs import Worker
+from bench.procs import Worker, start_all, stop_all
 from bench.report import Report, Row, say
 from bench.sizes import GOAL_BULK_LARGE_S, GOAL_BULK_S, GOAL_SKIP_MS, Sizes, documents
 
@@ -63,7 +63,8 @@ def bench_bulk_cancel(sizes: Sizes, logs: Path, report: Report) -> None:
         # worker to be ready would otherwise take most of them, unclocked, while the second starts.
         held = f"{queue}-held"
         redis.rename(queue, held)
-        workers += [Worker(f"bench-bulk-{i}", logs, concurrency=1, queue=queue).start() for i in (1, 2)]
+        workers += [Worker(f"bench-bulk-{i}", logs, concurrency=1, queue=queue) for i in (1, 2)]
+        start_all(workers)  # (listed first: the finally stops whichever did start)
 
         keys = [app.backend.get_key_for_task(job_id) for job_id in ids]
         t0 = time.perf_counter()
@@ -91,8 +92,7 @@ def bench_bulk_cancel(sizes: Sizes, logs: Path, report: Report) -> None:
                         Job.id.in_(chunk)).group_by(Job.status)):
                     statuses[status] = statuses.get(status, 0) + count
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_all(workers)
 
     met = cancel_s <= GOAL_BULK_S and started == 0 and outcome.cancelled == n and drained
     drain_note = f"drained in {drain_s:.1f} s" if drained else f"NOT drained in {drain_s:.0f} s ({left:,} left)"

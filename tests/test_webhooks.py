@@ -64,7 +64,7 @@ class Receiver:
 
 
 @pytest.fixture(scope="module")
-def hooks_worker(database):
+def hooks_worker(database, stopping_workers):
     """A worker that delivers webhooks: secret and hosts set, short backoff, at most 4 attempts."""
     from tests.conftest import HOME
     from tests.procs import WorkerProcess
@@ -75,7 +75,10 @@ def hooks_worker(database):
     worker = WorkerProcess(queue, HOME / "logs", concurrency=2, env=env, extra_args=["-Q", queue]).start()
     worker.queue, worker.env = queue, env
     yield worker
-    worker.stop(timeout=20)
+    # its last deliveries may still be retrying (to receivers already closed): it stops in the
+    # background, as a test's own worker does (tests/conftest.py stopping_workers)
+    stopping_workers.append(threading.Thread(target=worker.stop, kwargs={"timeout": 20}, daemon=True))
+    stopping_workers[-1].start()
 
 
 @pytest.fixture
