@@ -40,7 +40,7 @@ from sqlalchemy import (
 from sqlalchemy import column as sql_column
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.selectable import TableValuedAlias
+from sqlalchemy.sql.selectable import CTE, TableValuedAlias
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
 from db.vocabulary import EventKind, ItemStatus, JobStatus
@@ -314,9 +314,56 @@ _INSERT_ITEM = insert(_items)
 #: still owns the job* (on PostgreSQL it also locks the row, so a takeover and an item write are
 #: serialized). A batch of interrupted items only adds zeros: the fence check is the point.
 _BUMP = (update(_jobs)
-         .where((_jobs.c.id == bindparam("job")) & (_jobs.c.fence == bindparam("run_fence")))
+         .where((_jobs.c.id == bindparam("job_id")) & (_jobs.c.fence == bindparam("run_fence")))
          .values(completed_items=_jobs.c.completed_items + bindparam("done", type_=Integer),
                  failed_items=_jobs.c.failed_items + bindparam("failed", type_=Integer)))
+
+
+#: The execution option of a statement whose inserted rows sit inside a data-modifying ``WITH``,
+#: where :mod:`tasks.notify`'s hook (it reads a top-level INSERT's parameters) can't see them: the
+#: table they go to. The statement binds the job's id as ``job_id``.
+INSERTS_INTO = "andon_inserts_into"
+
+_ITEM_COLUMNS = ("index", "stage", "status", "result", "error", "started_at", "finished_at", "retries",
+                 "prompt_tokens", "completion_tokens", "usage_cut_short", "usage_estimated")
+
+
+def event_after(rows: CTE) -> Insert:
+    """``INSERT … SELECT`` of one event for each job ``rows`` (a data-modifying CTE returning ``id``)
+    returns, none if it returns none: its fields bound as ``event_kind``, ``event_reason`` … (:func:`event_params`).
+    The caller adds ``rows`` as :func:`items_after` says."""
+    events = JobEvent.__table__
+    return insert(events).from_select(
+        ["job_id", *_EVENT_COLUMNS],
+        select(rows.c.id, *(bindparam(f"event_{c}", type_=events.c[c].type) for c in _EVENT_COLUMNS)))
+
+
+def event_params(row: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of :func:`event_after`'s event, from its :func:`event_row`."""
+    return {f"event_{c}": row[c] for c in _EVENT_COLUMNS}
+
+
+def items_after(rows: CTE) -> Insert:
+    """``INSERT … SELECT`` of a run's items for the job ``rows`` (a data-modifying CTE returning
+    ``id``) returns, none if it returns none: one column array each (:func:`item_params`, ``unnest``),
+    so one prebuilt statement stores any number of items. PostgreSQL only; the caller adds ``rows``
+    to the statement (``add_cte``: PostgreSQL takes a data-modifying ``WITH`` only at the top)."""
+    listed = (func.unnest(*(bindparam(f"item_{c}", type_=ARRAY(_items.c[c].type)) for c in _ITEM_COLUMNS))
+              .table_valued(*_ITEM_COLUMNS).render_derived("items"))
+    return insert(_items).from_select(["job_id", *_ITEM_COLUMNS], select(rows.c.id, *(listed.c[c] for c in _ITEM_COLUMNS))
+                                      .select_from(rows.join(listed, true())))
+
+
+def item_params(job_id: str, items: Sequence[StoredItem]) -> dict[str, Any]:
+    """The parameters of :func:`items_after`: each column of ``items``' rows as one array."""
+    rows = _item_rows(job_id, items)
+    return {f"item_{c}": [row[c] for row in rows] for c in _ITEM_COLUMNS}
+
+
+#: An item write on PostgreSQL: :data:`_BUMP` and the items' INSERT as one statement (the INSERT is
+#: empty if the run lost the job). Its rowcount is the items stored, kept only if asked.
+_BUMPED = _BUMP.returning(_jobs.c.id).cte("bumped")
+_RECORD_ITEMS = items_after(_BUMPED).add_cte(_BUMPED).execution_options(preserve_rowcount=True)
 
 
 class NotOwner(Exception):
@@ -364,7 +411,12 @@ def record_items(conn: Connection, job_id: str, items: Sequence[StoredItem], *, 
     if not items:
         return
     done, failed = tally(items)
-    if conn.execute(_BUMP, {"job": job_id, "run_fence": fence, "done": done, "failed": failed}).rowcount != 1:
+    if conn.dialect.name == "postgresql":  # one statement: on an autocommit connection, one round trip
+        params = {"job_id": job_id, "run_fence": fence, "done": done, "failed": failed, **item_params(job_id, items)}
+        if conn.execute(_RECORD_ITEMS, params).rowcount == 0:
+            raise NotOwner(job_id)
+        return
+    if conn.execute(_BUMP, {"job_id": job_id, "run_fence": fence, "done": done, "failed": failed}).rowcount != 1:
         raise NotOwner(job_id)
     insert_items(conn, job_id, items)
 
