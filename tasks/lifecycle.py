@@ -172,7 +172,7 @@ def finish_ran_through(job_id: str, fence: int | None = None, *, counts: tuple[i
         if postgres:
             params.update(job_rows.event_params(job_rows.terminal_event(job_id, status, {"error": error}, at=params["now"])))
             if items:
-                params.update(job_rows.item_params(job_id, items))
+                params.update(job_rows.item_params(items))
             ended = conn.execute(_ran_through_with_rows(status, fence is not None, bool(items)), params).rowcount > 0
         else:
             ended = conn.execute(_ran_through(status, fenced=fence is not None), params).rowcount == 1

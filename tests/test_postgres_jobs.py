@@ -92,6 +92,8 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
     counter and the items) and its ran-through end (row, event, last items) are one statement each,
     committed on its own — and each still wakes the streams: the notification hook sees the rows
     a data-modifying ``WITH`` inserts. A stale run's writes store nothing."""
+    from datetime import UTC, datetime
+
     from sqlalchemy import event
 
     from db import jobs as job_rows
@@ -110,6 +112,7 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
 
     engine = get_engine()
     job_id = "one-statement-" + "ab12cd34"
+    began, ended = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC)
     with session_scope() as session:
         job_rows.create_job(session, job_id, ["a", "b", "c", "d"], {})
     handed.clear()
@@ -122,7 +125,8 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
 
         statements.clear(), handed.clear()
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            job_rows.record_items(conn, job_id, [job_rows.ItemRow(0, "s", ItemStatus.DONE, result={"ok": 0}),
+            job_rows.record_items(conn, job_id, [job_rows.ItemRow(0, "s", ItemStatus.DONE, result={"ok": 0},
+                                                                  started_at=began, finished_at=ended),
                                                  job_rows.ItemRow(1, "s", ItemStatus.FAILED, error="bad")], fence=1)
             conn.commit()
         assert len(statements) == 1 and handed == [(job_id, "item")]
@@ -145,6 +149,8 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
                                  .where(JobItem.job_id == job_id).order_by(JobItem.index)).all()
         assert [tuple(r) for r in stored] == [(0, "done", {"ok": 0}, None), (1, "failed", None, "bad"),
                                               (2, "done", {"ok": [2]}, None), (3, "done", None, None)]
+        assert session.execute(select(JobItem.started_at, JobItem.finished_at)
+                               .where(JobItem.job_id == job_id, JobItem.index == 0)).one() == (began, ended)
         kinds = session.scalars(select(JobEvent.kind).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
         assert kinds == ["submitted", "started", "completed"]
     assert_one_terminal(job_id)
