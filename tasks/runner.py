@@ -351,7 +351,8 @@ class JobRun:
                 log.warning("cleanup of job %s: %s", self.job.id, errors)
                 with session_scope() as session:
                     job_rows.add_event(session, self.job.id, EventKind.CLEANUP_FAILED, detail={"errors": errors})
-        if not own_run_only:
+        # the job's scratch dir; none to remove for the job's first run (fence 1) if it made none
+        if not own_run_only and (self._scratch is not None or self.fence > 1):
             remove_tree(job_scratch_dir(self.job.id))
 
 

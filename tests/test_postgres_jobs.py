@@ -99,8 +99,9 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
     from db import jobs as job_rows
     from db.models import JobEvent
     from db.session import get_engine, transaction
+    from db.settings import get_settings
     from db.vocabulary import ItemStatus, JobStatus
-    from tasks import lifecycle, notify
+    from tasks import lifecycle, notify, webhooks
 
     notify.install()
     handed: list[tuple[str, str]] = []
@@ -114,8 +115,12 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
     job_id = "one-statement-" + "ab12cd34"
     began, ended = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC)
     with session_scope() as session:
-        job_rows.create_job(session, job_id, ["a", "b", "c", "d"], {})
+        job_rows.create_job(session, job_id, ["a", "b", "c", "d"], {}, callback_url="https://example.com/hook")
     handed.clear()
+    monkeypatch.setenv("ANDON_WEBHOOK_SECRET", "s" * 32)
+    get_settings.cache_clear()
+    webhooks_sent: list[tuple[str, str]] = []
+    monkeypatch.setattr(webhooks, "send", lambda job, name, *_args, **_kw: webhooks_sent.append((job, name)))
     event.listen(engine, "before_cursor_execute", count)
     try:
         job = lifecycle.start(job_id, "this run", pipelines=["documents"])
@@ -139,8 +144,11 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
         statements.clear(), handed.clear()
         last = [job_rows.ItemRow(2, "s", ItemStatus.DONE, result={"ok": [2]}), job_rows.ItemRow(3, "s", ItemStatus.DONE)]
         assert lifecycle.finish_ran_through(job_id, 1, counts=(4, 3), items=last).status is JobStatus.COMPLETED
-        assert len(statements) == 1 and handed == [(job_id, "item")]
+        # the end is one statement; then, committed, the webhook reads whether the job has a callback
+        assert len(statements) == 2 and "callback_url" in statements[1] and handed == [(job_id, "item")]
+        assert webhooks_sent == [(job_id, "job.completed")]  # after the commit, once
     finally:
+        get_settings.cache_clear()
         event.remove(engine, "before_cursor_execute", count)
     with session_scope() as session:
         row = session.get(Job, job_id)
