@@ -22,7 +22,6 @@ from sqlalchemy import (
     Connection,
     Integer,
     String,
-    Text,
     and_,
     any_,
     bindparam,
@@ -41,7 +40,6 @@ from sqlalchemy import (
 from sqlalchemy import column as sql_column
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.sql.selectable import CTE, TableValuedAlias
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
@@ -135,8 +133,8 @@ def end_with_rows(session: Session, job_id: str, to: JobStatus, *, fence: int | 
     statement = _insert_for(ended, JobEvent.__table__, [*events, terminal_event(job_id, to, values)])
     params: dict[str, Any] = {"job_id": job_id}  # the job's id is bound as `job_id` (what tasks.notify reads)
     if items:
-        statement = _items_from_records(ended).add_cte(statement.cte("events"))
-        params["item_records"] = _item_records(job_id, items)
+        statement = items_from_records(ended).add_cte(statement.cte("events"))
+        params["item_records"] = item_records(job_id, items)
     # the rowcount of an INSERT is kept only if asked
     return session.execute(statement.add_cte(ended).execution_options(preserve_rowcount=True), params).rowcount > 0
 
@@ -151,16 +149,19 @@ def _insert_for(ended: Any, table: Any, rows: Sequence[dict[str, Any]]) -> Inser
     return insert(table).from_select(["job_id", *columns], selects[0] if len(selects) == 1 else union_all(*selects))
 
 
-#: The columns of ``job_items`` a job's end inserts from :func:`_item_records` (all but the keys).
+#: The columns of ``job_items`` inserted from :func:`item_records` (all but the keys).
 _ITEM_RECORD_COLUMNS = tuple(c for c in JobItem.__table__.c if c.name not in ("id", "job_id"))
 
 
-def _items_from_records(ended: Any) -> Insert:
+def items_from_records(ended: Any) -> Insert:
     """``INSERT … SELECT`` of the items in the JSON array bound as ``item_records`` (their ``job_id``
     taken from ``ended``, so none if it is empty), read by ``json_to_recordset`` with each column's
     type. One statement of one shape for any number of items: a ``UNION ALL`` of a ``SELECT`` per item
     took SQLAlchemy 35 ms to compile for 50 items and 195 ms for 250 (an async stage's in-flight
-    items, all interrupted by the cancel), and PostgreSQL a bound parameter per value."""
+    items, all interrupted by the cancel), and PostgreSQL a bound parameter per value. Every end of a
+    job and, on PostgreSQL, every item write (:func:`record_items`) stores its items with it; as one
+    JSON parameter they cost half the CPU of a parameter array per column (which psycopg dumps value
+    by value). The caller adds ``ended`` to the statement (``add_cte``)."""
     records = (func.json_to_recordset(bindparam("item_records", type_=JSON))
                .table_valued(*(sql_column(c.name, c.type) for c in _ITEM_RECORD_COLUMNS))
                .render_derived(name="item_records", with_types=True))
@@ -168,7 +169,7 @@ def _items_from_records(ended: Any) -> Insert:
                                       select(ended.c.id, *records.c).select_from(ended).join(records, true()))
 
 
-def _item_records(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
+def item_records(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
     """The rows of :func:`_item_rows` as JSON values: times as ISO 8601 text (with their offset)."""
     return [{name: value.isoformat() if isinstance(value, datetime) else value
              for name, value in row.items() if name != "job_id"} for row in _item_rows(job_id, items)]
@@ -326,14 +327,11 @@ _BUMP = (update(_jobs)
 #: table they go to. The statement binds the job's id as ``job_id``.
 INSERTS_INTO = "andon_inserts_into"
 
-_ITEM_COLUMNS = ("index", "stage", "status", "result", "error", "started_at", "finished_at", "retries",
-                 "prompt_tokens", "completion_tokens", "usage_cut_short", "usage_estimated")
-
-
 def event_after(rows: CTE) -> Insert:
     """``INSERT … SELECT`` of one event for each job ``rows`` (a data-modifying CTE returning ``id``)
     returns, none if it returns none: its fields bound as ``event_kind``, ``event_reason`` … (:func:`event_params`).
-    The caller adds ``rows`` as :func:`items_after` says."""
+    The caller adds ``rows`` to the statement (``add_cte``: PostgreSQL takes a data-modifying ``WITH``
+    only at the top)."""
     events = JobEvent.__table__
     return insert(events).from_select(
         ["job_id", *_EVENT_COLUMNS],
@@ -345,38 +343,10 @@ def event_params(row: dict[str, Any]) -> dict[str, Any]:
     return {f"event_{c}": row[c] for c in _EVENT_COLUMNS}
 
 
-def items_after(rows: CTE) -> Insert:
-    """``INSERT … SELECT`` of a run's items for the job ``rows`` (a data-modifying CTE returning
-    ``id``) returns, none if it returns none: the items as one JSON document (:func:`item_params`,
-    read by ``json_to_recordset``), so one prebuilt statement stores any number of them — and at
-    half the CPU of a parameter array per column, which the driver dumps element by element.
-    PostgreSQL only; the caller adds ``rows`` to the statement (``add_cte``: PostgreSQL takes a
-    data-modifying ``WITH`` only at the top)."""
-    listed = (func.json_to_recordset(cast(bindparam("items", type_=Text), JSON))
-              .table_valued(*(ColumnClause(c, _items.c[c].type) for c in _ITEM_COLUMNS))
-              .render_derived("items", with_types=True))
-    return insert(_items).from_select(["job_id", *_ITEM_COLUMNS], select(rows.c.id, *(listed.c[c] for c in _ITEM_COLUMNS))
-                                      .select_from(rows.join(listed, true())))
-
-
-def item_params(items: Sequence[StoredItem]) -> dict[str, Any]:
-    """The parameter of :func:`items_after`: ``items``' rows as one JSON array. A result is JSON
-    already (``tasks.engine.json_result``); the times go as ISO 8601 with their zone."""
-    now = utcnow()
-    rows = []
-    for item in items:
-        row = _item_row("", item, now)
-        del row["job_id"]
-        row["started_at"] = row["started_at"] and row["started_at"].isoformat()
-        row["finished_at"] = row["finished_at"].isoformat()
-        rows.append(row)
-    return {"items": json.dumps(rows, ensure_ascii=False)}
-
-
 #: An item write on PostgreSQL: :data:`_BUMP` and the items' INSERT as one statement (the INSERT is
 #: empty if the run lost the job). Its rowcount is the items stored, kept only if asked.
 _BUMPED = _BUMP.returning(_jobs.c.id).cte("bumped")
-_RECORD_ITEMS = items_after(_BUMPED).add_cte(_BUMPED).execution_options(preserve_rowcount=True)
+_RECORD_ITEMS = items_from_records(_BUMPED).add_cte(_BUMPED).execution_options(preserve_rowcount=True)
 
 
 class NotOwner(Exception):
@@ -425,7 +395,8 @@ def record_items(conn: Connection, job_id: str, items: Sequence[StoredItem], *, 
         return
     done, failed = tally(items)
     if conn.dialect.name == "postgresql":  # one statement: on an autocommit connection, one round trip
-        params = {"job_id": job_id, "run_fence": fence, "done": done, "failed": failed, **item_params(items)}
+        params = {"job_id": job_id, "run_fence": fence, "done": done, "failed": failed,
+                  "item_records": item_records(job_id, items)}
         if conn.execute(_RECORD_ITEMS, params).rowcount == 0:
             raise NotOwner(job_id)
         return

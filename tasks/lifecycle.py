@@ -181,7 +181,7 @@ def _finish_on_postgres(engine: Engine, job_id: str, fence: int | None, counts: 
         status, error, params = _ran_through_params(conn, job_id, fence, counts, items)
         params.update(job_rows.event_params(job_rows.terminal_event(job_id, status, {"error": error}, at=params["now"])))
         if items:
-            params.update(job_rows.item_params(items))
+            params["item_records"] = job_rows.item_records(job_id, items)
         ended = conn.execute(_ran_through_with_rows(status, fence is not None, bool(items)), params).rowcount > 0
         if not ended:  # as on SQLite: the items kept as an item write, or NotOwner
             job_rows.record_items(conn, job_id, items, fence=fence or 0)
@@ -238,7 +238,7 @@ def _ran_through_with_rows(status: JobStatus, fenced: bool, items: bool) -> Inse
     what :mod:`tasks.notify` sees, and the statement binds the job as ``job_id`` as it reads."""
     ended = _ran_through(status, fenced).returning(_jobs.c.id).cte("ended")
     if items:
-        statement = job_rows.items_after(ended).add_cte(ended).add_cte(job_rows.event_after(ended).cte("ended_event"))
+        statement = job_rows.items_from_records(ended).add_cte(ended).add_cte(job_rows.event_after(ended).cte("ended_event"))
     else:
         statement = job_rows.event_after(ended).add_cte(ended)
     return statement.execution_options(preserve_rowcount=True)
