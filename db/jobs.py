@@ -40,7 +40,7 @@ from sqlalchemy import (
 from sqlalchemy import column as sql_column
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.selectable import TableValuedAlias
+from sqlalchemy.sql.selectable import CTE, TableValuedAlias
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
 from db.vocabulary import EventKind, ItemStatus, JobStatus
@@ -133,8 +133,8 @@ def end_with_rows(session: Session, job_id: str, to: JobStatus, *, fence: int | 
     statement = _insert_for(ended, JobEvent.__table__, [*events, terminal_event(job_id, to, values)])
     params: dict[str, Any] = {"job_id": job_id}  # the job's id is bound as `job_id` (what tasks.notify reads)
     if items:
-        statement = _items_from_records(ended).add_cte(statement.cte("events"))
-        params["item_records"] = _item_records(job_id, items)
+        statement = items_from_records(ended).add_cte(statement.cte("events"))
+        params["item_records"] = item_records(job_id, items)
     # the rowcount of an INSERT is kept only if asked
     return session.execute(statement.add_cte(ended).execution_options(preserve_rowcount=True), params).rowcount > 0
 
@@ -149,16 +149,19 @@ def _insert_for(ended: Any, table: Any, rows: Sequence[dict[str, Any]]) -> Inser
     return insert(table).from_select(["job_id", *columns], selects[0] if len(selects) == 1 else union_all(*selects))
 
 
-#: The columns of ``job_items`` a job's end inserts from :func:`_item_records` (all but the keys).
+#: The columns of ``job_items`` inserted from :func:`item_records` (all but the keys).
 _ITEM_RECORD_COLUMNS = tuple(c for c in JobItem.__table__.c if c.name not in ("id", "job_id"))
 
 
-def _items_from_records(ended: Any) -> Insert:
+def items_from_records(ended: Any) -> Insert:
     """``INSERT … SELECT`` of the items in the JSON array bound as ``item_records`` (their ``job_id``
     taken from ``ended``, so none if it is empty), read by ``json_to_recordset`` with each column's
     type. One statement of one shape for any number of items: a ``UNION ALL`` of a ``SELECT`` per item
     took SQLAlchemy 35 ms to compile for 50 items and 195 ms for 250 (an async stage's in-flight
-    items, all interrupted by the cancel), and PostgreSQL a bound parameter per value."""
+    items, all interrupted by the cancel), and PostgreSQL a bound parameter per value. Every end of a
+    job and, on PostgreSQL, every item write (:func:`record_items`) stores its items with it; as one
+    JSON parameter they cost half the CPU of a parameter array per column (which psycopg dumps value
+    by value). The caller adds ``ended`` to the statement (``add_cte``)."""
     records = (func.json_to_recordset(bindparam("item_records", type_=JSON))
                .table_valued(*(sql_column(c.name, c.type) for c in _ITEM_RECORD_COLUMNS))
                .render_derived(name="item_records", with_types=True))
@@ -166,7 +169,7 @@ def _items_from_records(ended: Any) -> Insert:
                                       select(ended.c.id, *records.c).select_from(ended).join(records, true()))
 
 
-def _item_records(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
+def item_records(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
     """The rows of :func:`_item_rows` as JSON values: times as ISO 8601 text (with their offset)."""
     return [{name: value.isoformat() if isinstance(value, datetime) else value
              for name, value in row.items() if name != "job_id"} for row in _item_rows(job_id, items)]
@@ -314,9 +317,36 @@ _INSERT_ITEM = insert(_items)
 #: still owns the job* (on PostgreSQL it also locks the row, so a takeover and an item write are
 #: serialized). A batch of interrupted items only adds zeros: the fence check is the point.
 _BUMP = (update(_jobs)
-         .where((_jobs.c.id == bindparam("job")) & (_jobs.c.fence == bindparam("run_fence")))
+         .where((_jobs.c.id == bindparam("job_id")) & (_jobs.c.fence == bindparam("run_fence")))
          .values(completed_items=_jobs.c.completed_items + bindparam("done", type_=Integer),
                  failed_items=_jobs.c.failed_items + bindparam("failed", type_=Integer)))
+
+
+#: The execution option of a statement whose inserted rows sit inside a data-modifying ``WITH``,
+#: where :mod:`tasks.notify`'s hook (it reads a top-level INSERT's parameters) can't see them: the
+#: table they go to. The statement binds the job's id as ``job_id``.
+INSERTS_INTO = "andon_inserts_into"
+
+def event_after(rows: CTE) -> Insert:
+    """``INSERT … SELECT`` of one event for each job ``rows`` (a data-modifying CTE returning ``id``)
+    returns, none if it returns none: its fields bound as ``event_kind``, ``event_reason`` … (:func:`event_params`).
+    The caller adds ``rows`` to the statement (``add_cte``: PostgreSQL takes a data-modifying ``WITH``
+    only at the top)."""
+    events = JobEvent.__table__
+    return insert(events).from_select(
+        ["job_id", *_EVENT_COLUMNS],
+        select(rows.c.id, *(bindparam(f"event_{c}", type_=events.c[c].type) for c in _EVENT_COLUMNS)))
+
+
+def event_params(row: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of :func:`event_after`'s event, from its :func:`event_row`."""
+    return {f"event_{c}": row[c] for c in _EVENT_COLUMNS}
+
+
+#: An item write on PostgreSQL: :data:`_BUMP` and the items' INSERT as one statement (the INSERT is
+#: empty if the run lost the job). Its rowcount is the items stored, kept only if asked.
+_BUMPED = _BUMP.returning(_jobs.c.id).cte("bumped")
+_RECORD_ITEMS = items_from_records(_BUMPED).add_cte(_BUMPED).execution_options(preserve_rowcount=True)
 
 
 class NotOwner(Exception):
@@ -364,7 +394,13 @@ def record_items(conn: Connection, job_id: str, items: Sequence[StoredItem], *, 
     if not items:
         return
     done, failed = tally(items)
-    if conn.execute(_BUMP, {"job": job_id, "run_fence": fence, "done": done, "failed": failed}).rowcount != 1:
+    if conn.dialect.name == "postgresql":  # one statement: on an autocommit connection, one round trip
+        params = {"job_id": job_id, "run_fence": fence, "done": done, "failed": failed,
+                  "item_records": item_records(job_id, items)}
+        if conn.execute(_RECORD_ITEMS, params).rowcount == 0:
+            raise NotOwner(job_id)
+        return
+    if conn.execute(_BUMP, {"job_id": job_id, "run_fence": fence, "done": done, "failed": failed}).rowcount != 1:
         raise NotOwner(job_id)
     insert_items(conn, job_id, items)
 

@@ -38,6 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 from sqlalchemy.sql.dml import Insert
 
+from db.jobs import INSERTS_INTO
 from tasks.cancellation.keys import job_changes_channel
 from tasks.process import get_redis
 
@@ -165,7 +166,8 @@ def install() -> None:
     it (ORM session or plain connection). Idempotent; call once per process that writes rows.
 
     Three SQLAlchemy hooks on every engine: ``after_execute`` notes the job ids an INSERT into
-    ``job_events`` / ``job_items`` carries; ``commit`` / ``rollback`` keep or drop them; the pool's
+    ``job_events`` / ``job_items`` carries (or a statement that names the table it inserts into
+    inside a ``WITH``, :data:`db.jobs.INSERTS_INTO`, binds as ``job_id``); ``commit`` / ``rollback`` keep or drop them; the pool's
     ``checkin`` — after the commit has really happened — hands one notification per job to the
     process's publisher thread.
     """
@@ -192,10 +194,10 @@ def claim(conn: Any, job_ids: Iterable[str]) -> set[str]:
     return {job_id for job_id in job_ids if pending.pop(job_id, None) is not None}
 
 
-def _after_execute(conn, clause, multiparams, params, _options, _result) -> None:
-    if not isinstance(clause, Insert):
-        return
-    kind = _ROW_KINDS.get(getattr(clause.table, "name", ""))
+def _after_execute(conn, clause, multiparams, params, options, _result) -> None:
+    # a statement whose INSERT is inside a data-modifying WITH names its table (db.jobs.INSERTS_INTO)
+    table = getattr(clause.table, "name", "") if isinstance(clause, Insert) else options.get(INSERTS_INTO)
+    kind = _ROW_KINDS.get(table) if table else None
     if kind is None:
         return
     rows = multiparams or [params]

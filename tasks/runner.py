@@ -231,8 +231,14 @@ class JobRun:
                               CancellationSource.DATABASE_UNAVAILABLE)
 
     def _write(self, records: list[ItemRecord]) -> None:
-        with transaction() as conn:
-            job_rows.record_items(conn, self.job.id, records, fence=self.fence)
+        engine = get_engine()
+        if engine.dialect.name == "postgresql":  # the write is one statement: committed on its own, one round trip
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                job_rows.record_items(conn, self.job.id, records, fence=self.fence)
+                conn.commit()  # no round trip (autocommit); what tasks.notify announces the items on
+        else:
+            with transaction() as conn:
+                job_rows.record_items(conn, self.job.id, records, fence=self.fence)
         self._counted(records)
 
     def _why_cancelled(self, exc: BaseException) -> CancellationError | None:
@@ -345,7 +351,8 @@ class JobRun:
                 log.warning("cleanup of job %s: %s", self.job.id, errors)
                 with session_scope() as session:
                     job_rows.add_event(session, self.job.id, EventKind.CLEANUP_FAILED, detail={"errors": errors})
-        if not own_run_only:
+        # the job's scratch dir; none to remove for the job's first run (fence 1) if it made none
+        if not own_run_only and (self._scratch is not None or self.fence > 1):
             remove_tree(job_scratch_dir(self.job.id))
 
 

@@ -85,3 +85,80 @@ def test_pooled_connections_the_server_dropped_are_replaced(on_postgres, postgre
         assert read() == 1
     finally:
         engine.dispose()
+
+
+def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announces_them(on_postgres, monkeypatch):
+    """On PostgreSQL a job's start (its row and ``started`` event), each item write (the fenced
+    counter and the items) and its ran-through end (row, event, last items) are one statement each,
+    committed on its own — and each still wakes the streams: the notification hook sees the rows
+    a data-modifying ``WITH`` inserts. A stale run's writes store nothing."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import event
+
+    from db import jobs as job_rows
+    from db.models import JobEvent
+    from db.session import get_engine, transaction
+    from db.settings import get_settings
+    from db.vocabulary import ItemStatus, JobStatus
+    from tasks import lifecycle, notify, webhooks
+
+    notify.install()
+    handed: list[tuple[str, str]] = []
+    monkeypatch.setattr(notify, "notify_soon", lambda job_id, kind: handed.append((job_id, kind)))
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    engine = get_engine()
+    job_id = "one-statement-" + "ab12cd34"
+    began, ended = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC)
+    with session_scope() as session:
+        job_rows.create_job(session, job_id, ["a", "b", "c", "d"], {}, callback_url="https://example.com/hook")
+    handed.clear()
+    monkeypatch.setenv("ANDON_WEBHOOK_SECRET", "s" * 32)
+    get_settings.cache_clear()
+    webhooks_sent: list[tuple[str, str]] = []
+    monkeypatch.setattr(webhooks, "send", lambda job, name, *_args, **_kw: webhooks_sent.append((job, name)))
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        job = lifecycle.start(job_id, "this run", pipelines=["documents"])
+        assert job is not None and job.status == "running" and job.fence == 1 and job.owner == "this run"
+        assert len(statements) == 1 and handed == [(job_id, "event")]
+        assert lifecycle.start(job_id, "another run") is None  # started once
+
+        statements.clear(), handed.clear()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            job_rows.record_items(conn, job_id, [job_rows.ItemRow(0, "s", ItemStatus.DONE, result={"ok": 0},
+                                                                  started_at=began, finished_at=ended),
+                                                 job_rows.ItemRow(1, "s", ItemStatus.FAILED, error="bad")], fence=1)
+            conn.commit()
+        assert len(statements) == 1 and handed == [(job_id, "item")]
+
+        with pytest.raises(job_rows.NotOwner), transaction() as conn:  # a stale run: its batch is refused whole
+            job_rows.record_items(conn, job_id, [job_rows.ItemRow(2, "s", ItemStatus.DONE)], fence=0)
+        with pytest.raises(job_rows.NotOwner):
+            lifecycle.finish_ran_through(job_id, 0, counts=(4, 2), items=[job_rows.ItemRow(2, "s", ItemStatus.DONE)])
+
+        statements.clear(), handed.clear()
+        last = [job_rows.ItemRow(2, "s", ItemStatus.DONE, result={"ok": [2]}), job_rows.ItemRow(3, "s", ItemStatus.DONE)]
+        assert lifecycle.finish_ran_through(job_id, 1, counts=(4, 3), items=last).status is JobStatus.COMPLETED
+        # the end is one statement; then, committed, the webhook reads whether the job has a callback
+        assert len(statements) == 2 and "callback_url" in statements[1] and handed == [(job_id, "item")]
+        assert webhooks_sent == [(job_id, "job.completed")]  # after the commit, once
+    finally:
+        get_settings.cache_clear()
+        event.remove(engine, "before_cursor_execute", count)
+    with session_scope() as session:
+        row = session.get(Job, job_id)
+        assert (row.status, row.completed_items, row.failed_items) == ("completed", 3, 1)
+        stored = session.execute(select(JobItem.index, JobItem.status, JobItem.result, JobItem.error)
+                                 .where(JobItem.job_id == job_id).order_by(JobItem.index)).all()
+        assert [tuple(r) for r in stored] == [(0, "done", {"ok": 0}, None), (1, "failed", None, "bad"),
+                                              (2, "done", {"ok": [2]}, None), (3, "done", None, None)]
+        assert session.execute(select(JobItem.started_at, JobItem.finished_at)
+                               .where(JobItem.job_id == job_id, JobItem.index == 0)).one() == (began, ended)
+        kinds = session.scalars(select(JobEvent.kind).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+        assert kinds == ["submitted", "started", "completed"]
+    assert_one_terminal(job_id)
