@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 from sqlalchemy.sql.dml import Insert
 
-from db.jobs import INSERTS_INTO
+from db.jobs import INSERTS_INTO, ROWS
 from tasks.cancellation.keys import job_changes_channel
 from tasks.process import get_redis
 
@@ -167,7 +167,8 @@ def install() -> None:
 
     Three SQLAlchemy hooks on every engine: ``after_execute`` notes the job ids an INSERT into
     ``job_events`` / ``job_items`` carries (or a statement that names the table it inserts into
-    inside a ``WITH``, :data:`db.jobs.INSERTS_INTO`, binds as ``job_id``); ``commit`` / ``rollback`` keep or drop them; the pool's
+    inside a ``WITH``, :data:`db.jobs.INSERTS_INTO`, binds as ``job_id``; or, for many rows in one
+    parameter, :data:`db.jobs.ROWS`, each row's ``job_id``); ``commit`` / ``rollback`` keep or drop them; the pool's
     ``checkin`` — after the commit has really happened — hands one notification per job to the
     process's publisher thread.
     """
@@ -201,6 +202,8 @@ def _after_execute(conn, clause, multiparams, params, options, _result) -> None:
     if kind is None:
         return
     rows = multiparams or [params]
+    if len(rows) == 1 and isinstance(rows[0], dict) and isinstance(rows[0].get(ROWS), list):
+        rows = rows[0][ROWS]  # many rows in one parameter (db.jobs.insert_rows on PostgreSQL)
     job_ids = {row.get("job_id") for row in rows if isinstance(row, dict)} - {None}
     if job_ids:
         pending = conn.info.setdefault(_PENDING, {})

@@ -162,3 +162,39 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
         kinds = session.scalars(select(JobEvent.kind).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
         assert kinds == ["submitted", "started", "completed"]
     assert_one_terminal(job_id)
+
+
+def test_a_batch_stores_every_value_and_announces_every_job(on_postgres):
+    """A batch's jobs, tags and events go in as one INSERT each on PostgreSQL, their rows read from
+    one JSON parameter (db.jobs.insert_rows): every value as the ORM would store it — JSON documents
+    and options, times, NULLs, booleans — and each job's ``submitted`` event still seen by the
+    notification hook, so the submit can publish it with the job's message."""
+    from db import jobs as job_rows
+    from db.models import JobEvent, JobTag
+    from tasks import notify
+
+    notify.install()
+
+    specs = [{"id": f"batch-{i:02d}", "inputs": [{"text": f"doc {i}", "n": i}, "é\u2603"], "options": {"stage_delay_s": 0.5},
+              "pipeline": "documents", "tags": ["b", "a", "b"] if i % 2 else [], "deadline_s": 1.5 if i == 1 else None,
+              "deferred": i == 2, "tenant": "acme" if i == 3 else None} for i in range(5)]
+    with session_scope() as session:
+        job_rows.create_jobs(session, specs, actor="tester")
+        claimed = notify.claim(session.connection(), [spec["id"] for spec in specs])
+    assert claimed == {spec["id"] for spec in specs}
+    with session_scope() as session:
+        jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.like("batch-%")))}
+        for i, spec in enumerate(specs):
+            job = jobs[spec["id"]]
+            assert (job.status, job.inputs, job.options, job.total_items, job.deadline_s, job.deferred, job.tenant,
+                    job.resumable, job.fence, job.cancellation_reason) == (
+                "pending", spec["inputs"], spec["options"], 2, spec["deadline_s"], i == 2, spec["tenant"], False, 0, None)
+            assert job.created_at.tzinfo is not None and job.created_at == jobs["batch-00"].created_at
+        tags = session.execute(select(JobTag.job_id, JobTag.tag, JobTag.created_at).order_by(JobTag.job_id, JobTag.tag)).all()
+        assert [(t.job_id, t.tag) for t in tags] == [("batch-01", "a"), ("batch-01", "b"), ("batch-03", "a"),
+                                                      ("batch-03", "b")]
+        assert all(t.created_at == jobs["batch-00"].created_at for t in tags)
+        events = session.execute(select(JobEvent.job_id, JobEvent.kind, JobEvent.actor, JobEvent.detail)
+                                 .order_by(JobEvent.id)).all()
+        assert [tuple(e) for e in events] == [(spec["id"], "submitted", "tester", {"items": 2, "pipeline": "documents"})
+                                              for spec in specs]
