@@ -272,13 +272,12 @@ def settle_statistics() -> float:
 
     SQLite keeps no statistics unless asked, and andon never asks, nor has a visibility map: nothing
     to settle there."""
-    from db.session import get_engine
+    from db.session import get_engine, statement_writes
 
-    engine = get_engine()
-    if engine.dialect.name != "postgresql":
+    if get_engine().dialect.name != "postgresql":
         return 0.0
     t0 = time.perf_counter()
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:  # VACUUM runs outside one
+    with statement_writes() as conn:  # VACUUM runs outside a transaction
         conn.exec_driver_sql("VACUUM (ANALYZE) jobs, job_tags, job_items")
     return time.perf_counter() - t0
 

@@ -204,6 +204,18 @@ def read_only_connection(url: str | None = None) -> Connection:
 
 
 @contextmanager
+def statement_writes(url: str | None = None) -> Iterator[Connection]:
+    """A connection whose writes each commit as they run, for a write that is one statement on
+    PostgreSQL (a data-modifying ``WITH``): in autocommit it is one round trip where BEGIN, the
+    statement and COMMIT took three, and the row locks it takes are held for that statement alone.
+    The commit at the end costs no round trip; it is what :mod:`tasks.notify`'s hook announces the
+    inserted rows on. Only for PostgreSQL: a write of several statements wants :func:`transaction`."""
+    with get_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        yield conn
+        conn.commit()
+
+
+@contextmanager
 def transaction(url: str | None = None) -> Iterator[Connection]:
     """A plain connection in one transaction, committed on success: for the per-item hot path, where
     a Session's bookkeeping would cost more than the SQL."""

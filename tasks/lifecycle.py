@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Integer, Row, Select, Update, bindparam, case, select, update
+from sqlalchemy import Connection, Insert, Integer, Row, Select, Update, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from db import jobs as job_rows
 from db.jobs import StoredItem
 from db.models import Job, JobEvent, utcnow
-from db.session import get_engine, session_scope, transaction
+from db.session import get_engine, session_scope, statement_writes, transaction
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
 from tasks import webhooks
@@ -73,9 +73,8 @@ def start(job_id: str, owner: str, pipelines: Collection[str] | None = None) -> 
     if engine.dialect.name == "postgresql":  # one statement, one round trip: the row and its event
         params.update(job_rows.event_params(job_rows.event_row(job_id, EventKind.STARTED, actor=owner,
                                                                detail={"redelivered": False}, at=params["now"])))
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with statement_writes() as conn:
             row = conn.execute(_started(known=pipelines is not None), params).one_or_none()
-            conn.commit()  # no round trip (autocommit); what tasks.notify announces the event on
     else:
         row = _start_in_transaction(job_id, owner, params, _START if pipelines is None else _START_KNOWN)
     return None if row is None else Job(**{key: row[i] for i, key in enumerate(_JOB_KEYS)})
@@ -156,7 +155,7 @@ def finish_ran_through(job_id: str, fence: int | None = None, *, counts: tuple[i
         raise ValueError("a run's items are written under its fence")
     engine = get_engine()
     if engine.dialect.name == "postgresql":
-        return _finish_on_postgres(engine, job_id, fence, counts, items)
+        return _finish_on_postgres(job_id, fence, counts, items)
     with session_scope(writer=bool(items)) as session:
         conn = session.connection()
         status, error, params = _ran_through_params(conn, job_id, fence, counts, items)
@@ -171,13 +170,13 @@ def finish_ran_through(job_id: str, fence: int | None = None, *, counts: tuple[i
     return outcome_of(job_id, ran=True)  # a finalizer ended it first: report what the row says
 
 
-def _finish_on_postgres(engine: Engine, job_id: str, fence: int | None, counts: tuple[int, int] | None,
+def _finish_on_postgres(job_id: str, fence: int | None, counts: tuple[int, int] | None,
                         items: Sequence[StoredItem]) -> JobOutcome:
     """:func:`finish_ran_through` on PostgreSQL: the end, its event and the items are one statement
     (:func:`_ran_through_with_rows`) on a plain connection in autocommit — one round trip where the
     transaction took five, and no Session (its bookkeeping cost the end a fifth of its CPU). The
     webhook, wanted only with a secret set, is handed a Session of its own after the commit."""
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with statement_writes() as conn:
         status, error, params = _ran_through_params(conn, job_id, fence, counts, items)
         params.update(job_rows.event_params(job_rows.terminal_event(job_id, status, {"error": error}, at=params["now"])))
         if items:
@@ -185,7 +184,6 @@ def _finish_on_postgres(engine: Engine, job_id: str, fence: int | None, counts: 
         ended = conn.execute(_ran_through_with_rows(status, fence is not None, bool(items)), params).rowcount > 0
         if not ended:  # as on SQLite: the items kept as an item write, or NotOwner
             job_rows.record_items(conn, job_id, items, fence=fence or 0)
-        conn.commit()  # no round trip (autocommit); what tasks.notify announces the rows on
     if not ended:
         return outcome_of(job_id, ran=True)
     if get_settings().webhook_secret:
@@ -402,11 +400,9 @@ def mark_running_requested(job_id: str, winner: CancelRequest, losers: Sequence[
     if engine.dialect.name != "postgresql":
         with session_scope(writer=True) as session:
             return job_rows.transition(session, job_id, JobStatus.CANCELLING, events=events, **values)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with statement_writes() as conn:
         statement, params = job_rows.moved_with_events(JobStatus.CANCELLING, events, **values)
-        moved = conn.execute(statement, {**params, "job_id": job_id}).rowcount > 0
-        conn.commit()  # no round trip (autocommit); what tasks.notify announces the events on
-        return moved
+        return conn.execute(statement, {**params, "job_id": job_id}).rowcount > 0
 
 
 def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tuple[JobStatus, CancelRequest, bool]:

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from db import jobs as job_rows
 from db.jobs import NotOwner
 from db.models import Job
-from db.session import get_engine, is_transient, retry_transient, session_scope, transaction
+from db.session import get_engine, is_transient, retry_transient, session_scope, statement_writes, transaction
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, ItemStatus, JobStatus
 from tasks import lifecycle, registry
@@ -231,14 +231,10 @@ class JobRun:
                               CancellationSource.DATABASE_UNAVAILABLE)
 
     def _write(self, records: list[ItemRecord]) -> None:
-        engine = get_engine()
-        if engine.dialect.name == "postgresql":  # the write is one statement: committed on its own, one round trip
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                job_rows.record_items(conn, self.job.id, records, fence=self.fence)
-                conn.commit()  # no round trip (autocommit); what tasks.notify announces the items on
-        else:
-            with transaction() as conn:
-                job_rows.record_items(conn, self.job.id, records, fence=self.fence)
+        # on PostgreSQL the write is one statement, committed as it runs: one round trip
+        postgres = get_engine().dialect.name == "postgresql"
+        with statement_writes() if postgres else transaction() as conn:
+            job_rows.record_items(conn, self.job.id, records, fence=self.fence)
         self._counted(records)
 
     def _why_cancelled(self, exc: BaseException) -> CancellationError | None:
