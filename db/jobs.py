@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy import column as sql_column
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.selectable import CTE, TableValuedAlias
+from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.types import TypeDecorator
 
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
@@ -132,27 +132,14 @@ def end_with_rows(session: Session, job_id: str, to: JobStatus, *, fence: int | 
     owned = [_jobs.c.fence == fence] if fence is not None else []
     ended = (update(_jobs).where(_jobs.c.id == bindparam("job_id"), _jobs.c.status.in_([s.value for s in ALLOWED_FROM[to]]),
                                  *owned).values(status=to.value, **values).returning(_jobs.c.id).cte("ended"))
-    statement = _insert_for(ended, JobEvent.__table__, [*events, terminal_event(job_id, to, values)])
-    params: dict[str, Any] = {"job_id": job_id}  # the job's id is bound as `job_id` (what tasks.notify reads)
+    statement = rows_after(ended, JobEvent.__table__)
+    # the job's id is bound as `job_id` (what tasks.notify reads)
+    params: dict[str, Any] = {"job_id": job_id, EVENT_RECORDS: [*events, terminal_event(job_id, to, values)]}
     if items:
-        statement = items_from_records(ended).add_cte(statement.cte("events"))
-        params["item_records"] = item_records(job_id, items)
+        statement = rows_after(ended, JobItem.__table__).add_cte(statement.cte("events"))
+        params[ITEM_RECORDS] = item_records(job_id, items)
     # the rowcount of an INSERT is kept only if asked
     return session.execute(statement.add_cte(ended).execution_options(preserve_rowcount=True), params).rowcount > 0
-
-
-def _insert_for(ended: Any, table: Any, rows: Sequence[dict[str, Any]]) -> Insert:
-    """``INSERT … SELECT`` of ``rows`` (their ``job_id`` taken from ``ended``, so none if it is empty).
-    Each value is CAST to its column's type: in a ``UNION ALL`` PostgreSQL takes an untyped NULL
-    parameter (psycopg sends booleans without a cast) for text."""
-    columns = [c for c in rows[0] if c != "job_id"]
-    selects = [select(ended.c.id, *(cast(literal(row[c], table.c[c].type), table.c[c].type) for c in columns))
-               for row in rows]
-    return insert(table).from_select(["job_id", *columns], selects[0] if len(selects) == 1 else union_all(*selects))
-
-
-#: The columns of ``job_items`` inserted from :func:`item_records` (all but the keys).
-_ITEM_RECORD_COLUMNS = tuple(c for c in JobItem.__table__.c if c.name not in ("id", "job_id"))
 
 
 def recordset(columns: Sequence[Any], name: str) -> TableValuedAlias:
@@ -208,22 +195,29 @@ def _insert_rows(table: Any, columns: tuple[str, ...]) -> Insert:
     return insert(table).from_select(list(columns), select(*records.c))
 
 
-def items_from_records(ended: Any) -> Insert:
-    """``INSERT … SELECT`` of the items in the JSON array bound as ``item_records`` (their ``job_id``
-    taken from ``ended``, so none if it is empty), read by ``json_to_recordset`` with each column's
-    type. One statement of one shape for any number of items: a ``UNION ALL`` of a ``SELECT`` per item
-    took SQLAlchemy 35 ms to compile for 50 items and 195 ms for 250 (an async stage's in-flight
-    items, all interrupted by the cancel), and PostgreSQL a bound parameter per value. Every end of a
-    job and, on PostgreSQL, every item write (:func:`record_items`) stores its items with it; as one
-    JSON parameter they cost half the CPU of a parameter array per column (which psycopg dumps value
-    by value). The caller adds ``ended`` to the statement (``add_cte``)."""
-    records = recordset(_ITEM_RECORD_COLUMNS, "item_records")
-    return insert(JobItem.__table__).from_select(["job_id", *(c.name for c in _ITEM_RECORD_COLUMNS)],
-                                      select(ended.c.id, *records.c).select_from(ended).join(records, true()))
+#: The parameters :func:`rows_after` binds the rows of ``job_events`` and of ``job_items`` to.
+EVENT_RECORDS, ITEM_RECORDS = "event_records", "item_records"
+_RECORDS_OF = {JobEvent.__tablename__: EVENT_RECORDS, JobItem.__tablename__: ITEM_RECORDS}
+
+
+def rows_after(rows: Any, table: Any) -> Insert:
+    """``INSERT … SELECT`` into ``table`` (``job_events`` or ``job_items``) of the rows in the JSON
+    array bound as :data:`EVENT_RECORDS` / :data:`ITEM_RECORDS` (:func:`recordset`), each with the
+    ``job_id`` of each row ``rows`` (a data-modifying CTE returning ``id``) returns — so none if it
+    returns none. One statement of one shape for any number of rows: a ``UNION ALL`` of a ``SELECT``
+    per row took SQLAlchemy 35 ms to compile for 50 items and 195 ms for 250 (an async stage's
+    in-flight items, all interrupted by the cancel), and PostgreSQL a bound parameter per value; as
+    one JSON parameter, items cost half the CPU of a parameter array per column (which psycopg dumps
+    value by value). The caller adds ``rows`` to the statement (``add_cte``: PostgreSQL takes a
+    data-modifying ``WITH`` only at the top)."""
+    columns = [c for c in table.c if c.name not in ("id", "job_id")]
+    records = recordset(columns, _RECORDS_OF[table.name])
+    return insert(table).from_select(["job_id", *(c.name for c in columns)],
+                                     select(rows.c.id, *records.c).select_from(rows).join(records, true()))
 
 
 def item_records(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
-    """The rows :func:`items_from_records` reads (their ``job_id`` is not among its columns)."""
+    """The rows :func:`rows_after` reads into ``job_items`` (their ``job_id`` is not among its columns)."""
     return _item_rows(job_id, items)
 
 
@@ -236,26 +230,20 @@ def moved_with_events(to: JobStatus, events: Sequence[dict[str, Any]], **values:
     row lock for that one statement."""
     if to.is_terminal:
         raise ValueError("a terminal transition stamps its end and event: transition()")
-    params = {f"set_{column}": value for column, value in values.items()}
-    params.update((f"e{i}_{column}", row[column]) for i, row in enumerate(events) for column in _EVENT_COLUMNS)
-    return _moved_with_events(to, len(events), tuple(values)), params
-
-
-_EVENT_COLUMNS = ("kind", "reason", "source", "actor", "detail", "at")
+    params: dict[str, Any] = {f"set_{column}": value for column, value in values.items()}
+    params[EVENT_RECORDS] = list(events)
+    return _moved_with_events(to, tuple(values)), params
 
 
 @lru_cache(maxsize=16)
-def _moved_with_events(to: JobStatus, events: int, columns: tuple[str, ...]) -> Insert:
+def _moved_with_events(to: JobStatus, columns: tuple[str, ...]) -> Insert:
     """Built once per shape, with bound parameters: building and keying the statement anew cost the
     request ~0.4 ms of CPU."""
     moved = (update(_jobs).where(_jobs.c.id == bindparam("job_id"), _jobs.c.status.in_([s.value for s in ALLOWED_FROM[to]]))
              .values(status=to.value, **{c: bindparam(f"set_{c}", type_=_jobs.c[c].type) for c in columns})
              .returning(_jobs.c.id).cte("moved"))
-    table = JobEvent.__table__
-    rows = [select(moved.c.id, *(bindparam(f"e{i}_{c}", type_=table.c[c].type) for c in _EVENT_COLUMNS))
-            for i in range(events)]
-    return (insert(table).from_select(["job_id", *_EVENT_COLUMNS], rows[0] if len(rows) == 1 else union_all(*rows))
-            .add_cte(moved).execution_options(preserve_rowcount=True))  # an INSERT's rowcount is kept only if asked
+    return (rows_after(moved, JobEvent.__table__).add_cte(moved)
+            .execution_options(preserve_rowcount=True))  # an INSERT's rowcount is kept only if asked
 
 
 def cancel_values(request: Any) -> dict[str, Any]:
@@ -378,26 +366,10 @@ _BUMP = (update(_jobs)
 #: table they go to. The statement binds the job's id as ``job_id``.
 INSERTS_INTO = "andon_inserts_into"
 
-def event_after(rows: CTE) -> Insert:
-    """``INSERT … SELECT`` of one event for each job ``rows`` (a data-modifying CTE returning ``id``)
-    returns, none if it returns none: its fields bound as ``event_kind``, ``event_reason`` … (:func:`event_params`).
-    The caller adds ``rows`` to the statement (``add_cte``: PostgreSQL takes a data-modifying ``WITH``
-    only at the top)."""
-    events = JobEvent.__table__
-    return insert(events).from_select(
-        ["job_id", *_EVENT_COLUMNS],
-        select(rows.c.id, *(bindparam(f"event_{c}", type_=events.c[c].type) for c in _EVENT_COLUMNS)))
-
-
-def event_params(row: dict[str, Any]) -> dict[str, Any]:
-    """The parameters of :func:`event_after`'s event, from its :func:`event_row`."""
-    return {f"event_{c}": row[c] for c in _EVENT_COLUMNS}
-
-
 #: An item write on PostgreSQL: :data:`_BUMP` and the items' INSERT as one statement (the INSERT is
 #: empty if the run lost the job). Its rowcount is the items stored, kept only if asked.
 _BUMPED = _BUMP.returning(_jobs.c.id).cte("bumped")
-_RECORD_ITEMS = items_from_records(_BUMPED).add_cte(_BUMPED).execution_options(preserve_rowcount=True)
+_RECORD_ITEMS = rows_after(_BUMPED, JobItem.__table__).add_cte(_BUMPED).execution_options(preserve_rowcount=True)
 
 
 class NotOwner(Exception):
@@ -447,7 +419,7 @@ def record_items(conn: Connection, job_id: str, items: Sequence[StoredItem], *, 
     done, failed = tally(items)
     if conn.dialect.name == "postgresql":  # one statement: on an autocommit connection, one round trip
         params = {"job_id": job_id, "run_fence": fence, "done": done, "failed": failed,
-                  "item_records": item_records(job_id, items)}
+                  ITEM_RECORDS: item_records(job_id, items)}
         if conn.execute(_RECORD_ITEMS, params).rowcount == 0:
             raise NotOwner(job_id)
         return

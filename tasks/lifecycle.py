@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from db import jobs as job_rows
 from db.jobs import StoredItem
-from db.models import Job, JobEvent, utcnow
+from db.models import Job, JobEvent, JobItem, utcnow
 from db.session import get_engine, session_scope, statement_writes, transaction
 from db.settings import get_settings
 from db.vocabulary import CancellationReason, CancellationSource, EventKind, JobStatus
@@ -71,8 +71,8 @@ def start(job_id: str, owner: str, pipelines: Collection[str] | None = None) -> 
         params["pipelines"] = list(pipelines)
     engine = get_engine()
     if engine.dialect.name == "postgresql":  # one statement, one round trip: the row and its event
-        params.update(job_rows.event_params(job_rows.event_row(job_id, EventKind.STARTED, actor=owner,
-                                                               detail={"redelivered": False}, at=params["now"])))
+        params[job_rows.EVENT_RECORDS] = [job_rows.event_row(job_id, EventKind.STARTED, actor=owner,
+                                                             detail={"redelivered": False}, at=params["now"])]
         with statement_writes() as conn:
             row = conn.execute(_started(known=pipelines is not None), params).one_or_none()
     else:
@@ -107,7 +107,7 @@ def _started(known: bool) -> Select:
     where a transaction took four, the row lock held for that one statement. Its event is inside
     the ``WITH``: the statement names its table for :mod:`tasks.notify` (``INSERTS_INTO``)."""
     started = (_START_KNOWN if known else _START).cte("started")
-    event = job_rows.event_after(started).cte("started_event")
+    event = job_rows.rows_after(started, JobEvent.__table__).cte("started_event")
     return (select(*started.c).add_cte(started).add_cte(event)
             .execution_options(**{job_rows.INSERTS_INTO: JobEvent.__tablename__}))
 
@@ -178,9 +178,9 @@ def _finish_on_postgres(job_id: str, fence: int | None, counts: tuple[int, int] 
     webhook, wanted only with a secret set, is handed a Session of its own after the commit."""
     with statement_writes() as conn:
         status, error, params = _ran_through_params(conn, job_id, fence, counts, items)
-        params.update(job_rows.event_params(job_rows.terminal_event(job_id, status, {"error": error}, at=params["now"])))
+        params[job_rows.EVENT_RECORDS] = [job_rows.terminal_event(job_id, status, {"error": error}, at=params["now"])]
         if items:
-            params["item_records"] = job_rows.item_records(job_id, items)
+            params[job_rows.ITEM_RECORDS] = job_rows.item_records(job_id, items)
         ended = conn.execute(_ran_through_with_rows(status, fence is not None, bool(items)), params).rowcount > 0
         if not ended:  # as on SQLite: the items kept as an item write, or NotOwner
             job_rows.record_items(conn, job_id, items, fence=fence or 0)
@@ -235,10 +235,11 @@ def _ran_through_with_rows(status: JobStatus, fenced: bool, items: bool) -> Inse
     of the top-level INSERT (kept: ``preserve_rowcount``) says whether it did; that INSERT's table is
     what :mod:`tasks.notify` sees, and the statement binds the job as ``job_id`` as it reads."""
     ended = _ran_through(status, fenced).returning(_jobs.c.id).cte("ended")
+    event = job_rows.rows_after(ended, JobEvent.__table__)
     if items:
-        statement = job_rows.items_from_records(ended).add_cte(ended).add_cte(job_rows.event_after(ended).cte("ended_event"))
+        statement = job_rows.rows_after(ended, JobItem.__table__).add_cte(ended).add_cte(event.cte("ended_event"))
     else:
-        statement = job_rows.event_after(ended).add_cte(ended)
+        statement = event.add_cte(ended)
     return statement.execution_options(preserve_rowcount=True)
 
 
