@@ -17,7 +17,8 @@ def cancel_key(job_id: str) -> str:
 
 
 def cancel_requests_key(job_id: str) -> str:
-    """Every cancel request of a job, winners and losers, for the record (a list)."""
+    """Every cancel request of a job, winners and losers, for the record (a list). A bulk cancel's
+    request is not logged here for the queued jobs it ends: each such job's events hold it."""
     return f"andon:cancel:{job_id}:requests"
 
 

@@ -53,18 +53,14 @@ end
 return 0
 """
 
-#: Many queued jobs' tokens in one call: ``SET NX`` and the request log per job, as ``_CANCEL_SCRIPT``
-#: without the publish. KEYS: the n cancel keys, then the n request-log keys; ARGV: the payload's
-#: text before and after the job id, the TTL, then the n job ids (JSON-escaped).
+#: Many queued jobs' tokens in one call: ``SET NX`` per job, as ``_CANCEL_SCRIPT`` without the request
+#: log and the publish. KEYS: the n cancel keys; ARGV: the payload's text before and after the job
+#: id, the TTL, then the n job ids (JSON-escaped).
 _CANCEL_MANY_SCRIPT = """
-local n = #ARGV - 3
-for i = 1, n do
-  local payload = ARGV[1] .. ARGV[3 + i] .. ARGV[2]
-  redis.call('SET', KEYS[i], payload, 'NX', 'EX', ARGV[3])
-  redis.call('RPUSH', KEYS[n + i], payload)
-  redis.call('EXPIRE', KEYS[n + i], ARGV[3])
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[1] .. ARGV[3 + i] .. ARGV[2], 'NX', 'EX', ARGV[3])
 end
-return n
+return #KEYS
 """
 
 #: Job ids per call of ``_CANCEL_MANY_SCRIPT``: few, on purpose. With the append-only file on (as
@@ -155,6 +151,11 @@ class CancellationStore:
         No token is published (no job of these runs to watch it); after the tokens, the ids join the
         queued cancels, a ``ZADD`` and a push per thousand, so workers' main processes skip their
         messages (a worker that hears of a job finds its token set).
+
+        Nothing goes to the jobs' request logs: the caller ended each of these rows with this
+        request and recorded it as the job's ``cancel_requested`` event, in the same transaction.
+        The log cost two of the three writes per job (10,000 jobs: 0.26 → 0.10 CPU-s, client and
+        Redis together) and nothing reads it.
         """
         if not job_ids:
             return
@@ -167,7 +168,7 @@ class CancellationStore:
         with self.redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(job_ids), CANCEL_MANY_CHUNK):
                 chunk = job_ids[start:start + CANCEL_MANY_CHUNK]
-                self._cancel_many(keys=[cancel_key(j) for j in chunk] + [cancel_requests_key(j) for j in chunk],
+                self._cancel_many(keys=[cancel_key(j) for j in chunk],
                                   args=[before, after, self.ttl_s, *(json.dumps(j)[1:-1] for j in chunk)],
                                   client=pipe)
             for start in range(0, len(job_ids), QUEUED_PUSH_CHUNK):
