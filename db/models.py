@@ -52,6 +52,16 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
 
 
+def byte_string(length: int) -> String:
+    """A string column compared byte by byte: andon's strings are ids, statuses, reasons, names,
+    tags and keys, matched and ordered as values, never for people to read in their language's order.
+
+    On PostgreSQL that is the ``"C"`` collation (migration 0015): in the database's own collation
+    every comparison of such a string goes through ``strcoll``, in every lookup, index entry and
+    foreign-key check on a job id. SQLite compares bytes already (``BINARY``)."""
+    return String(length).with_variant(String(length, collation="C"), "postgresql")
+
+
 def _list_index(name: str, *columns: str, where: str | None = None) -> Index:
     """An index for ``GET /api/jobs`` filtered by ``columns``: it ends in the list's own order."""
     return Index(name, *columns, text("created_at DESC"), "id", **_partial(where))
@@ -96,12 +106,12 @@ class Job(Base):
               postgresql_where=text("resumed_from IS NOT NULL")),
     )
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    id: Mapped[str] = mapped_column(byte_string(36), primary_key=True)
     #: Whose job it is: the tenant of the API token that submitted it (None without tenants).
-    tenant: Mapped[str | None] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))
+    tenant: Mapped[str | None] = mapped_column(byte_string(64))
+    status: Mapped[str] = mapped_column(byte_string(16))
     #: The pipeline the job runs (``documents`` is built in).
-    pipeline: Mapped[str] = mapped_column(String(64), default="documents", server_default="documents")
+    pipeline: Mapped[str] = mapped_column(byte_string(64), default="documents", server_default="documents")
     #: The job's items, as submitted (JSON). The column keeps its first name, ``documents``.
     inputs: Mapped[list[Any]] = mapped_column("documents", JSON)
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -109,9 +119,9 @@ class Job(Base):
     completed_items: Mapped[int] = mapped_column(Integer, default=0)
     failed_items: Mapped[int] = mapped_column(Integer, default=0)
 
-    cancellation_reason: Mapped[str | None] = mapped_column(String(32))
+    cancellation_reason: Mapped[str | None] = mapped_column(byte_string(32))
     cancellation_message: Mapped[str | None] = mapped_column(Text)
-    cancellation_source: Mapped[str | None] = mapped_column(String(32))
+    cancellation_source: Mapped[str | None] = mapped_column(byte_string(32))
     cancelled_at_item: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     resumable: Mapped[bool] = mapped_column(default=False)
@@ -119,22 +129,22 @@ class Job(Base):
     #: every item write, so a run that lost the job (a duplicate delivery took over from it) can't
     #: write another item or end it. ``owner`` names that run (host:pid:nonce).
     fence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    owner: Mapped[str | None] = mapped_column(String(128))
+    owner: Mapped[str | None] = mapped_column(byte_string(128))
     #: The Celery queue its message was sent to (None: the default queue), for re-sending it.
-    queue: Mapped[str | None] = mapped_column(String(64))
+    queue: Mapped[str | None] = mapped_column(byte_string(64))
     #: Submitting another job of the same tenant with this key cancels this one (source ``superseded``).
-    supersede_key: Mapped[str | None] = mapped_column(String(128))
+    supersede_key: Mapped[str | None] = mapped_column(byte_string(128))
     #: Waiting for its parent to complete; enqueued then (or cancelled if the parent isn't completed).
     deferred: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     deadline_s: Mapped[float | None] = mapped_column(Float)
     #: Where andon POSTs the job object, signed, once the job is terminal (tasks/webhooks.py).
-    callback_url: Mapped[str | None] = mapped_column(String(2048))
-    parent_job_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="SET NULL"))
+    callback_url: Mapped[str | None] = mapped_column(byte_string(2048))
+    parent_job_id: Mapped[str | None] = mapped_column(byte_string(36), ForeignKey("jobs.id", ondelete="SET NULL"))
     #: The cancelled job this one resumes (each job is resumed at most once).
-    resumed_from: Mapped[str | None] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="SET NULL"))
+    resumed_from: Mapped[str | None] = mapped_column(byte_string(36), ForeignKey("jobs.id", ondelete="SET NULL"))
     #: The job that resumed this one (by hand or by its policy), if any.
-    resumed_by: Mapped[str | None] = mapped_column(String(36))
+    resumed_by: Mapped[str | None] = mapped_column(byte_string(36))
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
@@ -165,10 +175,10 @@ class JobItem(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(byte_string(36), ForeignKey("jobs.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column(Integer)
-    stage: Mapped[str] = mapped_column(String(64))  # last stage reached
-    status: Mapped[str] = mapped_column(String(16))  # done / failed / interrupted
+    stage: Mapped[str] = mapped_column(byte_string(64))  # last stage reached
+    status: Mapped[str] = mapped_column(byte_string(16))  # done / failed / interrupted
     result: Mapped[Any | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
@@ -188,11 +198,11 @@ class JobEvent(Base):
     __tablename__ = "job_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(32))
-    reason: Mapped[str | None] = mapped_column(String(32))
-    source: Mapped[str | None] = mapped_column(String(32))
-    actor: Mapped[str | None] = mapped_column(String(128))
+    job_id: Mapped[str] = mapped_column(byte_string(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(byte_string(32))
+    reason: Mapped[str | None] = mapped_column(byte_string(32))
+    source: Mapped[str | None] = mapped_column(byte_string(32))
+    actor: Mapped[str | None] = mapped_column(byte_string(128))
     detail: Mapped[dict[str, Any] | None]
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -207,8 +217,8 @@ class JobTag(Base):
     # migration 0013: a tag's list in the list's order (``created_at`` is the job's, copied)
     __table_args__ = (Index("ix_job_tags_tag_created_id", "tag", text("created_at DESC"), "job_id"),)
 
-    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(byte_string(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(byte_string(64), primary_key=True)
     #: The job's ``created_at``: set with the row (``db.jobs.create_job``, ``create_jobs``), never changed.
     created_at: Mapped[datetime | None]
 
@@ -220,8 +230,8 @@ class JobParent(Base):
 
     __tablename__ = "job_parents"
 
-    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    parent_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True,
+    job_id: Mapped[str] = mapped_column(byte_string(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    parent_id: Mapped[str] = mapped_column(byte_string(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True,
                                            index=True)
 
 
@@ -233,9 +243,9 @@ class SupersedeKey(Base):
     __tablename__ = "supersede_keys"
 
     #: ``""`` without tenants (a primary key can't be NULL).
-    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
-    key: Mapped[str] = mapped_column(String(128), primary_key=True)
-    job_id: Mapped[str] = mapped_column(String(36))
+    tenant: Mapped[str] = mapped_column(byte_string(64), primary_key=True)
+    key: Mapped[str] = mapped_column(byte_string(128), primary_key=True)
+    job_id: Mapped[str] = mapped_column(byte_string(36))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -246,9 +256,9 @@ class IdempotencyKey(Base):
 
     __tablename__ = "idempotency_keys"
 
-    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
-    key: Mapped[str] = mapped_column(String(128), primary_key=True)
-    request_hash: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = mapped_column(byte_string(64), primary_key=True)
+    key: Mapped[str] = mapped_column(byte_string(128), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(byte_string(64))
     status_code: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[Any | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

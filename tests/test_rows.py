@@ -12,7 +12,7 @@ from db import jobs as job_rows
 from db.migrate import downgrade, upgrade
 from db.models import Job, JobEvent
 from db.session import get_engine, session_scope, transaction
-from db.vocabulary import ItemStatus, JobStatus
+from db.vocabulary import EventKind, ItemStatus, JobStatus
 
 
 def _new_job(url: str, status: JobStatus = JobStatus.PENDING) -> str:
@@ -160,3 +160,43 @@ def _index_sql(url: str, name: str) -> str:
              else "SELECT sql FROM sqlite_master WHERE name = :name")
     with get_engine(url).connect() as conn:
         return conn.scalar(text(query), {"name": name})
+
+
+@pytest.mark.postgres
+def test_migration_0015_every_string_column_compares_bytes_up_and_down_with_rows(postgres_server):
+    """At head every ``VARCHAR`` column of the schema is in the ``"C"`` collation on PostgreSQL
+    (also those a later migration adds: declare them with ``db.models.byte_string``); 0015 moves a
+    populated schema there and back with its foreign keys working. (SQLite compares bytes already.)"""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    db_url = postgres_server.create_database(f"andon_{uuid.uuid4().hex[:12]}")
+    upgrade(db_url)
+    query = text("SELECT table_name, column_name, collation_name FROM information_schema.columns "
+                 "WHERE table_schema = 'public' AND data_type = 'character varying' AND table_name <> 'alembic_version'")
+
+    def collations() -> dict[tuple[str, str], str | None]:
+        with get_engine(db_url).connect() as conn:
+            return {(table, column): collation for table, column, collation in conn.execute(query)}
+
+    assert set(collations().values()) == {"C"}
+    downgrade(db_url, "0014")
+    assert "C" not in set(collations().values())
+    parent, child = str(uuid.uuid4()), str(uuid.uuid4())
+    with session_scope(db_url) as session:
+        job_rows.create_jobs(session, [{"id": parent, "inputs": ["a"], "options": {}, "pipeline": "documents",
+                                        "tags": ["t"]}])
+        job_rows.create_jobs(session, [{"id": child, "inputs": ["a"], "options": {}, "pipeline": "documents",
+                                        "parent_job_id": parent}])
+    upgrade(db_url)
+    assert set(collations().values()) == {"C"}
+    with session_scope(db_url) as session:
+        assert session.scalar(select(Job.id).where(Job.parent_job_id == parent)) == child
+        assert [e.kind for e in session.scalars(select(JobEvent).where(JobEvent.job_id == parent))] == ["submitted"]
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:  # the foreign keys still hold
+        job_rows.add_event(session, str(uuid.uuid4()), EventKind.SUBMITTED)
+    with session_scope(db_url) as session:
+        session.execute(text("DELETE FROM jobs WHERE id = :id"), {"id": parent})
+    with session_scope(db_url) as session:  # and still cascade
+        assert session.scalar(select(Job.parent_job_id).where(Job.id == child)) is None
+        assert not session.scalars(select(JobEvent).where(JobEvent.job_id == parent)).all()
