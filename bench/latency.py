@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import random
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -27,7 +28,6 @@ def bench_cancel_latency(sizes: Sizes, report: Report) -> None:
     state: dict[str, dict] = {}
     active: list[str] = []
     finished: list[str] = []
-    submitted = 0
     # the cancels go out from their own thread, as a client's would: the reader below keeps reading
     # every ~1 ms while a cancel call is in flight (its row write may land after the job's own end)
     to_cancel: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -40,36 +40,63 @@ def bench_cancel_latency(sizes: Sizes, report: Report) -> None:
                 continue
             state[job_id]["returned_at"] = datetime.now(UTC)
 
-    client = threading.Thread(target=canceller, name="bench-canceller", daemon=True)
-    client.start()
-    deadline = time.monotonic() + max(60.0, sizes.cancels * 0.6)
-    while len(finished) < sizes.cancels and time.monotonic() < deadline:
-        while len(active) < sizes.cancel_ahead and submitted < sizes.cancels:
+    # the next jobs are submitted from their own thread too: a submit is ~5 ms of this process's
+    # CPU, and done in the reader's loop it held every read (and so every "seen") back that long
+    slots: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    submitted_ids: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def submitter() -> None:
+        for _ in range(sizes.cancels):
+            if not slots.get():
+                return
             job_id = service.submit_job(docs, options, actor="bench").job_id
-            active.append(job_id)
             state[job_id] = {}
-            submitted += 1
-        # a light Core read: this loop shares the 2 cores with the worker; outside a transaction, it is one
-        # round trip on PostgreSQL (in one, BEGIN and the pool's ROLLBACK made it three, in the figure)
-        with read_only_connection() as conn:
-            rows = conn.execute(select(Job.id, Job.status, Job.completed_items).where(Job.id.in_(active))).all()
-        seen = datetime.now(UTC)  # each row read here was committed no later than this
-        now = time.monotonic()
-        for job_id, status, done in rows:
-            st = state[job_id]
-            if status in TERMINAL:
-                st["visible_at"] = seen
-                active.remove(job_id)
-                finished.append(job_id)
-            elif "asked" not in st and status == "running" and done >= 1:
-                # cancel at a random moment within an item, not just after a commit
-                due = st.setdefault("due", now + rng.uniform(0, item_s))
-                if now >= due:
-                    st["asked"] = True
-                    to_cancel.put(job_id)
-        time.sleep(sizes.cancel_poll_s)
-    to_cancel.put(None)
-    client.join(10)
+            submitted_ids.put(job_id)
+
+    for _ in range(sizes.cancel_ahead):
+        slots.put(True)
+    helpers = [threading.Thread(target=canceller, name="bench-canceller", daemon=True),
+               threading.Thread(target=submitter, name="bench-submitter", daemon=True)]
+    # this process is the instrument (the cancels' stamps, the reads' "seen"): its threads hand the
+    # GIL over at 0.5 ms instead of 5, so a submit's Python work doesn't hold a stamp or a read back
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    for helper in helpers:
+        helper.start()
+    try:
+        deadline = time.monotonic() + max(60.0, sizes.cancels * 0.6)
+        while len(finished) < sizes.cancels and time.monotonic() < deadline:
+            while not submitted_ids.empty():
+                active.append(submitted_ids.get())
+            if not active:
+                time.sleep(sizes.cancel_poll_s)
+                continue
+            # a light Core read: this loop shares the 2 cores with the worker; outside a transaction, it is one
+            # round trip on PostgreSQL (in one, BEGIN and the pool's ROLLBACK made it three, in the figure)
+            with read_only_connection() as conn:
+                rows = conn.execute(select(Job.id, Job.status, Job.completed_items).where(Job.id.in_(active))).all()
+            seen = datetime.now(UTC)  # each row read here was committed no later than this
+            now = time.monotonic()
+            for job_id, status, done in rows:
+                st = state[job_id]
+                if status in TERMINAL:
+                    st["visible_at"] = seen
+                    active.remove(job_id)
+                    finished.append(job_id)
+                    slots.put(True)
+                elif "asked" not in st and status == "running" and done >= 1:
+                    # cancel at a random moment within an item, not just after a commit
+                    due = st.setdefault("due", now + rng.uniform(0, item_s))
+                    if now >= due:
+                        st["asked"] = True
+                        to_cancel.put(job_id)
+            time.sleep(sizes.cancel_poll_s)
+    finally:
+        to_cancel.put(None)
+        slots.put(False)
+        for helper in helpers:
+            helper.join(10)
+        sys.setswitchinterval(switch)
 
     with session_scope() as session:
         jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(finished)))}

@@ -274,7 +274,9 @@ second whenever none was: both are in the figure.
 * **observed → terminal row committed** — from `cancel_observed_at` to the first time a reader (this
   process, reading the rows of the jobs in flight every ~1 ms, each read one statement outside a
   transaction: on PostgreSQL one round trip, not three) sees the row `cancelled`: an upper
-  bound on the commit, including the read interval. In brackets, the row's own stamps
+  bound on the commit, including the read interval. The next jobs are submitted, and the cancels
+  sent, from two other threads, and for this phase the process hands the GIL over every 0.5 ms
+  instead of 5: a submit is ~5 ms of its CPU, and in the reader's loop it held reads back. In brackets, the row's own stamps
   (`finished_at − cancel_observed_at`), taken before the commit. Goal: p99 ≤ 20 ms.
 * **client** — informational: how long the `cancel_job()` call takes, and from its return until the
   caller, reading the row, sees the job over.
