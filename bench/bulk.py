@@ -115,7 +115,7 @@ def bench_bulk_cancel(sizes: Sizes, logs: Path, report: Report) -> None:
     report.notes.append(
         f"bulk cancel {cancel_s:.2f} s: the select, {-(-n // 1000)} transactions of one `UPDATE … RETURNING` and "
         f"one `INSERT … SELECT` of 2,000 events each (two at once on PostgreSQL); the tokens "
-        f"(`CancellationStore.cancel_many`: `SET NX` and the request log per job, one Lua call per twenty jobs, "
+        f"(`CancellationStore.cancel_many`: `SET NX` per job, one Lua call per twenty jobs, "
         f"nothing published) took {redis_s[0]:.2f} s in a helper "
         f"thread, overlapped with the SQL.")
     if sizes.bulk_jobs_large:
