@@ -16,12 +16,10 @@ from operator import itemgetter
 from typing import Any, Protocol
 
 from sqlalchemy import (
-    ARRAY,
     JSON,
     ColumnElement,
     Connection,
     Integer,
-    String,
     Text,
     and_,
     any_,
@@ -293,24 +291,27 @@ _INSERT_EVENT = insert(JobEvent.__table__)
 
 def ids_in(session: Session, column: ColumnElement[str], ids: list[str], *also: ColumnElement[bool]) -> ColumnElement[bool]:
     """``column IN ids`` (and ``also``), the rows looked up by ``column``, with the ids as one
-    parameter — a JSON array read by ``json_each`` on SQLite, an array (``= ANY``) on PostgreSQL —
-    instead of a bound parameter per id: for a thousand ids, SQLAlchemy's coercing and rendering them
-    one by one cost the bulk cancel as much CPU as SQLite's own work on the rows.
+    parameter, a JSON array (:func:`_listed`), instead of a bound parameter per id: for a thousand
+    ids, SQLAlchemy's coercing and rendering them one by one cost the bulk cancel as much CPU as
+    SQLite's own work on the rows. On PostgreSQL the array is made of them once (``= ANY (ARRAY(…))``,
+    an init plan) and each id looked up in ``column``'s index.
 
     On SQLite ``also`` goes in ``likely()``: without statistics its planner takes an equality on an
     indexed column (``status = 'pending'``) to select ten rows, and walked every pending job's index
     entry for each thousand ids instead of looking the thousand up — quadratic in a bulk cancel."""
     if session.get_bind().dialect.name == "postgresql":
-        return and_(column == any_(bindparam(None, ids, type_=ARRAY(String))), *also)
+        return and_(column == any_(func.array(select(_listed(session, ids).c.value).scalar_subquery())), *also)
     return and_(column.in_(select(_listed(session, ids).c.value)), *(func.likely(condition) for condition in also))
 
 
 def _listed(session: Session, ids: list[str]) -> TableValuedAlias:
-    """``ids`` as a one-column table (``value``) from one parameter: ``json_each`` of a JSON array on
-    SQLite, ``unnest`` of an array on PostgreSQL."""
+    """``ids`` as a one-column table (``value``) from one JSON array parameter: ``json_each`` on
+    SQLite, ``json_array_elements_text`` on PostgreSQL. (A list parameter there is an array that
+    psycopg dumps id by id in Python: 2.1 ms per thousand, against 0.2 for ``json.dumps``.)"""
+    ids_json = bindparam(None, json.dumps(ids))
     if session.get_bind().dialect.name == "postgresql":
-        return func.unnest(bindparam(None, ids, type_=ARRAY(String))).table_valued("value").render_derived()
-    return func.json_each(bindparam(None, json.dumps(ids))).table_valued("value")
+        return func.json_array_elements_text(cast(ids_json, JSON)).table_valued("value").render_derived()
+    return func.json_each(ids_json).table_valued("value")
 
 
 def by_index(session: Session) -> None:
