@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
-from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy import Connection, Row, Select, bindparam, select, update
 
 from db import jobs as job_rows
 from db.models import Job
@@ -30,7 +30,7 @@ from tasks.process import get_store
 from tasks.sending import enqueue
 
 __all__ = [
-    "MAX_LOSSES", "BulkCancelOutcome", "CancelOutcome", "cancel_children", "cancel_matching", "finalize_stopped",
+    "MAX_LOSSES", "BulkCancelOutcome", "CancelOutcome", "cancel_children", "cancel_matching", "finalize_stopped", "matching",
     "recover_lost_run", "request_cancel", "settle_children",
 ]
 
@@ -366,6 +366,27 @@ def _in_order(fn: Callable[[list[str]], list[str]], chunks: list[list[str]], wid
                 future.cancel()
 
 
+def matching(conn: Connection, status: JobStatus | None, parent_job_id: str | None, tag: str | None,
+             tenant: str | None) -> Select:
+    """The unfinished jobs a bulk cancel matches: ``(id, status, pipeline)``. With a parent or a
+    tag, those find the candidates (by their ids) and the row's filters only check them
+    (:func:`db.jobs.recheck`): planned from statistics taken while few jobs were pending, a status
+    filter drove the read and rescanned the whole tag for each pending job."""
+    filters = [Job.status.not_in([s.value for s in TERMINAL_STATUSES])]
+    if status is not None:
+        filters.append(Job.status == status.value)
+    if tenant is not None:
+        filters.append(Job.tenant == tenant)
+    among = []
+    if parent_job_id is not None:
+        among.append(job_rows.children_of(parent_job_id))
+    if tag is not None:
+        among.append(job_rows.tagged(tag))
+    if among:
+        filters = [*among, *job_rows.recheck(conn, *filters)]
+    return select(Job.id, Job.status, Job.pipeline).where(*filters)
+
+
 def cancel_matching(
     status: JobStatus | None = None,
     parent_job_id: str | None = None,
@@ -388,17 +409,8 @@ def cancel_matching(
     its rows commit; all of them before this returns).
     Running jobs, usually few, each get :func:`request_cancel`.
     """
-    filters = [Job.status.not_in([s.value for s in TERMINAL_STATUSES])]
-    if status is not None:
-        filters.append(Job.status == status.value)
-    if parent_job_id is not None:
-        filters.append(job_rows.children_of(parent_job_id))
-    if tag is not None:
-        filters.append(job_rows.tagged(tag))
-    if tenant is not None:
-        filters.append(Job.tenant == tenant)
     with get_engine().connect() as conn:  # a read, of plain rows: the ORM's row loading cost as much as the SELECT
-        rows = conn.execute(select(Job.id, Job.status, Job.pipeline).where(*filters)).all()
+        rows = conn.execute(matching(conn, status, parent_job_id, tag, tenant)).all()
     pending = JobStatus.PENDING.value
     queued = [job_id for job_id, s, _ in rows if s == pending]
     # the jobs a policy may resume once cancelled: only pipelines whose policy for this reason acts

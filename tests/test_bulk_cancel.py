@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import func, select
 
 from api import service
@@ -281,6 +282,58 @@ def test_bulk_cancel_looks_its_ids_up_by_id_on_sqlite(tmp_path):
         # the events come from the ids alone: no walk of jobs at all (their foreign key is checked by id)
         plan = " | ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {events_sql}", events_params))
         assert "jobs" not in plan, plan
+
+
+@pytest.mark.postgres
+def test_bulk_cancel_finds_its_jobs_by_id_on_postgres_whatever_the_statistics_say(postgres_server):
+    """The statistics PostgreSQL plans from are of the table when it was last analyzed, and then
+    most jobs were over: ``status = 'pending'`` looked like a handful of rows. A bulk cancel of the
+    jobs queued since read every pending job through the status index for each thousand ids, and
+    matched a tag by rescanning the whole tag for each pending job (12.9 s for 10,000). Its reads
+    must find the jobs by their ids (the tag's, then the primary key), the status only checked."""
+    import json
+    import uuid
+
+    from sqlalchemy import text, update
+
+    from db import jobs as job_rows
+    from db.migrate import upgrade
+    from db.session import get_engine
+    from tasks import control
+
+    url = postgres_server.create_database(f"andon_{uuid.uuid4().hex[:12]}")
+    upgrade(url)
+    ended = [{"id": str(uuid.uuid4()), "inputs": ["x"], "options": {}, "pipeline": "documents"} for _ in range(3000)]
+    fresh = [{"id": str(uuid.uuid4()), "inputs": ["x"], "options": {}, "pipeline": "documents", "tags": ["fresh"]}
+             for _ in range(300)]
+    with session_scope(url) as session:
+        job_rows.create_jobs(session, ended)
+        session.execute(update(Job).values(status="cancelled"))
+    with get_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE"))  # the statistics: nothing pending
+    with session_scope(url) as session:
+        job_rows.create_jobs(session, fresh)
+
+    def indexes(conn, statement) -> set[str]:
+        sql = str(statement.compile(conn.engine, compile_kwargs={"literal_binds": True}))
+        plan = conn.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).scalar()
+        found, nodes = set(), [plan[0]["Plan"] if isinstance(plan, list) else json.loads(plan)[0]["Plan"]]
+        while nodes:
+            node = nodes.pop()
+            assert "Join Filter" not in node, node  # no join that rescans one side for each row of the other
+            found |= {node["Index Name"]} if "Index Name" in node else set()
+            nodes += node.get("Plans", [])
+        return found
+
+    ids = [job["id"] for job in fresh]
+    with get_engine(url).connect() as conn:
+        used = indexes(conn, control.matching(conn, JobStatus.PENDING, None, "fresh", None))
+        assert used and not any(name.startswith("ix_jobs_status") for name in used), used
+    with session_scope(url) as session:
+        job_rows.by_index(session)
+        conn = session.connection()
+        assert indexes(conn, select(Job.id).where(
+            job_rows.ids_in(session, Job.id, ids, Job.status == JobStatus.PENDING.value))) == {"jobs_pkey"}
 
 
 def test_bulk_batches_in_flight_are_bounded_in_order_and_stop_at_the_first_failure():
