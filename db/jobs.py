@@ -180,11 +180,14 @@ def insert_rows(session: Session | Connection, table: Any, rows: Sequence[dict[s
     ``executemany`` row by row at little cost each."""
     if not rows:
         return
-    dialect = session.get_bind().dialect if isinstance(session, Session) else session.dialect
-    if dialect.name != "postgresql":
+    if _dialect_name(session) != "postgresql":
         session.execute(insert(table), list(rows))
         return
     session.execute(_insert_rows(table, tuple(rows[0])), {ROWS: rows})
+
+
+def _dialect_name(session: Session | Connection) -> str:
+    return (session.get_bind() if isinstance(session, Session) else session).dialect.name
 
 
 @lru_cache(maxsize=32)
@@ -212,11 +215,6 @@ def rows_after(rows: Any, table: Any) -> Insert:
     records = recordset(columns, _RECORDS_OF[table.name])
     return insert(table).from_select(["job_id", *(c.name for c in columns)],
                                      select(rows.c.id, *records.c).select_from(rows).join(records, true()))
-
-
-def item_records(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
-    """The rows :func:`rows_after` reads into ``job_items`` (their ``job_id`` is not among its columns)."""
-    return _item_rows(job_id, items)
 
 
 def moved_with_events(to: JobStatus, events: Sequence[dict[str, Any]], **values: Any) -> tuple[Insert, dict[str, Any]]:
@@ -314,8 +312,7 @@ def recheck(session: Session | Connection, *conditions: ColumnElement[bool]) -> 
     207 ms per thousand ids instead of ~30). On PostgreSQL each condition goes in ``IS TRUE``,
     which no index serves; on SQLite (no statistics: its planner guesses) in ``likely()``, so it
     doesn't take an equality on an indexed column for a selective one either."""
-    dialect = session.get_bind().dialect if isinstance(session, Session) else session.dialect
-    if dialect.name == "postgresql":
+    if _dialect_name(session) == "postgresql":
         return [condition.is_(true()) for condition in conditions]
     return [func.likely(condition) for condition in conditions]
 
@@ -468,10 +465,11 @@ def insert_items(conn: Connection, job_id: str, items: Sequence[StoredItem]) -> 
     (:func:`record_items`' counter update, or a job's end with :func:`counted_values`)."""
     if not items:
         return
-    conn.execute(_INSERT_ITEM, _item_rows(job_id, items))
+    conn.execute(_INSERT_ITEM, item_records(job_id, items))
 
 
-def _item_rows(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
+def item_records(job_id: str, items: Sequence[StoredItem]) -> list[dict[str, Any]]:
+    """The rows of ``items`` in ``job_items`` (what :func:`insert_items` and :func:`rows_after` write)."""
     now = utcnow()
     return [_item_row(job_id, item, now) for item in items]
 
