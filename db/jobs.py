@@ -38,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import column as sql_column
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.types import TypeDecorator
 
@@ -353,15 +353,43 @@ def add_events_for(session: Session, job_ids: list[str], kinds: Sequence[EventKi
     check anyway — an id of no job still fails the insert."""
     if not job_ids or not kinds:
         return
+    listed = _listed(session, sorted(set(job_ids)))
+    session.execute(_events_of(listed.c.value, kinds, reason, source, actor, detail, at))
+
+
+def changed_with_events(session: Session, statement: Update, kinds: Sequence[EventKind], *,
+                        reason: str | None = None, source: str | None = None, actor: str | None = None,
+                        detail: dict[str, Any] | None = None, at: datetime | None = None) -> list[str]:
+    """Run ``statement`` (an UPDATE of ``jobs`` … ``RETURNING`` the ids it changed) and record one
+    event of each of ``kinds`` per job it changed (as :func:`add_events_for`); returns those ids.
+
+    On PostgreSQL one statement (a data-modifying ``WITH``), so the server does a bulk cancel's
+    batch in one go: as two, its backend waited between them on this process (the ids back, the
+    next statement out) while the other batches' threads held the GIL, and each batch sent its
+    thousand ids twice. SQLite: the UPDATE, then :func:`add_events_for`."""
+    if not kinds:
+        return list(session.scalars(statement))
+    if _dialect_name(session) != "postgresql":
+        changed = list(session.scalars(statement))
+        add_events_for(session, changed, kinds, reason=reason, source=source, actor=actor, detail=detail, at=at)
+        return changed
+    changed_rows = statement.cte("changed")
+    events = _events_of(changed_rows.c.id, kinds, reason, source, actor, detail, at).cte("events")
+    return list(session.scalars(select(changed_rows.c.id).add_cte(events)))
+
+
+def _events_of(job_id: ColumnElement[str], kinds: Sequence[EventKind], reason: str | None, source: str | None,
+               actor: str | None, detail: dict[str, Any] | None, at: datetime | None) -> Insert:
+    """The ``INSERT … SELECT`` of one event of each of ``kinds`` per ``job_id`` (a column of the rows
+    to select from), all with the same fields, in id order and then ``kinds``' order."""
     events = JobEvent.__table__
     kind = union_all(*(select(literal(k.value, events.c.kind.type).label("kind"), literal(n).label("n"))
                        for n, k in enumerate(kinds))).subquery("kinds")
-    listed = _listed(session, sorted(set(job_ids)))
-    rows = (select(listed.c.value, kind.c.kind, literal(reason, events.c.reason.type),
+    rows = (select(job_id, kind.c.kind, literal(reason, events.c.reason.type),
                    literal(source, events.c.source.type), literal(actor, events.c.actor.type),
                    literal(detail, events.c.detail.type), literal(at or utcnow(), events.c.at.type))
-            .select_from(listed.join(kind, true())).order_by(listed.c.value, kind.c.n))
-    session.execute(insert(events).from_select(["job_id", "kind", "reason", "source", "actor", "detail", "at"], rows))
+            .select_from(job_id.table.join(kind, true())).order_by(job_id, kind.c.n))
+    return insert(events).from_select(["job_id", "kind", "reason", "source", "actor", "detail", "at"], rows)
 
 
 _jobs, _items = Job.__table__, JobItem.__table__

@@ -428,10 +428,8 @@ def cancel_matching(
         def end_batch(chunk: list[str]) -> list[str]:
             with session_scope() as session:
                 job_rows.by_index(session)
-                ended = lifecycle.cancel_queued(session, chunk, request, pipelines)
-                job_rows.add_events_for(session, ended, (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED),
-                                        reason=reason.value, source=source.value, actor=actor, detail=detail,
-                                        at=request.at)
+                ended = lifecycle.cancel_queued(session, chunk, request, pipelines, actor=actor, detail=detail,
+                                                events=(EventKind.CANCEL_REQUESTED, EventKind.CANCELLED))
             if ended:  # after the commit, from whichever thread committed (list.append is atomic)
                 tokens.append(redis_writer.submit(get_store().cancel_many, ended, reason, message, source))
             return ended

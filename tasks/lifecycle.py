@@ -443,9 +443,12 @@ def mark_requested(session: Session, job_id: str, request: CancelRequest) -> tup
 
 
 def cancel_queued(session: Session, job_ids: list[str], request: CancelRequest,
-                  pipelines: Collection[str] | None = None) -> list[str]:
+                  pipelines: Collection[str] | None = None, *, events: Sequence[EventKind] = (),
+                  actor: str | None = None, detail: dict[str, Any] | None = None) -> list[str]:
     """End many queued jobs ``cancelled`` in one conditional UPDATE (only rows still ``pending``
     change, so a job a worker just started is left to the per-job path); returns the ended ids.
+    ``events``: the kinds of event each ended job gets, with the request's fields, ``actor`` and
+    ``detail`` (:func:`db.jobs.changed_with_events`: on PostgreSQL in the same statement).
 
     Whether a stop is resumable is each pipeline's policy: a ``CASE`` on the pipeline column, in the
     same statement. Core statements on the table: the ORM's bulk UPDATE path costs more than the SQL.
@@ -459,9 +462,11 @@ def cancel_queued(session: Session, job_ids: list[str], request: CancelRequest,
                          else case(policy, value=jobs.c.pipeline, else_=False))
     values = {**job_rows.cancel_values(request), "cancel_requested_at": request.at, "cancelled_at_item": 0,
               "status": JobStatus.CANCELLED.value, "finished_at": request.at, "resumable": stop_is_resumable}
-    ended = list(session.scalars(
-        update(jobs).where(job_rows.ids_in(session, jobs.c.id, job_ids, jobs.c.status == JobStatus.PENDING.value))
-        .values(**values).returning(jobs.c.id)).all())
+    statement = (update(jobs).where(job_rows.ids_in(session, jobs.c.id, job_ids, jobs.c.status == JobStatus.PENDING.value))
+                 .values(**values).returning(jobs.c.id))
+    ended = job_rows.changed_with_events(
+        session, statement, events, reason=request.reason.value,
+        source=request.source.value if request.source else None, actor=actor, detail=detail, at=request.at)
     webhooks.after_commit(session, ended)
     return ended
 

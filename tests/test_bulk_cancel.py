@@ -221,9 +221,8 @@ def test_bulk_cancel_rows_and_events_on_each_database(db_url):
     detail = {"message": "bulk", "bulk": True}
     with session_scope(db_url) as session:
         job_rows.by_index(session)
-        ended = lifecycle.cancel_queued(session, ids + [unknown], request, {"documents"})
-        job_rows.add_events_for(session, ended, (EventKind.CANCEL_REQUESTED, EventKind.CANCELLED),
-                                reason="timeout", source="api", actor="me", detail=detail, at=request.at)
+        ended = lifecycle.cancel_queued(session, ids + [unknown], request, {"documents"}, actor="me", detail=detail,
+                                        events=(EventKind.CANCEL_REQUESTED, EventKind.CANCELLED))
     assert sorted(ended) == sorted(set(ids) - {running})
     with session_scope(db_url) as session:
         statuses = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(ids))).all())
@@ -237,8 +236,11 @@ def test_bulk_cancel_rows_and_events_on_each_database(db_url):
     assert {(e.reason, e.source, e.actor) for e in events} == {("timeout", "api", "me")}
     assert all(e.detail == detail and e.at == request.at for e in events)
     with session_scope(db_url) as session:  # a second pass moves nothing, and adds no event for nothing
-        assert lifecycle.cancel_queued(session, ids, request) == []
+        assert lifecycle.cancel_queued(session, ids, request, events=(EventKind.CANCELLED,)) == []
         job_rows.add_events_for(session, [], (EventKind.CANCELLED,))
+    with session_scope(db_url) as session:
+        assert session.scalar(select(func.count()).select_from(JobEvent).where(
+            JobEvent.job_id.in_(ids), JobEvent.kind != "submitted")) == len(events)
 
 
 def test_bulk_cancel_looks_its_ids_up_by_id_on_sqlite(tmp_path):
@@ -270,8 +272,8 @@ def test_bulk_cancel_looks_its_ids_up_by_id_on_sqlite(tmp_path):
     event.listen(get_engine(url), "before_cursor_execute", record)
     try:
         with session_scope(url) as session:
-            ended = lifecycle.cancel_queued(session, ids, CancelRequest(CancellationReason.TIMEOUT), {"documents"})
-            job_rows.add_events_for(session, ended, (EventKind.CANCELLED,))
+            ended = lifecycle.cancel_queued(session, ids, CancelRequest(CancellationReason.TIMEOUT), {"documents"},
+                                            events=(EventKind.CANCELLED,))
     finally:
         event.remove(get_engine(url), "before_cursor_execute", record)
     assert sorted(ended) == sorted(ids) and len(seen) == 2
@@ -334,6 +336,40 @@ def test_bulk_cancel_finds_its_jobs_by_id_on_postgres_whatever_the_statistics_sa
         conn = session.connection()
         assert indexes(conn, select(Job.id).where(
             job_rows.ids_in(session, Job.id, ids, Job.status == JobStatus.PENDING.value))) == {"jobs_pkey"}
+
+    # the batch itself: its UPDATE and its events are one statement, which finds the jobs by id alone
+    from sqlalchemy import event
+
+    from tasks import lifecycle
+    from tasks.cancellation import CancelRequest
+
+    seen: list[tuple[str, dict]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if "UPDATE" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(get_engine(url), "before_cursor_execute", record)
+    try:
+        with session_scope(url) as session:
+            job_rows.by_index(session)
+            done = lifecycle.cancel_queued(session, ids, CancelRequest(CancellationReason.TIMEOUT), {"documents"},
+                                           events=(EventKind.CANCEL_REQUESTED, EventKind.CANCELLED))
+            (statement, parameters), = seen
+            plan = session.connection().exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters).scalar()
+    finally:
+        event.remove(get_engine(url), "before_cursor_execute", record)
+    assert sorted(done) == sorted(ids)
+    found, nodes = set(), [plan[0]["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        assert "Join Filter" not in node, node
+        found |= {node["Index Name"]} if "Index Name" in node else set()
+        nodes += node.get("Plans", [])
+    assert found == {"jobs_pkey"}, found
+    with session_scope(url) as session:
+        assert session.scalar(select(func.count()).select_from(JobEvent).where(
+            JobEvent.job_id.in_(ids), JobEvent.kind.in_(["cancel_requested", "cancelled"]))) == 2 * len(ids)
 
 
 def test_bulk_batches_in_flight_are_bounded_in_order_and_stop_at_the_first_failure():
