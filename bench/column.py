@@ -106,10 +106,15 @@ def run_column(spec: ColumnSpec) -> Report:
     report = Report()
     started = sample_load()
     upgrade()
-    # this process calls the service layer as the API process does, so its heap is frozen as the API
-    # freezes its own at start-up (api/heap.py): a full GC here would land in the figures as the API's
+    # this process calls the service layer as the API process does, so it starts as the API does
+    # (api/app.py's lifespan): SQLite's WAL checkpointed by a thread, not inside a commit (before, only
+    # a run with the batch-submit phase, whose in-process API started it, had it: a bulk cancel run
+    # alone took SQLite's checkpoints in its own commits), and its heap frozen (api/heap.py): a full GC
+    # here would land in the figures as the API's
     from api.heap import freeze_startup_heap
+    from db.session import checkpoint_in_background
 
+    checkpoint_in_background()
     freeze_startup_heap()
     server = describe_database(spec.url)
     say(f"{spec.database} column: {server}")

@@ -27,6 +27,7 @@ class Sizes:
     rounds: int = 2  # throughput: bare, andon, andon, bare, ... best of each
     noop_rounds: int = 3  # the no-op side, short and so the noisiest, runs a third time each
     bulk_jobs: int = 10_000
+    bulk_rounds: int = 3  # bulk cancels of bulk_jobs, each of its own jobs: best of them (all are reported)
     drain_timeout_s: float = 60.0  # the skip rate is measured over the messages taken by then
     breakdown_items: int = 200
     ui_jobs: int = 10_000  # rows in the database when the dashboard loads
@@ -35,6 +36,7 @@ class Sizes:
     batch_rounds: int = 2
     single_submits: int = 300  # one POST /api/jobs each, timed one by one (p99 and the baseline rate)
     bulk_jobs_large: int = 100_000  # the large bulk cancel (full size only: not in --quick)
+    bulk_large_rounds: int = 2
     scale_rows: int = 50_000  # rows in the jobs table for the list and /metrics figures (bench-scale: 1,000,000)
     scale_requests: int = 50  # timed requests per list filter, and of /metrics
     memory_jobs: int = 100  # jobs running at once in-process for andon's memory per job
@@ -47,7 +49,7 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(check_number=200_000, net_number=1_000, repeat=3, cancels=30, abortable_cancels=10,
-                   slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, noop_rounds=1, bulk_jobs=500,
+                   slow_jobs=4, slow_items=10, noop_jobs=10, noop_items=50, rounds=1, noop_rounds=1, bulk_jobs=500, bulk_rounds=2,
                    drain_timeout_s=45.0, breakdown_items=50, async_cancels=6, ui_jobs=2_000, ui_loads=2,
                    batch_jobs=2_000, batch_rounds=1, scale_rows=12_000, scale_requests=20, single_submits=50,
                    bulk_jobs_large=0, memory_jobs=10, memory_async_jobs=1, rss_jobs=100, peer_cancels=10,
