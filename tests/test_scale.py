@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from db import jobs as job_rows
 from db.models import Job, JobEvent, JobItem, JobParent, JobTag, utcnow
@@ -167,3 +167,52 @@ def test_quick_bench_runs_and_writes_valid_results_json(tmp_path):
     assert "dramatiq-abort" in names  # the peer baseline
     expected = {"sqlite", "postgres"} if postgres_available() is None else {"sqlite"}
     assert {f["database"] for f in results["figures"]} >= expected
+
+
+@pytest.mark.postgres
+def test_metrics_scrape_starts_no_parallel_workers_on_postgres(postgres_server, monkeypatch):
+    """A scrape counts the unfinished jobs every time: over 20,000 of them PostgreSQL's planner takes
+    a parallel plan, two worker processes started per statement, more time than the scan itself
+    (and far more on a busy box). Every statement of a scrape must plan without them."""
+    from sqlalchemy import event, text
+
+    from api import metrics
+    from db.migrate import upgrade
+    from db.session import get_engine
+
+    url = postgres_server.create_database(f"andon_{uuid.uuid4().hex[:12]}")
+    upgrade(url)
+    ids = sorted(str(uuid.uuid4()) for _ in range(50_000))
+    with session_scope(url) as session:  # 20,000 unfinished, 30,000 ended in the last minute
+        job_rows.create_jobs(session, [{"id": job_id, "inputs": ["x"], "options": {}, "pipeline": "documents"}
+                                       for job_id in ids])
+        session.execute(update(Job).where(Job.id <= ids[29_999]).values(
+            status="cancelled", cancellation_reason="timeout", finished_at=utcnow()))
+    engine = get_engine(url)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM (ANALYZE) jobs")
+
+    def gathers(plan: dict) -> int:
+        return (plan.get("Node Type", "").startswith("Gather")
+                + sum(gathers(child) for child in plan.get("Plans", [])))
+
+    plans: list[tuple[str, dict]] = []
+
+    def explain(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")) and "count(" in statement:
+            plan = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters).scalar()
+            plans.append((statement, plan[0]["Plan"]))
+
+    monkeypatch.setattr(metrics, "session_scope", lambda: session_scope(url))
+    event.listen(engine, "before_cursor_execute", explain)
+    try:
+        metrics.JobMetrics()._read()
+        counted = len(plans)
+        with session_scope(url) as session:  # the premise: without the setting, the planner takes workers
+            session.execute(metrics._unsettled_counts(utcnow() - timedelta(minutes=1), utcnow()))
+    finally:
+        event.remove(engine, "before_cursor_execute", explain)
+    assert counted >= 2 and gathers(plans[-1][1]), plans[-1]
+    assert not any(gathers(plan) for _, plan in plans[:counted]), plans[:counted]
+    with session_scope(url) as session:
+        assert session.execute(text("SHOW max_parallel_workers_per_gather")).scalar() != "0"
