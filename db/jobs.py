@@ -622,7 +622,7 @@ def create_jobs(session: Session, jobs: list[dict[str, Any]], *, actor: str | No
     caller's order (their ids are the order a feed shows)."""
     now = utcnow()
     by_id = sorted(jobs, key=itemgetter("id"))
-    insert_rows(session, _jobs, [
+    job_records = [
         {"id": job["id"], "status": JobStatus.PENDING.value, "pipeline": job["pipeline"], "queue": job.get("queue"),
          "documents": job["inputs"], "options": job["options"], "total_items": len(job["inputs"]),
          "completed_items": 0, "failed_items": 0, "deadline_s": job.get("deadline_s"),
@@ -630,15 +630,45 @@ def create_jobs(session: Session, jobs: list[dict[str, Any]], *, actor: str | No
          "tenant": job.get("tenant"), "supersede_key": job.get("supersede_key"),
          "callback_url": job.get("callback_url"), "resumable": False, "fence": 0, "created_at": now}
         for job in by_id
-    ])
+    ]
     tags = [{"job_id": job["id"], "tag": tag, "created_at": now} for job in by_id
             for tag in dict.fromkeys(job.get("tags") or ())]
-    insert_rows(session, JobTag.__table__, tags)
-    add_events(session, [
+    events = [
         {"job_id": job["id"], "kind": EventKind.SUBMITTED.value, "reason": None, "source": None, "actor": actor,
          "detail": {"items": len(job["inputs"]), "pipeline": job["pipeline"]}, "at": now}
         for job in jobs
-    ])
+    ]
+    if job_records and _dialect_name(session) == "postgresql":
+        statement = _created_together(tuple(job_records[0]), tuple(tags[0]) if tags else None, tuple(events[0]))
+        session.execute(statement, {_JOB_RECORDS: job_records, _TAG_RECORDS: tags, ROWS: events} if tags
+                        else {_JOB_RECORDS: job_records, ROWS: events})
+        return
+    insert_rows(session, _jobs, job_records)
+    insert_rows(session, JobTag.__table__, tags)
+    add_events(session, events)
+
+
+#: The parameters :func:`_created_together` binds the new jobs and their tags to (their events: ``ROWS``).
+_JOB_RECORDS, _TAG_RECORDS = "job_records", "tag_records"
+
+
+@lru_cache(maxsize=8)
+def _created_together(job_columns: tuple[str, ...], tag_columns: tuple[str, ...] | None,
+                      event_columns: tuple[str, ...]) -> Insert:
+    """:func:`create_jobs` on PostgreSQL as one statement: the jobs and their tags inserted in a
+    data-modifying ``WITH``, the ``submitted`` events by the statement itself — one statement and one
+    round trip where there were three (a single submit's API CPU was 4.5 ms on PostgreSQL against
+    3.1 on SQLite, mostly psycopg's and SQLAlchemy's per-statement work). The events' and tags'
+    foreign keys are checked at the statement's end, when its jobs are there. The events' rows stay
+    bound as ``ROWS`` at the top: what :mod:`tasks.notify` reads the submitted jobs from."""
+    def inserted(table: Any, columns: tuple[str, ...], name: str) -> Any:
+        records = recordset([table.c[column] for column in columns], name)
+        return insert(table).from_select(list(columns), select(*records.c)).cte(f"new_{table.name}")
+
+    ctes = [inserted(_jobs, job_columns, _JOB_RECORDS)]
+    if tag_columns:
+        ctes.append(inserted(JobTag.__table__, tag_columns, _TAG_RECORDS))
+    return _insert_rows(JobEvent.__table__, event_columns).add_cte(*ctes)
 
 
 def prunable(session: Session, before: datetime, limit: int) -> list[str]:

@@ -165,22 +165,45 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
 
 
 def test_a_batch_stores_every_value_and_announces_every_job(on_postgres):
-    """A batch's jobs, tags and events go in as one INSERT each on PostgreSQL, their rows read from
-    one JSON parameter (db.jobs.insert_rows): every value as the ORM would store it — JSON documents
-    and options, times, NULLs, booleans — and each job's ``submitted`` event still seen by the
-    notification hook, so the submit can publish it with the job's message."""
+    """A batch's jobs, tags and events go in as one statement on PostgreSQL (the jobs and tags in a
+    data-modifying ``WITH``), each table's rows read from one JSON parameter: every value as the ORM
+    would store it — JSON documents and options, times, NULLs, booleans — and each job's
+    ``submitted`` event still seen by the notification hook, so the submit can publish it with the
+    job's message. A batch without tags, and a single job, are one statement too."""
+    from sqlalchemy import event
+
     from db import jobs as job_rows
     from db.models import JobEvent, JobTag
+    from db.session import get_engine
     from tasks import notify
 
     notify.install()
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", record)
+    try:
+        with session_scope() as session:
+            job_rows.create_jobs(session, [{"id": "alone", "inputs": ["x"], "options": {}, "pipeline": "documents"}])
+            assert len(statements) == 1 and statements[0].lstrip().startswith("WITH new_jobs AS"), statements
+            assert notify.claim(session.connection(), ["alone"]) == {"alone"}
+            session.rollback()
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", record)
 
     specs = [{"id": f"batch-{i:02d}", "inputs": [{"text": f"doc {i}", "n": i}, "é\u2603"], "options": {"stage_delay_s": 0.5},
               "pipeline": "documents", "tags": ["b", "a", "b"] if i % 2 else [], "deadline_s": 1.5 if i == 1 else None,
               "deferred": i == 2, "tenant": "acme" if i == 3 else None} for i in range(5)]
-    with session_scope() as session:
-        job_rows.create_jobs(session, specs, actor="tester")
-        claimed = notify.claim(session.connection(), [spec["id"] for spec in specs])
+    event.listen(get_engine(), "before_cursor_execute", record)
+    try:
+        with session_scope() as session:
+            job_rows.create_jobs(session, specs, actor="tester")
+            claimed = notify.claim(session.connection(), [spec["id"] for spec in specs])
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", record)
+    assert len(statements) == 2 and "new_job_tags AS" in statements[1], statements
     assert claimed == {spec["id"] for spec in specs}
     with session_scope() as session:
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.like("batch-%")))}
