@@ -119,7 +119,7 @@ def end_with_rows(session: Session, job_id: str, to: JobStatus, *, fence: int | 
     On PostgreSQL one statement (a data-modifying ``WITH``: the UPDATE ``… RETURNING`` feeds both
     INSERTs): one round trip where the UPDATE, the events' INSERT and the items' took three, and the
     end of a cancelled job waits on each. Elsewhere those three statements."""
-    if session.get_bind().dialect.name != "postgresql":
+    if _dialect_name(session) != "postgresql":
         won = transition(session, job_id, to, fence=fence, events=events, **values)
         if won:
             insert_items(session.connection(), job_id, items)
@@ -294,7 +294,7 @@ def ids_in(session: Session, column: ColumnElement[str], ids: list[str], *also: 
     one cost the bulk cancel as much CPU as SQLite's own work on the rows. On PostgreSQL the array
     is made of them once (``= ANY (ARRAY(…))``, an init plan) and each id looked up in ``column``'s
     index."""
-    if session.get_bind().dialect.name == "postgresql":
+    if _dialect_name(session) == "postgresql":
         return and_(column == any_(func.array(select(_listed(session, ids).c.value).scalar_subquery())),
                     *recheck(session, *also))
     return and_(column.in_(select(_listed(session, ids).c.value)), *recheck(session, *also))
@@ -322,7 +322,7 @@ def _listed(session: Session, ids: list[str]) -> TableValuedAlias:
     SQLite, ``json_array_elements_text`` on PostgreSQL. (A list parameter there is an array that
     psycopg dumps id by id in Python: 2.1 ms per thousand, against 0.2 for ``json.dumps``.)"""
     ids_json = bindparam(None, json.dumps(ids))
-    if session.get_bind().dialect.name == "postgresql":
+    if _dialect_name(session) == "postgresql":
         return func.json_array_elements_text(cast(ids_json, JSON)).table_valued("value").render_derived()
     return func.json_each(ids_json).table_valued("value")
 
@@ -333,7 +333,7 @@ def by_index(session: Session) -> None:
     table (~40 ms, cached) over a thousand index probes (~2 ms), or a bitmap of every pending job
     (``status = 'pending'``, then the ids as a filter: 30,000 rows visited for 1,000) — per batch
     of a bulk cancel, either is quadratic in its size. One round trip for both settings."""
-    if session.get_bind().dialect.name == "postgresql":
+    if _dialect_name(session) == "postgresql":
         session.execute(_BY_INDEX)
 
 
@@ -367,15 +367,13 @@ def changed_with_events(session: Session, statement: Update, kinds: Sequence[Eve
     batch in one go: as two, its backend waited between them on this process (the ids back, the
     next statement out) while the other batches' threads held the GIL, and each batch sent its
     thousand ids twice. SQLite: the UPDATE, then :func:`add_events_for`."""
-    if not kinds:
-        return list(session.scalars(statement))
-    if _dialect_name(session) != "postgresql":
-        changed = list(session.scalars(statement))
-        add_events_for(session, changed, kinds, reason=reason, source=source, actor=actor, detail=detail, at=at)
-        return changed
-    changed_rows = statement.cte("changed")
-    events = _events_of(changed_rows.c.id, kinds, reason, source, actor, detail, at).cte("events")
-    return list(session.scalars(select(changed_rows.c.id).add_cte(events)))
+    if kinds and _dialect_name(session) == "postgresql":
+        changed_rows = statement.cte("changed")
+        events = _events_of(changed_rows.c.id, kinds, reason, source, actor, detail, at).cte("events")
+        return list(session.scalars(select(changed_rows.c.id).add_cte(events)))
+    changed = list(session.scalars(statement))
+    add_events_for(session, changed, kinds, reason=reason, source=source, actor=actor, detail=detail, at=at)
+    return changed
 
 
 def _events_of(job_id: ColumnElement[str], kinds: Sequence[EventKind], reason: str | None, source: str | None,
@@ -640,8 +638,10 @@ def create_jobs(session: Session, jobs: list[dict[str, Any]], *, actor: str | No
     ]
     if job_records and _dialect_name(session) == "postgresql":
         statement = _created_together(tuple(job_records[0]), tuple(tags[0]) if tags else None, tuple(events[0]))
-        session.execute(statement, {_JOB_RECORDS: job_records, _TAG_RECORDS: tags, ROWS: events} if tags
-                        else {_JOB_RECORDS: job_records, ROWS: events})
+        params = {_JOB_RECORDS: job_records, ROWS: events}
+        if tags:
+            params[_TAG_RECORDS] = tags
+        session.execute(statement, params)
         return
     insert_rows(session, _jobs, job_records)
     insert_rows(session, JobTag.__table__, tags)
