@@ -34,12 +34,21 @@ def _per_process(name: str, factory: Callable[[], T]) -> T:
         return _process[key]
 
 
+#: Bytes each Redis connection reads at a time. hiredis's parser holds a buffer of this size per
+#: connection from the start (redis-py's default: 64 KiB), and the pool keeps a connection for each
+#: thread that was in a command at once: 100 jobs started together in one process (the memory bench)
+#: left 42–84 connections, 27–54 KiB per running job at 64 KiB, 3 at 4 KiB. andon's replies are a few
+#: hundred bytes; a large one (the queued cancels a worker reads when it starts, 200,000 of them in
+#: 0.4–0.57 s at either size) only takes more reads.
+READ_BUFFER_BYTES = 4096
+
+
 def get_redis() -> redis.Redis:
     settings = get_settings()
     # a paused Redis must not hang a caller (a cancel request, a heartbeat) for longer than this
     return _per_process("redis", lambda: redis.Redis.from_url(
         settings.resolved_redis_url, socket_connect_timeout=2, socket_timeout=settings.redis_timeout_s,
-        health_check_interval=10))
+        health_check_interval=10, socket_read_size=READ_BUFFER_BYTES))
 
 
 def get_store() -> CancellationStore:

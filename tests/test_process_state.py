@@ -74,3 +74,24 @@ def test_a_fork_waits_until_no_other_thread_holds_a_database_connection(tmp_path
 def test_a_fork_waits_no_longer_than_its_bound_for_a_connection_never_returned(tmp_path):
     waited = _fork_while_a_thread_holds_a_connection(tmp_path, wait_s=0.3, held_s=30.0)
     assert 0.25 <= waited < 3.0
+
+
+def test_a_redis_connection_costs_a_few_kib(redis_server):
+    """hiredis's parser allocates its read buffer when a connection connects, and the pool keeps a
+    connection for each thread that was in a command at once: with many jobs running in one process,
+    that buffer is per job (the memory bench: 27–54 KiB per running job at redis-py's 64 KiB)."""
+    import tracemalloc
+
+    from tasks.process import get_redis
+
+    pool = get_redis().connection_pool
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        conn = pool.make_connection()
+        conn.connect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        conn.disconnect()
+    assert grown < 16 * 1024, f"a new Redis connection took {grown / 1024:.1f} KiB"
