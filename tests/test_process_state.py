@@ -94,4 +94,6 @@ def test_a_redis_connection_costs_a_few_kib(redis_server):
     finally:
         tracemalloc.stop()
         conn.disconnect()
-    assert grown < 16 * 1024, f"a new Redis connection took {grown / 1024:.1f} KiB"
+    # 16–18 KiB here with its 4 KiB buffer (the handshake's reply, the socket, the pool's records);
+    # 76 KiB with redis-py's default of 64 KiB
+    assert grown < 40 * 1024, f"a new Redis connection took {grown / 1024:.1f} KiB"
