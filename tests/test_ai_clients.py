@@ -40,13 +40,15 @@ async def wait_until(condition, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def cancel_mid_stream(server: LLMServer, when, on_cancel) -> tuple[float, float]:
-    """Run stream_chat as a task, ``task.cancel()`` it once ``when()`` holds; return (cancelled_at, raised_at)."""
+def cancel_mid_stream(server: LLMServer, when, on_cancel, then_s: float = 0.0) -> tuple[float, float]:
+    """Run stream_chat as a task, ``task.cancel()`` it ``then_s`` after ``when()`` holds; return
+    (cancelled_at, raised_at)."""
 
     async def main() -> tuple[float, float]:
         task = asyncio.create_task(stream_chat(MESSAGES, base_url=server.base_url, model="test-model",
                                                api_key="test-key", timeout_s=30, on_cancel=on_cancel))
         await wait_until(when)
+        await asyncio.sleep(then_s)
         cancelled_at = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -76,8 +78,11 @@ def test_stream_chat_returns_the_whole_answer_with_the_servers_usage():
 def test_cancelling_the_task_mid_stream_hangs_up_at_once_and_keeps_the_partial_answer():
     got: list[ChatReply] = []
     with LLMServer(words=WORDS, delay_s=0.1) as server:
+        # the server has sent three words when the condition holds, the client may not have read the
+        # third yet (it failed so once, on a busy box): half a word's delay later it has, and the
+        # fourth is not sent yet
         cancelled_at, raised_at = cancel_mid_stream(
-            server, lambda: server.requests and server.requests[0].tokens_sent >= 3, got.append)
+            server, lambda: server.requests and server.requests[0].tokens_sent >= 3, got.append, then_s=0.05)
         record = server.wait_for_disconnect(timeout=1.0)
 
     assert raised_at - cancelled_at < 0.1, f"CancelledError {raised_at - cancelled_at:.3f}s after cancel()"
