@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, event, select
 
 from api import service
 from db.models import Job, JobEvent, JobItem
@@ -11,6 +15,22 @@ from db.vocabulary import JobStatus
 from tests.procs import wait_for
 
 TERMINAL = {"cancelled", "completed", "failed"}
+
+
+@contextmanager
+def statements_sent(engine: Engine) -> Iterator[list[tuple[str, Any]]]:
+    """Every statement ``engine`` sends while the block runs, with its parameters, in order (the
+    list fills as they go)."""
+    sent: list[tuple[str, Any]] = []
+
+    def record(_conn, _cursor, statement, parameters, _context, _executemany) -> None:
+        sent.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 def docs(n: int, prefix: str = "Doc") -> list[str]:

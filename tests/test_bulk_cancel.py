@@ -249,13 +249,12 @@ def test_bulk_cancel_looks_its_ids_up_by_id_on_sqlite(tmp_path):
     went quadratic). Its plan must look the ids up by the primary key."""
     import uuid
 
-    from sqlalchemy import event
-
     from db import jobs as job_rows
     from db.migrate import upgrade
     from db.session import get_engine
     from tasks import lifecycle
     from tasks.cancellation import CancelRequest
+    from tests.jobs_helpers import statements_sent
 
     url = f"sqlite:///{tmp_path / 'plan.db'}"
     upgrade(url)
@@ -263,19 +262,11 @@ def test_bulk_cancel_looks_its_ids_up_by_id_on_sqlite(tmp_path):
     with session_scope(url) as session:
         job_rows.create_jobs(session, [{"id": job_id, "inputs": ["x"], "options": {}, "pipeline": "documents"}
                                        for job_id in ids])
-    seen: list[tuple[str, tuple]] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith(("UPDATE", "INSERT")):
-            seen.append((statement, parameters))
-
-    event.listen(get_engine(url), "before_cursor_execute", record)
-    try:
-        with session_scope(url) as session:
-            ended = lifecycle.cancel_queued(session, ids, CancelRequest(CancellationReason.TIMEOUT), {"documents"},
-                                            events=(EventKind.CANCELLED,))
-    finally:
-        event.remove(get_engine(url), "before_cursor_execute", record)
+    with statements_sent(get_engine(url)) as sent, session_scope(url) as session:
+        ended = lifecycle.cancel_queued(session, ids, CancelRequest(CancellationReason.TIMEOUT), {"documents"},
+                                        events=(EventKind.CANCELLED,))
+    seen = [(statement, parameters) for statement, parameters in sent
+            if statement.lstrip().upper().startswith(("UPDATE", "INSERT"))]
     assert sorted(ended) == sorted(ids) and len(seen) == 2
     with get_engine(url).connect() as conn:
         (update_sql, update_params), (events_sql, events_params) = seen
@@ -338,27 +329,16 @@ def test_bulk_cancel_finds_its_jobs_by_id_on_postgres_whatever_the_statistics_sa
             job_rows.ids_in(session, Job.id, ids, Job.status == JobStatus.PENDING.value))) == {"jobs_pkey"}
 
     # the batch itself: its UPDATE and its events are one statement, which finds the jobs by id alone
-    from sqlalchemy import event
-
     from tasks import lifecycle
     from tasks.cancellation import CancelRequest
+    from tests.jobs_helpers import statements_sent
 
-    seen: list[tuple[str, dict]] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        if "UPDATE" in statement:
-            seen.append((statement, parameters))
-
-    event.listen(get_engine(url), "before_cursor_execute", record)
-    try:
-        with session_scope(url) as session:
-            job_rows.by_index(session)
-            done = lifecycle.cancel_queued(session, ids, CancelRequest(CancellationReason.TIMEOUT), {"documents"},
-                                           events=(EventKind.CANCEL_REQUESTED, EventKind.CANCELLED))
-            (statement, parameters), = seen
-            plan = session.connection().exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters).scalar()
-    finally:
-        event.remove(get_engine(url), "before_cursor_execute", record)
+    with statements_sent(get_engine(url)) as sent, session_scope(url) as session:
+        job_rows.by_index(session)
+        done = lifecycle.cancel_queued(session, ids, CancelRequest(CancellationReason.TIMEOUT), {"documents"},
+                                       events=(EventKind.CANCEL_REQUESTED, EventKind.CANCELLED))
+        (statement, parameters), = [(sql, params) for sql, params in sent if "UPDATE" in sql]
+        plan = session.connection().exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters).scalar()
     assert sorted(done) == sorted(ids)
     found, nodes = set(), [plan[0]["Plan"]]
     while nodes:

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from db.models import Job, JobItem
 from db.session import session_scope
 from tasks.errors import JobAlreadyTerminal
-from tests.jobs_helpers import assert_one_terminal, submit, wait_items, wait_terminal
+from tests.jobs_helpers import assert_one_terminal, statements_sent, submit, wait_items, wait_terminal
 
 pytestmark = pytest.mark.postgres
 
@@ -94,8 +94,6 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
     a data-modifying ``WITH`` inserts. A stale run's writes store nothing."""
     from datetime import UTC, datetime
 
-    from sqlalchemy import event
-
     from db import jobs as job_rows
     from db.models import JobEvent
     from db.session import get_engine, transaction
@@ -106,11 +104,6 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
     notify.install()
     handed: list[tuple[str, str]] = []
     monkeypatch.setattr(notify, "notify_soon", lambda job_id, kind: handed.append((job_id, kind)))
-    statements: list[str] = []
-
-    def count(_conn, _cursor, statement, *_args) -> None:
-        statements.append(statement)
-
     engine = get_engine()
     job_id = "one-statement-" + "ab12cd34"
     began, ended = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC)
@@ -121,35 +114,34 @@ def test_a_run_writes_its_start_items_and_end_in_one_statement_each_and_announce
     get_settings.cache_clear()
     webhooks_sent: list[tuple[str, str]] = []
     monkeypatch.setattr(webhooks, "send", lambda job, name, *_args, **_kw: webhooks_sent.append((job, name)))
-    event.listen(engine, "before_cursor_execute", count)
     try:
-        job = lifecycle.start(job_id, "this run", pipelines=["documents"])
-        assert job is not None and job.status == "running" and job.fence == 1 and job.owner == "this run"
-        assert len(statements) == 1 and handed == [(job_id, "event")]
-        assert lifecycle.start(job_id, "another run") is None  # started once
+        with statements_sent(engine) as sent:
+            job = lifecycle.start(job_id, "this run", pipelines=["documents"])
+            assert job is not None and job.status == "running" and job.fence == 1 and job.owner == "this run"
+            assert len(sent) == 1 and handed == [(job_id, "event")]
+            assert lifecycle.start(job_id, "another run") is None  # started once
 
-        statements.clear(), handed.clear()
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            job_rows.record_items(conn, job_id, [job_rows.ItemRow(0, "s", ItemStatus.DONE, result={"ok": 0},
-                                                                  started_at=began, finished_at=ended),
-                                                 job_rows.ItemRow(1, "s", ItemStatus.FAILED, error="bad")], fence=1)
-            conn.commit()
-        assert len(statements) == 1 and handed == [(job_id, "item")]
+            sent.clear(), handed.clear()
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                job_rows.record_items(conn, job_id, [job_rows.ItemRow(0, "s", ItemStatus.DONE, result={"ok": 0},
+                                                                      started_at=began, finished_at=ended),
+                                                     job_rows.ItemRow(1, "s", ItemStatus.FAILED, error="bad")], fence=1)
+                conn.commit()
+            assert len(sent) == 1 and handed == [(job_id, "item")]
 
-        with pytest.raises(job_rows.NotOwner), transaction() as conn:  # a stale run: its batch is refused whole
-            job_rows.record_items(conn, job_id, [job_rows.ItemRow(2, "s", ItemStatus.DONE)], fence=0)
-        with pytest.raises(job_rows.NotOwner):
-            lifecycle.finish_ran_through(job_id, 0, counts=(4, 2), items=[job_rows.ItemRow(2, "s", ItemStatus.DONE)])
+            with pytest.raises(job_rows.NotOwner), transaction() as conn:  # a stale run: its batch is refused whole
+                job_rows.record_items(conn, job_id, [job_rows.ItemRow(2, "s", ItemStatus.DONE)], fence=0)
+            with pytest.raises(job_rows.NotOwner):
+                lifecycle.finish_ran_through(job_id, 0, counts=(4, 2), items=[job_rows.ItemRow(2, "s", ItemStatus.DONE)])
 
-        statements.clear(), handed.clear()
-        last = [job_rows.ItemRow(2, "s", ItemStatus.DONE, result={"ok": [2]}), job_rows.ItemRow(3, "s", ItemStatus.DONE)]
-        assert lifecycle.finish_ran_through(job_id, 1, counts=(4, 3), items=last).status is JobStatus.COMPLETED
-        # the end is one statement; then, committed, the webhook reads whether the job has a callback
-        assert len(statements) == 2 and "callback_url" in statements[1] and handed == [(job_id, "item")]
-        assert webhooks_sent == [(job_id, "job.completed")]  # after the commit, once
+            sent.clear(), handed.clear()
+            last = [job_rows.ItemRow(2, "s", ItemStatus.DONE, result={"ok": [2]}), job_rows.ItemRow(3, "s", ItemStatus.DONE)]
+            assert lifecycle.finish_ran_through(job_id, 1, counts=(4, 3), items=last).status is JobStatus.COMPLETED
+            # the end is one statement; then, committed, the webhook reads whether the job has a callback
+            assert len(sent) == 2 and "callback_url" in sent[1][0] and handed == [(job_id, "item")]
+            assert webhooks_sent == [(job_id, "job.completed")]  # after the commit, once
     finally:
         get_settings.cache_clear()
-        event.remove(engine, "before_cursor_execute", count)
     with session_scope() as session:
         row = session.get(Job, job_id)
         assert (row.status, row.completed_items, row.failed_items) == ("completed", 3, 1)
@@ -170,40 +162,25 @@ def test_a_batch_stores_every_value_and_announces_every_job(on_postgres):
     would store it — JSON documents and options, times, NULLs, booleans — and each job's
     ``submitted`` event still seen by the notification hook, so the submit can publish it with the
     job's message. A batch without tags, and a single job, are one statement too."""
-    from sqlalchemy import event
-
     from db import jobs as job_rows
     from db.models import JobEvent, JobTag
     from db.session import get_engine
     from tasks import notify
 
     notify.install()
-    statements: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        statements.append(statement)
-
-    event.listen(get_engine(), "before_cursor_execute", record)
-    try:
-        with session_scope() as session:
-            job_rows.create_jobs(session, [{"id": "alone", "inputs": ["x"], "options": {}, "pipeline": "documents"}])
-            assert len(statements) == 1 and statements[0].lstrip().startswith("WITH new_jobs AS"), statements
-            assert notify.claim(session.connection(), ["alone"]) == {"alone"}
-            session.rollback()
-    finally:
-        event.remove(get_engine(), "before_cursor_execute", record)
+    with statements_sent(get_engine()) as sent, session_scope() as session:
+        job_rows.create_jobs(session, [{"id": "alone", "inputs": ["x"], "options": {}, "pipeline": "documents"}])
+        assert len(sent) == 1 and sent[0][0].lstrip().startswith("WITH new_jobs AS"), sent
+        assert notify.claim(session.connection(), ["alone"]) == {"alone"}
+        session.rollback()
 
     specs = [{"id": f"batch-{i:02d}", "inputs": [{"text": f"doc {i}", "n": i}, "é\u2603"], "options": {"stage_delay_s": 0.5},
               "pipeline": "documents", "tags": ["b", "a", "b"] if i % 2 else [], "deadline_s": 1.5 if i == 1 else None,
               "deferred": i == 2, "tenant": "acme" if i == 3 else None} for i in range(5)]
-    event.listen(get_engine(), "before_cursor_execute", record)
-    try:
-        with session_scope() as session:
-            job_rows.create_jobs(session, specs, actor="tester")
-            claimed = notify.claim(session.connection(), [spec["id"] for spec in specs])
-    finally:
-        event.remove(get_engine(), "before_cursor_execute", record)
-    assert len(statements) == 2 and "new_job_tags AS" in statements[1], statements
+    with statements_sent(get_engine()) as sent, session_scope() as session:
+        job_rows.create_jobs(session, specs, actor="tester")
+        claimed = notify.claim(session.connection(), [spec["id"] for spec in specs])
+    assert len(sent) == 1 and "new_job_tags AS" in sent[0][0], sent
     assert claimed == {spec["id"] for spec in specs}
     with session_scope() as session:
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.like("batch-%")))}
