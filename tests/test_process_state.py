@@ -85,6 +85,7 @@ def test_a_redis_connection_costs_a_few_kib(redis_server):
     from tasks.process import get_redis
 
     pool = get_redis().connection_pool
+    conn = None
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -93,7 +94,8 @@ def test_a_redis_connection_costs_a_few_kib(redis_server):
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-        conn.disconnect()
+        if conn is not None:  # a failure to make one is the error to see, not a NameError here
+            conn.disconnect()
     # 16–18 KiB here with its 4 KiB buffer (the handshake's reply, the socket, the pool's records);
     # 76 KiB with redis-py's default of 64 KiB
     assert grown < 40 * 1024, f"a new Redis connection took {grown / 1024:.1f} KiB"
